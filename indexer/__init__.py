@@ -1,0 +1,1 @@
+"""Domain core: segmentation, embedding, stores, hybrid search. No Celery or Kafka here."""

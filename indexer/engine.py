@@ -1,0 +1,292 @@
+"""The whole of Tessera in one process: apply message events, keep fragments indexed, answer queries.
+
+The embedded CLI and every distributed worker call this same object; the workers only move its
+inputs and outputs between queues.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from indexer import ids
+from indexer.embedder import Embedder
+from indexer.rewrite import rewrite
+from indexer.search import HybridSearcher, SearchConfig, Span
+from indexer.segmenter import ImageInfo, SegmenterConfig, Turn, segment
+from indexer.state import ConversationState, FragmentRecord, SortKey
+from indexer.stores.base import EVERYONE, KeywordStore, SearchFilter, Unit, VectorStore
+from indexer.text import render_turn, snippet, words
+from schemas import MessageEvent, QueryJob, Result, ResultError, ResultFragment, ResultImage
+
+#: Query vectors kept per process: the same query text is often asked again (paging, retries).
+QUERY_CACHE_SIZE = 1024
+
+
+@dataclass
+class IngestReport:
+    upserted: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    fragments_written: int = 0
+    fragments_deleted: int = 0
+    encoded: int = 0
+
+    def add(self, other: "IngestReport") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _ConversationChange:
+    earliest: SortKey | None = None
+    full: bool = False
+    removed_messages: set[str] = field(default_factory=set)
+    changed_messages: set[str] = field(default_factory=set)
+
+    def touch(self, key: SortKey) -> None:
+        if self.earliest is None or key < self.earliest:
+            self.earliest = key
+
+
+def _key(turn: Turn) -> SortKey:
+    return (turn.sent_at.timestamp(), turn.message_id)
+
+
+def _turn_of(event: MessageEvent) -> Turn:
+    return Turn(
+        message_id=event.message_id, sender_id=event.sender_id, sender_name=event.sender_name,
+        sent_at=event.sent_at, text=event.text,
+        images=tuple(ImageInfo(i.uri, i.caption) for i in event.images),
+    )
+
+
+def _unit_vector(vectors: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    v = np.average(np.stack(vectors), axis=0, weights=weights).astype(np.float32)
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+class Tessera:
+    def __init__(self, state: ConversationState, vectors: VectorStore, keywords: KeywordStore, embedder: Embedder,
+                 segmenter_config: SegmenterConfig = SegmenterConfig(), search_config: SearchConfig = SearchConfig()):
+        self.state = state
+        self.vectors = vectors
+        self.keywords = keywords
+        self.embedder = embedder
+        self.segmenter_config = segmenter_config
+        self.searcher = HybridSearcher(vectors, keywords, search_config)
+        self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    # ---- ingest -------------------------------------------------------------------------------------
+
+    def ingest(self, events: Iterable[MessageEvent]) -> IngestReport:
+        """Apply a batch of events; idempotent, so a replayed batch changes nothing."""
+        report = IngestReport()
+        changes: dict[tuple[str, str], _ConversationChange] = {}
+        to_encode: list[tuple[str, str, Turn]] = []
+        with self.state.transaction():
+            for event in events:
+                conv = (event.tenant_id, event.conversation_id)
+                change = changes.setdefault(conv, _ConversationChange())
+                new_participants = sorted(set(event.participants)) if event.participants is not None else None
+                if not self.state.conversation_exists(*conv):
+                    self.state.set_participants(*conv, new_participants)
+                elif new_participants is not None and new_participants != self.state.participants(*conv):
+                    # Visibility is part of every unit's payload: rewrite the whole conversation.
+                    self.state.set_participants(*conv, new_participants)
+                    change.full = True
+                old = self.state.get_turn(*conv, event.message_id)
+                if event.op == "delete":
+                    if old is None:
+                        report.unchanged += 1
+                        continue
+                    self.state.delete_turn(*conv, event.message_id)
+                    change.touch(_key(old))
+                    change.removed_messages.add(event.message_id)
+                    report.deleted += 1
+                    continue
+                turn = _turn_of(event)
+                if old is not None and old == turn:
+                    report.unchanged += 1
+                    continue
+                self.state.put_turn(*conv, turn, event.reply_to)
+                to_encode.append((event.tenant_id, event.conversation_id, turn))
+                change.touch(_key(turn))
+                if old is not None:
+                    change.touch(_key(old))
+                change.changed_messages.add(event.message_id)
+                change.removed_messages.discard(event.message_id)
+                report.upserted += 1
+            if to_encode:
+                vectors = self.embedder.encode([render_turn(t) for _, _, t in to_encode])
+                for (tenant_id, conversation_id, turn), vector in zip(to_encode, vectors):
+                    self.state.set_vector(tenant_id, conversation_id, turn.message_id, vector)
+                report.encoded += len(to_encode)
+            for conv, change in changes.items():
+                if change.earliest is None and not change.full:
+                    continue
+                report.add(self._resegment(conv[0], conv[1], change))
+        return report
+
+    def _resegment(self, tenant_id: str, conversation_id: str, change: _ConversationChange) -> IngestReport:
+        """Re-run segmentation from the first fragment the change can touch and sync the stores."""
+        report = IngestReport()
+        old_fragments = self.state.fragments(tenant_id, conversation_id)
+        start: SortKey | None = None
+        if not change.full and change.earliest is not None:
+            for fragment in old_fragments:
+                if fragment.start_key <= change.earliest:
+                    start = fragment.start_key
+        affected_old = [f for f in old_fragments if start is None or f.start_key >= start]
+        turns = self.state.turns(tenant_id, conversation_id, start)
+        participants = self.state.participants(tenant_id, conversation_id)
+        visible_to = participants if participants else [EVERYONE]
+        groups = segment(turns, render_turn, self.segmenter_config)
+        old_by_id = {f.fragment_id: f for f in affected_old}
+        units: list[Unit] = []
+        new_ids = set()
+        for group in groups:
+            members = [turns[i] for i in group]
+            record = FragmentRecord(
+                ids.fragment_id(tenant_id, conversation_id, members[0].message_id), tenant_id, conversation_id,
+                tuple(t.message_id for t in members), members[0].sent_at, members[-1].sent_at)
+            new_ids.add(record.fragment_id)
+            previous = old_by_id.get(record.fragment_id)
+            if (not change.full and previous == record
+                    and not change.changed_messages.intersection(record.message_ids)):
+                continue
+            self.state.put_fragment(record)
+            units.extend(self._units(record, members, visible_to))
+            report.fragments_written += 1
+        stale = [f.fragment_id for f in affected_old if f.fragment_id not in new_ids]
+        gone = [ids.turn_unit_id(tenant_id, conversation_id, m, kind)
+                for m in change.removed_messages for kind in ("turn", "window")]
+        for fragment_id in stale:
+            self.state.delete_fragment(fragment_id)
+        removed = stale + gone
+        if removed:
+            self.vectors.delete(removed)
+            self.keywords.delete(removed)
+        if units:
+            self.vectors.upsert(units)
+            self.keywords.upsert(units)
+        report.fragments_deleted += len(stale)
+        return report
+
+    def _units(self, fragment: FragmentRecord, members: Sequence[Turn], visible_to: list[str]) -> list[Unit]:
+        texts = [render_turn(t) for t in members]
+        vecs = [t.vector for t in members]
+        common = dict(tenant_id=fragment.tenant_id, conversation_id=fragment.conversation_id,
+                      fragment_id=fragment.fragment_id, visible_to=list(visible_to))
+        units = [Unit(fragment.fragment_id, "fragment", message_ids=list(fragment.message_ids),
+                      sender_ids=sorted({t.sender_id for t in members}), start_ts=fragment.start_at.timestamp(),
+                      end_ts=fragment.end_at.timestamp(), text="\n".join(texts), vector=_unit_vector(vecs), **common)]
+        for i, turn in enumerate(members):
+            ts = turn.sent_at.timestamp()
+            base = dict(message_ids=[turn.message_id], sender_ids=[turn.sender_id], start_ts=ts, end_ts=ts, **common)
+            units.append(Unit(ids.turn_unit_id(fragment.tenant_id, fragment.conversation_id, turn.message_id, "turn"),
+                              "turn", text=texts[i], vector=turn.vector, **base))
+            lo, hi = max(0, i - 1), min(len(members), i + 2)
+            # The turn itself counts twice: the window adds context without drowning the turn.
+            weights = [2.0 if j == i else 1.0 for j in range(lo, hi)]
+            units.append(Unit(ids.turn_unit_id(fragment.tenant_id, fragment.conversation_id, turn.message_id, "window"),
+                              "window", text=" ".join(texts[lo:hi]), vector=_unit_vector(vecs[lo:hi], weights), **base))
+        return units
+
+    def delete_conversation(self, tenant_id: str, conversation_id: str) -> IngestReport:
+        """Remove a conversation from every store."""
+        report = IngestReport()
+        with self.state.transaction():
+            fragments = self.state.fragments(tenant_id, conversation_id)
+            turns = self.state.turns(tenant_id, conversation_id)
+            removed = [f.fragment_id for f in fragments] + [
+                ids.turn_unit_id(tenant_id, conversation_id, t.message_id, kind) for t in turns for kind in ("turn", "window")]
+            if removed:
+                self.vectors.delete(removed)
+                self.keywords.delete(removed)
+            self.state.delete_conversation(tenant_id, conversation_id)
+            report.deleted += len(turns)
+            report.fragments_deleted += len(fragments)
+        return report
+
+    def forget_user(self, tenant_id: str, sender_id: str) -> IngestReport:
+        """Delete every message a user sent in a tenant ("forget me"), re-segmenting what remains."""
+        report = IngestReport()
+        with self.state.transaction():
+            for conversation_id in self.state.conversations_of_sender(tenant_id, sender_id):
+                change = _ConversationChange()
+                for message_id in self.state.message_ids_of_sender(tenant_id, conversation_id, sender_id):
+                    turn = self.state.get_turn(tenant_id, conversation_id, message_id)
+                    self.state.delete_turn(tenant_id, conversation_id, message_id)
+                    change.touch(_key(turn))
+                    change.removed_messages.add(message_id)
+                    report.deleted += 1
+                report.add(self._resegment(tenant_id, conversation_id, change))
+            self.state.forget_sender_tokens(tenant_id, sender_id)
+        return report
+
+    # ---- query --------------------------------------------------------------------------------------
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        vector = self._query_cache.get(text)
+        if vector is None:
+            vector = self.embedder.encode([text])[0]
+            self._query_cache[text] = vector
+            if len(self._query_cache) > QUERY_CACHE_SIZE:
+                self._query_cache.popitem(last=False)
+        else:
+            self._query_cache.move_to_end(text)
+        return vector
+
+    def query(self, job: QueryJob) -> Result:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if job.reasoning == "vlm":
+            return Result(job_id=job.job_id, status="error", error=ResultError(
+                code="reasoning_unavailable", message="reasoning 'vlm' needs a configured VLM reasoning worker"))
+        text = rewrite(job.query, job.history)
+        timings["rewrite"] = (time.perf_counter() - t0) * 1000
+        f = job.filters
+        flt = SearchFilter(
+            tenant_id=job.tenant_id, user_id=job.user_id, conversation_id=f.conversation_id,
+            sender_ids=tuple(f.participants or ()),
+            sent_after=f.sent_after.timestamp() if f.sent_after else None,
+            sent_before=f.sent_before.timestamp() if f.sent_before else None,
+        )
+        t1 = time.perf_counter()
+        vector = self._embed_query(text)
+        timings["embed"] = (time.perf_counter() - t1) * 1000
+        t2 = time.perf_counter()
+        named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(text))))
+        candidates = self.searcher.recall(text, vector, flt, named)
+        timings["recall"] = (time.perf_counter() - t2) * 1000
+        t3 = time.perf_counter()
+        fragment_ids = list(dict.fromkeys(c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)))
+        records = self.state.fragments_by_id(fragment_ids)
+        spans = self.searcher.spans(candidates, {fid: r.message_ids for fid, r in records.items()}, job.top_k)
+        fragments = [self._result_fragment(span, records[span.fragment_id]) for span in spans]
+        timings["spans"] = (time.perf_counter() - t3) * 1000
+        timings["total"] = (time.perf_counter() - t0) * 1000
+        return Result(job_id=job.job_id, status="ok", rewritten_query=text, fragments=fragments,
+                      timings_ms={k: round(v, 3) for k, v in timings.items()})
+
+    def _result_fragment(self, span: Span, record: FragmentRecord) -> ResultFragment:
+        turns = self.state.turns_by_id(record.tenant_id, record.conversation_id, span.message_ids)
+        ordered = [turns[m] for m in span.message_ids if m in turns]
+        images = [ResultImage(message_id=t.message_id, uri=i.uri, caption=i.caption) for t in ordered for i in t.images]
+        return ResultFragment(
+            fragment_id=span.fragment_id, conversation_id=span.conversation_id, message_ids=span.message_ids,
+            context_message_ids=list(record.message_ids), start_at=record.start_at, end_at=record.end_at,
+            score=round(span.score, 6), snippet=snippet(" ".join(render_turn(t) for t in ordered)), images=images,
+        )
+
+    def close(self) -> None:
+        self.vectors.close()
+        self.keywords.close()
+        self.state.close()
+

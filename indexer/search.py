@@ -1,0 +1,150 @@
+"""Hybrid recall and CPU span selection.
+
+Six ranked lists are recalled inside the stores, all under the same tenant and visibility filter:
+BM25 and dense over turns, over windows (a turn read with its fragment neighbours) and over whole
+fragments. Scores of each list are min-max normalised and combined linearly: on the LoCoMo dev split
+this score fusion beat reciprocal-rank fusion of the same lists by a wide margin, because RRF throws
+away how much better the first hit is than the tenth. A turn by a person the query names gets a bonus:
+people search by who said it.
+
+Span selection then walks turns best-first and grows each into a short run of adjacent turns of the
+same fragment that score nearly as well, the fine-grained answer; the fragment is its context.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from indexer.stores.base import Hit, KeywordStore, SearchFilter, VectorStore
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    #: Depth of each turn-level and window-level list.
+    turn_depth: int = 200
+    #: Depth of each fragment-level list.
+    fragment_depth: int = 100
+    #: Weights of keyword vs dense evidence (equal: neither is trusted more a priori).
+    keyword_weight: float = 0.5
+    dense_weight: float = 0.5
+    #: Share of the window lists in the turn's evidence (the turn alone has the rest).
+    window_share: float = 0.5
+    #: Weight of the enclosing fragment's own relevance.
+    fragment_weight: float = 0.3
+    #: Bonus for a turn sent by someone the query names.
+    speaker_bonus: float = 0.2
+    #: A neighbour joins a span when it scores at least this share of the span's best turn.
+    span_ratio: float = 0.9
+    #: Longest span, in turns.
+    span_max_turns: int = 3
+
+
+@dataclass
+class Candidate:
+    unit_id: str
+    message_id: str
+    conversation_id: str
+    fragment_id: str
+    sender_ids: list[str]
+    score: float = 0.0
+
+
+@dataclass(frozen=True)
+class Span:
+    fragment_id: str
+    conversation_id: str
+    message_ids: list[str]
+    score: float
+
+
+def normalise(hits: list[Hit]) -> dict[str, float]:
+    """Min-max scale a list's scores to [0, 1]; a single hit scores 1."""
+    if not hits:
+        return {}
+    scores = np.array([h.score for h in hits], dtype=np.float64)
+    lo, hi = float(scores.min()), float(scores.max())
+    if hi - lo < 1e-12:
+        return {h.unit_id: 1.0 for h in hits}
+    return {h.unit_id: (h.score - lo) / (hi - lo) for h in hits}
+
+
+def _message_of(hit: Hit) -> str:
+    return hit.payload["message_ids"][0]
+
+
+class HybridSearcher:
+    def __init__(self, vectors: VectorStore, keywords: KeywordStore, config: SearchConfig = SearchConfig()):
+        self.vectors = vectors
+        self.keywords = keywords
+        self.config = config
+
+    def recall(self, text: str, vector: np.ndarray, flt: SearchFilter, named_senders: set[str]) -> dict[str, Candidate]:
+        """Score every recalled turn; keyed by (conversation, message) so turn and window hits meet."""
+        c = self.config
+        lists = {}
+        for kind, depth in (("turn", c.turn_depth), ("window", c.turn_depth), ("fragment", c.fragment_depth)):
+            lists[("bm25", kind)] = self.keywords.search(text, kind, flt, depth)
+            lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
+
+        fragment_score: dict[str, float] = defaultdict(float)
+        for method in ("bm25", "dense"):
+            hits = lists[(method, "fragment")]
+            norm = normalise(hits)
+            for hit in hits:
+                fragment_score[hit.payload["fragment_id"]] += norm[hit.unit_id] / 2
+        candidates: dict[str, Candidate] = {}
+        for method, weight in (("bm25", c.keyword_weight), ("dense", c.dense_weight)):
+            for kind, share in (("turn", 1 - c.window_share), ("window", c.window_share)):
+                hits = lists[(method, kind)]
+                norm = normalise(hits)
+                for hit in hits:
+                    key = hit.payload["conversation_id"] + "\x1f" + _message_of(hit)
+                    cand = candidates.get(key)
+                    if cand is None:
+                        cand = candidates[key] = Candidate(
+                            hit.unit_id, _message_of(hit), hit.payload["conversation_id"],
+                            hit.payload["fragment_id"], list(hit.payload["sender_ids"]))
+                    cand.score += weight * share * norm[hit.unit_id]
+        for cand in candidates.values():
+            cand.score += c.fragment_weight * fragment_score.get(cand.fragment_id, 0.0)
+            if named_senders and named_senders.intersection(cand.sender_ids):
+                cand.score += c.speaker_bonus
+        return candidates
+
+    def spans(self, candidates: dict[str, Candidate], fragment_turns: dict[str, tuple[str, ...]], top_k: int) -> list[Span]:
+        """Best-first spans of adjacent, similarly scored turns of one fragment."""
+        c = self.config
+        by_message = {(cand.conversation_id, cand.message_id): cand for cand in candidates.values()}
+        ordered = sorted(candidates.values(), key=lambda x: (-x.score, x.conversation_id, x.message_id))
+        covered: set[tuple[str, str]] = set()
+        spans: list[Span] = []
+        for cand in ordered:
+            key = (cand.conversation_id, cand.message_id)
+            if key in covered:
+                continue
+            order = fragment_turns.get(cand.fragment_id)
+            if not order or cand.message_id not in order:
+                continue
+            pos = order.index(cand.message_id)
+            lo = hi = pos
+            while hi - lo + 1 < c.span_max_turns:
+                options = []
+                for j in (lo - 1, hi + 1):
+                    if 0 <= j < len(order):
+                        other = by_message.get((cand.conversation_id, order[j]))
+                        if (other is not None and (other.conversation_id, other.message_id) not in covered
+                                and other.score >= c.span_ratio * cand.score):
+                            options.append((other.score, j))
+                if not options:
+                    break
+                _, j = max(options)
+                lo, hi = min(lo, j), max(hi, j)
+            message_ids = list(order[lo:hi + 1])
+            covered.update((cand.conversation_id, m) for m in message_ids)
+            spans.append(Span(cand.fragment_id, cand.conversation_id, message_ids, cand.score))
+            if len(spans) >= top_k:
+                break
+        return spans

@@ -1,0 +1,224 @@
+"""Conversation state: the turns of every conversation, their vectors, and the current fragments.
+
+Segmentation needs the neighbours of a changed turn, and span selection needs turn texts; both are
+read here. The state lives in one SQLite file next to the indexes; a batch of events is applied in
+one transaction that commits only after the stores have accepted the batch's writes, so a crash
+between the two replays the batch instead of losing it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from indexer.segmenter import ImageInfo, Turn
+from indexer.text import name_tokens
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, participants TEXT,
+    PRIMARY KEY (tenant_id, conversation_id)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL,
+    sender_id TEXT NOT NULL, sender_name TEXT, sent_at TEXT NOT NULL, sent_ts REAL NOT NULL,
+    text TEXT NOT NULL, images TEXT NOT NULL, reply_to TEXT, vector BLOB,
+    PRIMARY KEY (tenant_id, conversation_id, message_id)
+);
+CREATE INDEX IF NOT EXISTS messages_order ON messages(tenant_id, conversation_id, sent_ts, message_id);
+CREATE INDEX IF NOT EXISTS messages_sender ON messages(tenant_id, sender_id);
+CREATE TABLE IF NOT EXISTS fragments (
+    fragment_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL,
+    start_ts REAL NOT NULL, start_message_id TEXT NOT NULL, message_ids TEXT NOT NULL,
+    start_at TEXT NOT NULL, end_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fragments_order ON fragments(tenant_id, conversation_id, start_ts, start_message_id);
+CREATE TABLE IF NOT EXISTS sender_tokens (
+    tenant_id TEXT NOT NULL, token TEXT NOT NULL, sender_id TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, token, sender_id)
+);
+"""
+
+SortKey = tuple[float, str]
+
+
+@dataclass(frozen=True)
+class FragmentRecord:
+    fragment_id: str
+    tenant_id: str
+    conversation_id: str
+    message_ids: tuple[str, ...]
+    start_at: datetime
+    end_at: datetime
+
+    @property
+    def start_key(self) -> SortKey:
+        return (self.start_at.timestamp(), self.message_ids[0])
+
+
+def _turn_from_row(row) -> Turn:
+    message_id, sender_id, sender_name, sent_at, text, images, vector = row
+    return Turn(
+        message_id=message_id, sender_id=sender_id, sender_name=sender_name,
+        sent_at=datetime.fromisoformat(sent_at), text=text,
+        images=tuple(ImageInfo(i["uri"], i.get("caption")) for i in json.loads(images)),
+        vector=np.frombuffer(vector, dtype=np.float32) if vector is not None else None,
+    )
+
+
+def images_json(images: Sequence[ImageInfo]) -> str:
+    return json.dumps([{"uri": i.uri, "caption": i.caption} for i in images])
+
+
+class ConversationState:
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.lock = threading.RLock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything inside commits together or not at all."""
+        with self.lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def participants(self, tenant_id: str, conversation_id: str) -> list[str] | None:
+        row = self._db.execute("SELECT participants FROM conversations WHERE tenant_id=? AND conversation_id=?",
+                               (tenant_id, conversation_id)).fetchone()
+        return json.loads(row[0]) if row and row[0] is not None else None
+
+    def conversation_exists(self, tenant_id: str, conversation_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM conversations WHERE tenant_id=? AND conversation_id=?",
+                                (tenant_id, conversation_id)).fetchone() is not None
+
+    def set_participants(self, tenant_id: str, conversation_id: str, participants: list[str] | None) -> None:
+        self._db.execute(
+            "INSERT INTO conversations VALUES (?,?,?) ON CONFLICT(tenant_id, conversation_id)"
+            " DO UPDATE SET participants=excluded.participants",
+            (tenant_id, conversation_id, json.dumps(sorted(participants)) if participants is not None else None),
+        )
+
+    def ensure_conversation(self, tenant_id: str, conversation_id: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO conversations VALUES (?,?,NULL)", (tenant_id, conversation_id))
+
+    def get_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> Turn | None:
+        row = self._db.execute(
+            "SELECT message_id, sender_id, sender_name, sent_at, text, images, vector FROM messages"
+            " WHERE tenant_id=? AND conversation_id=? AND message_id=?", (tenant_id, conversation_id, message_id),
+        ).fetchone()
+        return _turn_from_row(row) if row else None
+
+    def put_turn(self, tenant_id: str, conversation_id: str, turn: Turn, reply_to: str | None) -> None:
+        vector = turn.vector.astype(np.float32).tobytes() if turn.vector is not None else None
+        self._db.execute(
+            "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (tenant_id, conversation_id, turn.message_id, turn.sender_id, turn.sender_name,
+             turn.sent_at.isoformat(), turn.sent_at.timestamp(), turn.text, images_json(turn.images), reply_to,
+             vector),
+        )
+        self._db.executemany("INSERT OR IGNORE INTO sender_tokens VALUES (?,?,?)",
+                             [(tenant_id, tok, turn.sender_id) for tok in name_tokens(turn.sender_name)])
+
+    def set_vector(self, tenant_id: str, conversation_id: str, message_id: str, vector: np.ndarray) -> None:
+        self._db.execute("UPDATE messages SET vector=? WHERE tenant_id=? AND conversation_id=? AND message_id=?",
+                         (vector.astype(np.float32).tobytes(), tenant_id, conversation_id, message_id))
+
+    def delete_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> None:
+        self._db.execute("DELETE FROM messages WHERE tenant_id=? AND conversation_id=? AND message_id=?",
+                         (tenant_id, conversation_id, message_id))
+
+    def turns(self, tenant_id: str, conversation_id: str, from_key: SortKey | None = None) -> list[Turn]:
+        sql = ("SELECT message_id, sender_id, sender_name, sent_at, text, images, vector FROM messages"
+               " WHERE tenant_id=? AND conversation_id=?")
+        args: list = [tenant_id, conversation_id]
+        if from_key is not None:
+            sql += " AND (sent_ts > ? OR (sent_ts = ? AND message_id >= ?))"
+            args += [from_key[0], from_key[0], from_key[1]]
+        sql += " ORDER BY sent_ts, message_id"
+        return [_turn_from_row(r) for r in self._db.execute(sql, args)]
+
+    def turns_by_id(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> dict[str, Turn]:
+        marks = ",".join("?" * len(message_ids))
+        rows = self._db.execute(
+            "SELECT message_id, sender_id, sender_name, sent_at, text, images, vector FROM messages"
+            f" WHERE tenant_id=? AND conversation_id=? AND message_id IN ({marks})",
+            [tenant_id, conversation_id, *message_ids],
+        )
+        return {r[0]: _turn_from_row(r) for r in rows}
+
+    def conversations_of_sender(self, tenant_id: str, sender_id: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT DISTINCT conversation_id FROM messages WHERE tenant_id=? AND sender_id=?", (tenant_id, sender_id))]
+
+    def message_ids_of_sender(self, tenant_id: str, conversation_id: str, sender_id: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT message_id FROM messages WHERE tenant_id=? AND conversation_id=? AND sender_id=?",
+            (tenant_id, conversation_id, sender_id))]
+
+    def forget_sender_tokens(self, tenant_id: str, sender_id: str) -> None:
+        self._db.execute("DELETE FROM sender_tokens WHERE tenant_id=? AND sender_id=?", (tenant_id, sender_id))
+
+    def senders_named(self, tenant_id: str, tokens: Sequence[str]) -> set[str]:
+        """Senders of the tenant whose name contains one of ``tokens``."""
+        if not tokens:
+            return set()
+        marks = ",".join("?" * len(tokens))
+        return {r[0] for r in self._db.execute(
+            f"SELECT sender_id FROM sender_tokens WHERE tenant_id=? AND token IN ({marks})", [tenant_id, *tokens])}
+
+    def fragments(self, tenant_id: str, conversation_id: str) -> list[FragmentRecord]:
+        rows = self._db.execute(
+            "SELECT fragment_id, message_ids, start_at, end_at FROM fragments WHERE tenant_id=? AND conversation_id=?"
+            " ORDER BY start_ts, start_message_id", (tenant_id, conversation_id))
+        return [FragmentRecord(r[0], tenant_id, conversation_id, tuple(json.loads(r[1])),
+                               datetime.fromisoformat(r[2]), datetime.fromisoformat(r[3])) for r in rows]
+
+    def fragments_by_id(self, fragment_ids: Sequence[str]) -> dict[str, FragmentRecord]:
+        if not fragment_ids:
+            return {}
+        marks = ",".join("?" * len(fragment_ids))
+        rows = self._db.execute(
+            "SELECT fragment_id, tenant_id, conversation_id, message_ids, start_at, end_at FROM fragments"
+            f" WHERE fragment_id IN ({marks})", list(fragment_ids))
+        return {r[0]: FragmentRecord(r[0], r[1], r[2], tuple(json.loads(r[3])), datetime.fromisoformat(r[4]),
+                                     datetime.fromisoformat(r[5])) for r in rows}
+
+    def put_fragment(self, fragment: FragmentRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO fragments VALUES (?,?,?,?,?,?,?,?)",
+            (fragment.fragment_id, fragment.tenant_id, fragment.conversation_id, fragment.start_at.timestamp(),
+             fragment.message_ids[0], json.dumps(list(fragment.message_ids)), fragment.start_at.isoformat(),
+             fragment.end_at.isoformat()),
+        )
+
+    def delete_fragment(self, fragment_id: str) -> None:
+        self._db.execute("DELETE FROM fragments WHERE fragment_id=?", (fragment_id,))
+
+    def delete_conversation(self, tenant_id: str, conversation_id: str) -> None:
+        for table in ("messages", "fragments", "conversations"):
+            self._db.execute(f"DELETE FROM {table} WHERE tenant_id=? AND conversation_id=?",
+                             (tenant_id, conversation_id))
+
+    def counts(self) -> dict[str, int]:
+        return {t: self._db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("conversations", "messages", "fragments")}
+
+    def close(self) -> None:
+        self._db.close()

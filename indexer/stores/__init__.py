@@ -1,0 +1,1 @@
+"""Storage backends behind the protocols of ``indexer.stores.base``."""

@@ -1,0 +1,1 @@
+"""Operations: settings, CLI, metrics, benchmarks and evaluation."""

@@ -1,0 +1,195 @@
+"""``tessera eval locomo DIR``: corpus-level retrieval quality with the peer baselines of the same run.
+
+Scoring follows shared/datasets/locomo-dev/README.md: every question searches all loaded
+conversations; ranked fragments are flattened into distinct turns (each fragment's message ids in the
+order given, best fragment first).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from indexer.stores.fts import match_expression
+from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
+from schemas import QUERY_SCHEMA, QueryJob
+
+BUDGETS = (5, 10, 30)
+MRR_DEPTH = 100
+#: Fragments asked for per question: enough that the flattened list reaches the deepest budget.
+EVAL_TOP_K = 100
+RRF_K = 60
+
+Ranked = list[tuple[str, str]]  # (conversation_id, message_id), best first
+
+def score(questions: Sequence[Question], rankings: Sequence[Ranked]) -> dict[str, float]:
+    recall = {b: [] for b in BUDGETS}
+    rr, hit = [], []
+    for q, ranked in zip(questions, rankings):
+        ranked = list(dict.fromkeys(ranked))
+        evidence = {(q.conversation_id, e) for e in q.evidence}
+        for b in BUDGETS:
+            recall[b].append(len(evidence & set(ranked[:b])) / len(evidence))
+        rr.append(next((1 / (i + 1) for i, t in enumerate(ranked[:MRR_DEPTH]) if t in evidence), 0.0))
+        hit.append(float(bool(ranked) and ranked[0][0] == q.conversation_id))
+    out = {f"recall@{b}": float(np.mean(recall[b])) for b in BUDGETS}
+    out["mrr"] = float(np.mean(rr))
+    out["conv_hit@1"] = float(np.mean(hit))
+    return out
+
+def _render(turn: LocomoTurn) -> str:
+    return turn.speaker + ": " + turn.text + (f" [image: {turn.caption}]" if turn.caption else "")
+
+
+class _Baselines:
+    """The five peer baselines of the dataset README, over the same turns and the same encoder."""
+
+    def __init__(self, turns: Sequence[LocomoTurn], embedder):
+        self.turns = turns
+        self.keys = [(t.conversation_id, t.message_id) for t in turns]
+        # Same text as the system indexes (speaker, words, caption): the baselines get every fair advantage.
+        texts = [_render(t) for t in turns]
+        self.vectors = embedder.encode(texts)
+        session = [(t.conversation_id, t.session) for t in turns]
+        self.neighbours = [[j for j in (i - 1, i, i + 1) if 0 <= j < len(turns) and session[j] == session[i]]
+                           for i in range(len(turns))]
+        win_vecs = np.stack([np.average(self.vectors[n], axis=0, weights=[2.0 if j == i else 1.0 for j in n])
+                             for i, n in enumerate(self.neighbours)])
+        self.window_vectors = win_vecs / np.linalg.norm(win_vecs, axis=1, keepdims=True)
+        self.turn_fts = self._fts(texts)
+        self.window_fts = self._fts([" ".join(texts[j] for j in n) for n in self.neighbours])
+        self.fixed_windows: list[list[int]] = []
+        by_conv = defaultdict(list)
+        for i, t in enumerate(turns):
+            by_conv[t.conversation_id].append(i)
+        for members in by_conv.values():
+            for start in range(0, max(1, len(members) - 2), 3):
+                self.fixed_windows.append(members[start:start + 5])
+        fixed = embedder.encode([" ".join(texts[j] for j in w) for w in self.fixed_windows])
+        self.fixed_vectors = fixed
+
+    @staticmethod
+    def _fts(docs: Sequence[str]) -> sqlite3.Connection:
+        db = sqlite3.connect(":memory:")
+        db.execute("CREATE VIRTUAL TABLE d USING fts5(t, tokenize='porter unicode61')")
+        db.executemany("INSERT INTO d(rowid, t) VALUES (?, ?)", list(enumerate(docs)))
+        return db
+
+    @staticmethod
+    def _bm25(db: sqlite3.Connection, text: str, depth: int = 200) -> list[int]:
+        expression = match_expression(text)
+        if expression is None:
+            return []
+        return [r for (r,) in db.execute("SELECT rowid FROM d WHERE d MATCH ? ORDER BY bm25(d) LIMIT ?",
+                                         (expression, depth))]
+
+    @staticmethod
+    def _dense(matrix: np.ndarray, qv: np.ndarray, depth: int = 200) -> list[int]:
+        return [int(i) for i in np.argsort(-(matrix @ qv))[:depth]]
+
+    @staticmethod
+    def _rrf(lists: Sequence[Sequence[int]]) -> list[int]:
+        scores: dict[int, float] = defaultdict(float)
+        for lst in lists:
+            for rank, item in enumerate(lst):
+                scores[item] += 1.0 / (RRF_K + rank + 1)
+        return sorted(scores, key=lambda i: -scores[i])
+
+    def rank_all(self, text: str, qv: np.ndarray) -> dict[str, Ranked]:
+        bm = self._bm25(self.turn_fts, text)
+        dn = self._dense(self.vectors, qv)
+        fixed = self._dense(self.fixed_vectors, qv, 60)
+        window = self._rrf([bm, dn, self._bm25(self.window_fts, text), self._dense(self.window_vectors, qv)])
+        k = self.keys
+        return {
+            "BM25 over single turns": [k[i] for i in bm],
+            "dense MiniLM over single turns": [k[i] for i in dn],
+            "dense MiniLM over fixed 5-turn windows, stride 3": [k[i] for w in fixed for i in self.fixed_windows[w]],
+            "reciprocal-rank fusion of the first two": [k[i] for i in self._rrf([bm, dn])],
+            "sentence-window hybrid (four lists, RRF)": [k[i] for i in window],
+        }
+
+def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
+                    progress: bool = True) -> dict:
+    from indexer.embedder import SentenceTransformerEmbedder
+    from ops.settings import Settings, open_engine
+
+    turns, questions = load(directory)
+    if not turns:
+        raise SystemExit(f"no LoCoMo conversations (*.json) in {directory}")
+    embedder = SentenceTransformerEmbedder()
+    embedder.warm_up()
+    work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
+    engine = open_engine(Settings(data_dir=work), embedder=embedder)
+    events = to_events(turns)
+    t0 = time.perf_counter()
+    batch = 256
+    for start in tqdm(range(0, len(events), batch), desc="ingest", unit="batch", disable=not progress, file=sys.stderr):
+        engine.ingest(events[start:start + batch])
+    ingest_s = time.perf_counter() - t0
+
+    baselines = _Baselines(turns, embedder)
+    qvectors = embedder.encode([q.text for q in questions])
+    system: list[Ranked] = []
+    peer: dict[str, list[Ranked]] = defaultdict(list)
+    latencies = []
+    for i, q in enumerate(tqdm(questions, desc="questions", disable=not progress, file=sys.stderr)):
+        job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"q{i}", "tenant_id": TENANT,
+                                       "user_id": "evaluator", "query": q.text, "top_k": EVAL_TOP_K,
+                                       "reasoning": "fast"})
+        t = time.perf_counter()
+        result = engine.query(job)
+        latencies.append((time.perf_counter() - t) * 1000)
+        system.append([(f.conversation_id, m) for f in result.fragments for m in f.message_ids])
+        for name, ranked in baselines.rank_all(q.text, qvectors[i]).items():
+            peer[name].append(ranked)
+    engine.close()
+
+    rows = {"tessera (hybrid fragments + spans)": score(questions, system)}
+    for name, rankings in peer.items():
+        rows[name] = score(questions, rankings)
+    lat = np.array(latencies)
+    report = {
+        "dataset": str(directory), "conversations": len({t.conversation_id for t in turns}), "turns": len(turns),
+        "questions": len(questions), "rows": rows,
+        "by_category": {str(c): score([q for q in questions if q.category == c],
+                                      [r for q, r in zip(questions, system) if q.category == c])
+                        for c in sorted({q.category for q in questions})},
+        "query_latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                             "mean": float(lat.mean())},
+        "ingest_seconds": ingest_s,
+    }
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(report, indent=2))
+    return report
+
+def format_table(report: dict) -> str:
+    cols = [f"recall@{b}" for b in BUDGETS] + ["mrr", "conv_hit@1"]
+    width = max(len(n) for n in report["rows"]) + 2
+    lines = [f"LoCoMo {report['dataset']}: {report['conversations']} conversations, {report['turns']} turns,"
+             f" {report['questions']} questions",
+             "system".ljust(width) + "".join(c.rjust(12) for c in cols)]
+    for name, row in report["rows"].items():
+        lines.append(name.ljust(width) + "".join(f"{row[c]:12.3f}" for c in cols))
+    lines.append("by category (tessera): " + ", ".join(
+        f"{c}: r@10 {r['recall@10']:.3f} mrr {r['mrr']:.3f}" for c, r in report["by_category"].items()))
+    lat = report["query_latency_ms"]
+    lines.append(f"query latency ms: p50 {lat['p50']:.1f}, p99 {lat['p99']:.1f}, mean {lat['mean']:.1f}")
+    return "\n".join(lines)
+
+def main_eval(directory: str, out: str | None, progress: bool = True) -> int:
+    report = evaluate_locomo(directory, out, progress=progress)
+    print(format_table(report))
+    return 0
+
+RankFn = Callable[[str], Ranked]

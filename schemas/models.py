@@ -1,0 +1,163 @@
+"""Wire contracts, version 1 (see DESIGN.md): message events, query jobs and results.
+
+Additive changes only; a breaking change becomes version 2 with new schema names. Every record
+carries ``schema`` so a consumer can reject what it does not understand with that reason.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+MESSAGE_SCHEMA = "tessera.message.v1"
+QUERY_SCHEMA = "tessera.query.v1"
+RESULT_SCHEMA = "tessera.result.v1"
+
+#: Upper bound of a message's text; longer texts are rejected rather than silently truncated.
+MAX_TEXT_CHARS = 32_000
+#: Upper bound of a query (plus each history turn); a retrieval query is a sentence, not a document.
+MAX_QUERY_CHARS = 2_000
+MAX_HISTORY_TURNS = 20
+MAX_IMAGES = 16
+MAX_PARTICIPANTS = 1_000
+MAX_TOP_K = 100
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+\-]{0,199}$"
+Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="opaque identifier, 1-200 characters")]
+URI_SCHEMES = ("file", "http", "https", "s3", "data")
+
+
+def _no_control_chars(value: str) -> str:
+    """Control characters have no place in chat text and are a common smuggling vector."""
+    for ch in value:
+        if ord(ch) < 32 and ch not in "\n\t\r" or ord(ch) == 127:
+            raise ValueError(f"contains control character U+{ord(ch):04X}")
+    return value
+
+
+CleanText = Annotated[str, AfterValidator(_no_control_chars)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+class ImageRef(_Record):
+    uri: str = Field(min_length=1, max_length=2_000_000)
+    caption: CleanText | None = Field(default=None, max_length=2_000)
+    mime: str | None = Field(default=None, max_length=100)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, uri: str) -> str:
+        scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+        if scheme not in URI_SCHEMES:
+            raise ValueError(f"scheme {scheme or '(none)'!r} not one of {', '.join(URI_SCHEMES)}")
+        return uri
+
+
+class MessageEvent(_Record):
+    """One message of a conversation, created, edited (same message_id, later event) or deleted."""
+
+    schema_: Literal["tessera.message.v1"] = Field(alias="schema")
+    event_id: Identifier
+    op: Literal["upsert", "delete"] = "upsert"
+    tenant_id: Identifier
+    conversation_id: Identifier
+    message_id: Identifier
+    sender_id: Identifier
+    sender_name: CleanText | None = Field(default=None, max_length=200)
+    participants: list[Identifier] | None = Field(default=None, max_length=MAX_PARTICIPANTS)
+    sent_at: AwareDatetime
+    text: CleanText = Field(default="", max_length=MAX_TEXT_CHARS)
+    images: list[ImageRef] = Field(default_factory=list, max_length=MAX_IMAGES)
+    reply_to: Identifier | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class HistoryTurn(_Record):
+    role: Literal["user", "assistant"]
+    text: CleanText = Field(max_length=MAX_QUERY_CHARS)
+
+
+class QueryImage(_Record):
+    uri: str = Field(min_length=1, max_length=2_000_000)
+
+
+class QueryFilters(_Record):
+    conversation_id: Identifier | None = None
+    participants: list[Identifier] | None = Field(default=None, max_length=100)
+    sent_after: AwareDatetime | None = None
+    sent_before: AwareDatetime | None = None
+
+
+class QueryJob(_Record):
+    """A "find that conversation" request on behalf of one user of one tenant."""
+
+    schema_: Literal["tessera.query.v1"] = Field(alias="schema")
+    job_id: Identifier
+    tenant_id: Identifier
+    user_id: Identifier
+    query: CleanText = Field(max_length=MAX_QUERY_CHARS)
+    history: list[HistoryTurn] = Field(default_factory=list, max_length=MAX_HISTORY_TURNS)
+    image: QueryImage | None = None
+    filters: QueryFilters = Field(default_factory=QueryFilters)
+    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
+    reasoning: Literal["auto", "fast", "vlm"] = "auto"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, query: str) -> str:
+        if not query.strip():
+            raise ValueError("query is empty")
+        return query
+
+
+class ResultImage(_Record):
+    message_id: str
+    uri: str
+    caption: str | None = None
+
+
+class ResultFragment(_Record):
+    fragment_id: str
+    conversation_id: str
+    message_ids: list[str]
+    context_message_ids: list[str]
+    start_at: datetime
+    end_at: datetime
+    score: float
+    snippet: str
+    images: list[ResultImage] = Field(default_factory=list)
+
+
+class ClarifyingQuestion(_Record):
+    text: str
+    options: list[str]
+
+
+class ResultError(_Record):
+    code: str
+    message: str
+
+
+class Result(_Record):
+    schema_: Literal["tessera.result.v1"] = Field(default=RESULT_SCHEMA, alias="schema")
+    job_id: str
+    status: Literal["ok", "clarify", "error"]
+    rewritten_query: str | None = None
+    fragments: list[ResultFragment] = Field(default_factory=list)
+    clarifying_question: ClarifyingQuestion | None = None
+    error: ResultError | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
