@@ -45,7 +45,7 @@ def open_engine(settings: Settings, embedder=None):
     from indexer.stores.qdrant import QdrantVectorStore
 
     embedder = embedder or SentenceTransformerEmbedder(settings.embed_model, batch_size=settings.embed_batch)
-    data = settings.data_dir
+    data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     vectors = QdrantVectorStore(path=data / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key,
                                 dim=embedder.dim)

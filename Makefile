@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test eval bench-ingest schemas clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first: an unpinned torch would pull gigabytes of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/tessera demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+eval: $(STAMP)
+	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --out results/locomo-eval.json
+
+bench-ingest: $(STAMP)
+	$(PY) -m ops.bench_ingest ../shared/datasets/locomo-dev --out results/ingest-bench.json
+
+schemas: $(STAMP)
+	$(PY) -m schemas.jsonschema
+
+clean:
+	rm -rf $(VENV) .tessera results

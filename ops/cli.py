@@ -1,0 +1,234 @@
+"""The ``tessera`` command line: embedded ingest, queries, the demo and the evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, TextIO
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tqdm import tqdm  # noqa: E402
+
+from schemas import (  # noqa: E402
+    QUERY_SCHEMA, MessageEvent, QueryJob, Result, ResultError, SchemaError, parse_message, parse_query,
+)
+
+#: Events handed to the engine at once: one encoder pass and one store write per batch.
+INGEST_BATCH = 256
+
+
+def _engine(args):
+    from ops.settings import Settings, open_engine
+
+    return open_engine(Settings.from_env(args.data_dir))
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+    with stream:
+        for number, line in enumerate(stream, start=1):
+            if line.strip():
+                yield number, line
+
+
+def ingest_file(engine, path: str, err: TextIO = sys.stderr, progress: bool = True) -> tuple[int, int]:
+    """Index every valid line; report each bad line by number and field. Returns (ok, failed)."""
+    size = os.path.getsize(path) if path != "-" else None
+    ok = failed = 0
+    batch: list[MessageEvent] = []
+    with tqdm(total=size, unit="B", unit_scale=True, desc="ingest", file=err, disable=not progress) as bar:
+        for number, raw in _lines(path):
+            bar.update(len(raw))
+            try:
+                batch.append(parse_message(raw))
+            except SchemaError as exc:
+                failed += 1
+                tqdm.write(f"{path}:{number}: {exc.code}: {exc}", file=err)
+                continue
+            if len(batch) >= INGEST_BATCH:
+                engine.ingest(batch)
+                ok += len(batch)
+                batch = []
+        if batch:
+            engine.ingest(batch)
+            ok += len(batch)
+    return ok, failed
+
+
+def cmd_ingest(args) -> int:
+    engine = _engine(args)
+    try:
+        ok, failed = ingest_file(engine, args.file, progress=not args.quiet)
+    finally:
+        engine.close()
+    print(f"ingested {ok} events, {failed} rejected", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def error_result(job_id: str, code: str, message: str) -> Result:
+    return Result(job_id=job_id, status="error", error=ResultError(code=code, message=message))
+
+
+def answer_line(engine, raw: bytes | str, number: int) -> Result:
+    """One query job in, one result out; a job that breaks the schema gets status ``error``."""
+    try:
+        job = parse_query(raw)
+    except SchemaError as exc:
+        job_id = f"line-{number}"
+        try:
+            data = json.loads(raw)
+            if isinstance(data, dict) and isinstance(data.get("job_id"), str):
+                job_id = data["job_id"][:200]
+        except (ValueError, UnicodeDecodeError):
+            pass
+        return error_result(job_id, exc.code, f"line {number}: {exc}")
+    return engine.query(job)
+
+
+def print_result(result: Result, engine, as_json: bool) -> None:
+    if as_json:
+        print(result.to_json())
+        return
+    if result.status == "error":
+        print(f"error {result.error.code}: {result.error.message}")
+        return
+    print(f"query: {result.rewritten_query}")
+    if not result.fragments:
+        print("  no matching conversation")
+    for rank, fragment in enumerate(result.fragments, start=1):
+        print(f"  {rank}. {fragment.conversation_id} {fragment.start_at:%Y-%m-%d %H:%M}  score {fragment.score:.3f}")
+        turns = engine.state.turns_by_id(_tenant_of(result, engine, fragment), fragment.conversation_id,
+                                         fragment.message_ids)
+        for message_id in fragment.message_ids:
+            turn = turns.get(message_id)
+            if turn is None:
+                continue
+            print(f"     [{message_id}] {turn.sender_name or turn.sender_id}: {turn.text}")
+            for image in turn.images:
+                print(f"         image: {image.uri} ({image.caption or 'no caption'})")
+
+
+def _tenant_of(result: Result, engine, fragment) -> str:
+    records = engine.state.fragments_by_id([fragment.fragment_id])
+    return records[fragment.fragment_id].tenant_id
+
+
+def cmd_query(args) -> int:
+    engine = _engine(args)
+    try:
+        if args.jobs:
+            for number, raw in _lines(args.jobs):
+                print(answer_line(engine, raw, number).to_json(), flush=True)
+            return 0
+        if not args.text:
+            print("tessera query: give TEXT or --jobs FILE", file=sys.stderr)
+            return 2
+        record = {"schema": QUERY_SCHEMA, "job_id": "cli", "query": " ".join(args.text), "top_k": args.top_k}
+        if args.tenant:
+            record["tenant_id"] = args.tenant
+        if args.user:
+            record["user_id"] = args.user
+        if args.conversation:
+            record["filters"] = {"conversation_id": args.conversation}
+        result = answer_line(engine, json.dumps(record), 0)
+        print_result(result, engine, args.json)
+        return 0 if result.status != "error" else 1
+    finally:
+        engine.close()
+
+
+def cmd_demo(args) -> int:
+    from ops.demo.generate import generate
+    from ops.demo.topics import EXAMPLE_QUERIES
+
+    data_dir = Path(args.data_dir or os.environ.get("TESSERA_DATA_DIR") or ".tessera")
+    events = generate(data_dir / "demo")
+    print(f"demo corpus: {events}", file=sys.stderr)
+    args.data_dir = str(data_dir)
+    engine = _engine(args)
+    try:
+        ok, failed = ingest_file(engine, str(events))
+        print(f"ingested {ok} events ({failed} rejected); {engine.state.counts()}\n")
+        for i, (tenant, user, text) in enumerate(EXAMPLE_QUERIES):
+            job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"demo-{i}", "tenant_id": tenant,
+                                           "user_id": user, "query": text, "top_k": 2})
+            print(f"[{tenant} / {user}]", end=" ")
+            print_result(engine.query(job), engine, as_json=False)
+            print()
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ops.evaluate import main_eval
+
+    return main_eval(args.dir, args.out, progress=not args.quiet)
+
+
+def cmd_delete(args) -> int:
+    engine = _engine(args)
+    try:
+        if args.conversation:
+            report = engine.delete_conversation(args.tenant, args.conversation)
+        else:
+            report = engine.forget_user(args.tenant, args.user)
+    finally:
+        engine.close()
+    print(f"deleted {report.deleted} messages, {report.fragments_deleted} fragments", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="Find that conversation in multimodal chat logs.")
+    parser.add_argument("--data-dir", help="data directory (env TESSERA_DATA_DIR, default ./.tessera)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="index message events from a JSON-lines file ('-' for stdin)")
+    p.add_argument("file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("query", help="answer a query, or a file of query jobs with --jobs")
+    p.add_argument("text", nargs="*")
+    p.add_argument("--jobs", help="JSON-lines file of query jobs; one result per line on stdout, in order")
+    p.add_argument("--tenant")
+    p.add_argument("--user")
+    p.add_argument("--conversation")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print the result record")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("demo", help="ingest the bundled sample chats and answer example queries")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="retrieval quality on a dataset")
+    evsub = p.add_subparsers(dest="dataset", required=True)
+    e = evsub.add_parser("locomo", help="LoCoMo-format JSON files in DIR")
+    e.add_argument("dir")
+    e.add_argument("--out", default="results/locomo-eval.json", help="where the JSON table goes")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("delete", help="delete a conversation, or everything a user sent (forget me)")
+    p.add_argument("--tenant", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--conversation")
+    group.add_argument("--user")
+    p.set_defaults(func=cmd_delete)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real MiniLM encoder (loaded once) and engines on temporary data dirs."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from schemas import MESSAGE_SCHEMA, QUERY_SCHEMA, MessageEvent, QueryJob  # noqa: E402
+
+T0 = datetime(2026, 5, 1, 10, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from indexer.embedder import SentenceTransformerEmbedder
+
+    e = SentenceTransformerEmbedder()
+    e.warm_up()
+    return e
+
+
+@pytest.fixture
+def make_engine(tmp_path, embedder):
+    from ops.settings import Settings, open_engine
+
+    engines = []
+
+    def make(name: str = "data"):
+        engine = open_engine(Settings(data_dir=tmp_path / name), embedder=embedder)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def message(conversation_id: str, n: int, sender: str, text: str, *, tenant: str = "t1",
+            participants: list[str] | None = None, minutes: float | None = None, op: str = "upsert",
+            images: list[dict] | None = None, event_suffix: str = "") -> MessageEvent:
+    record = {
+        "schema": MESSAGE_SCHEMA, "event_id": f"{conversation_id}-{n}{event_suffix}", "op": op,
+        "tenant_id": tenant, "conversation_id": conversation_id, "message_id": f"m{n:03d}",
+        "sender_id": sender, "sender_name": sender.capitalize(),
+        "sent_at": (T0 + timedelta(minutes=n if minutes is None else minutes)).isoformat(),
+        "text": text, "images": images or [],
+    }
+    if participants is not None:
+        record["participants"] = participants
+    return MessageEvent.model_validate(record)
+
+
+def query(text: str, *, tenant: str = "t1", user: str = "u1", top_k: int = 5, **extra) -> QueryJob:
+    return QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": "j1", "tenant_id": tenant, "user_id": user,
+                                    "query": text, "top_k": top_k, **extra})
+
+
+DIALOGUE = [
+    ("ann", "We finally reached the glacier at the end of the hiking trip."),
+    ("bob", "Amazing, was the ice really as blue as in the pictures?"),
+    ("ann", "Even bluer, and the hike up the glacier took four hours."),
+    ("bob", "I want to do that glacier hike next summer."),
+    ("ann", "By the way, my sourdough bread finally rose this weekend."),
+    ("bob", "Great, how long did you feed the sourdough starter?"),
+    ("ann", "Ten days of flour and water before the bread worked."),
+    ("bob", "Send me the bread recipe please."),
+    ("ann", "Also my laptop battery swelled up during the presentation."),
+    ("bob", "Take the laptop to the repair shop on Elm Street."),
+    ("ann", "The repair shop replaced the laptop battery in a day."),
+]
+
+
+def dialogue(conversation_id: str = "c1", **kw) -> list[MessageEvent]:
+    return [message(conversation_id, i + 1, s, t, **kw) for i, (s, t) in enumerate(DIALOGUE)]

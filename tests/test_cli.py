@@ -1,0 +1,61 @@
+"""The ``tessera`` command as a user runs it: a real subprocess on a temporary data dir."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import dialogue
+
+
+def run(tmp_path, *args, stdin=None):
+    env = {**os.environ, "TESSERA_DATA_DIR": str(tmp_path / "data")}
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], capture_output=True, text=True, env=env,
+                          input=stdin, timeout=300)
+
+
+def test_ingest_reports_bad_lines_indexes_the_rest_and_answers_jobs(tmp_path):
+    lines = [e.model_dump_json(by_alias=True) for e in dialogue()]
+    bad = json.loads(lines[3])
+    del bad["sender_id"]
+    lines[3] = json.dumps(bad)
+    lines.insert(6, "{not json")
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(lines) + "\n")
+    proc = run(tmp_path, "ingest", str(events))
+    assert proc.returncode == 1
+    assert f"{events}:4: missing_field: sender_id" in proc.stderr
+    assert f"{events}:7: invalid_json" in proc.stderr
+    assert "ingested 10 events, 2 rejected" in proc.stderr
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join([
+        json.dumps({"schema": "tessera.query.v1", "job_id": "a", "tenant_id": "t1", "user_id": "u",
+                    "query": "sourdough starter"}),
+        json.dumps({"schema": "tessera.query.v1", "job_id": "b", "user_id": "u", "query": "glacier"}),
+        json.dumps({"schema": "tessera.query.v1", "job_id": "c", "tenant_id": "t1", "user_id": "u",
+                    "query": "laptop repair shop", "top_k": 1}),
+    ]) + "\n")
+    proc = run(tmp_path, "query", "--jobs", str(jobs))
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["job_id"] for r in results] == ["a", "b", "c"]
+    assert results[0]["status"] == "ok" and results[0]["fragments"]
+    assert results[1]["status"] == "error" and results[1]["error"]["code"] == "missing_field"
+    assert "tenant_id" in results[1]["error"]["message"]
+    assert len(results[2]["fragments"]) == 1
+    assert set(results[2]["fragments"][0]["message_ids"]) & {"m009", "m010", "m011"}
+
+    proc = run(tmp_path, "query", "glacier", "hike")
+    assert proc.returncode == 1 and "tenant_id" in proc.stdout
+    proc = run(tmp_path, "query", "--tenant", "t1", "--user", "u", "--json", "glacier", "hike")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["fragments"][0]["conversation_id"] == "c1"
+
+
+def test_demo_prints_answers(tmp_path):
+    proc = run(tmp_path, "demo")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 rejected" in proc.stdout
+    assert "a photo of a blue glacier" in proc.stdout
+    assert "no matching conversation" not in proc.stdout

@@ -1,0 +1,146 @@
+"""The embedded engine against the real encoder, Qdrant local mode and the FTS5 store."""
+
+from indexer.stores.base import SearchFilter
+from tests.conftest import dialogue, message, query
+
+
+def store_state(engine, tenant="t1"):
+    """Everything a store holds for a tenant, so two engines can be compared."""
+    frags = []
+    for conv in ("c1", "c2"):
+        frags += [(f.fragment_id, f.message_ids) for f in engine.state.fragments(tenant, conv)]
+    return sorted(frags), engine.vectors.count(tenant), engine.keywords.count(tenant)
+
+
+def all_message_ids(result):
+    return [m for f in result.fragments for m in f.message_ids]
+
+
+def test_query_finds_the_turns_that_answer(make_engine):
+    engine = make_engine()
+    engine.ingest(dialogue())
+    result = engine.query(query("who fixed the swollen laptop battery"))
+    assert result.status == "ok"
+    top = result.fragments[0]
+    assert set(top.message_ids) <= {"m009", "m010", "m011"}
+    assert set(top.message_ids) <= set(top.context_message_ids)
+    assert top.context_message_ids == sorted(top.context_message_ids)
+    assert result.timings_ms["total"] > 0
+
+
+def test_segments_by_topic_and_streaming_equals_batch(make_engine):
+    batch = make_engine("batch")
+    batch.ingest(dialogue())
+    stream = make_engine("stream")
+    for event in dialogue():
+        stream.ingest([event])
+    assert store_state(batch) == store_state(stream)
+    fragments = [f.message_ids for f in batch.state.fragments("t1", "c1")]
+    assert len(fragments) >= 2, "three topics should not be one fragment"
+    assert [m for f in fragments for m in f] == [f"m{i:03d}" for i in range(1, 12)]
+
+
+def test_out_of_order_arrival_gives_the_same_fragments(make_engine):
+    ordered = make_engine("ordered")
+    ordered.ingest(dialogue())
+    shuffled = make_engine("shuffled")
+    events = dialogue()
+    shuffled.ingest(events[5:])
+    shuffled.ingest(events[:5])
+    assert store_state(ordered) == store_state(shuffled)
+
+
+def test_replay_is_idempotent(make_engine):
+    engine = make_engine()
+    engine.ingest(dialogue())
+    before = store_state(engine)
+    report = engine.ingest(dialogue())
+    assert report.unchanged == len(dialogue()) and report.encoded == 0
+    assert store_state(engine) == before
+
+
+def test_edit_and_delete_update_every_store(make_engine):
+    engine = make_engine()
+    engine.ingest(dialogue())
+    edited = message("c1", 10, "bob", "Take the laptop to the kiosk at the harbour market.", event_suffix="-edit")
+    engine.ingest([edited])
+    hits = engine.keywords.search("harbour kiosk", "turn", SearchFilter("t1", "u1"), 10)
+    assert [h.payload["message_ids"] for h in hits] == [["m010"]]
+    assert engine.keywords.search("Elm Street", "turn", SearchFilter("t1", "u1"), 10) == []
+    engine.ingest([message("c1", 10, "bob", "", op="delete", event_suffix="-del")])
+    assert engine.keywords.search("harbour kiosk", "fragment", SearchFilter("t1", "u1"), 10) == []
+    assert all("m010" not in f.message_ids for f in engine.state.fragments("t1", "c1"))
+    assert "m010" not in all_message_ids(engine.query(query("laptop kiosk harbour", top_k=20)))
+
+
+def test_delete_conversation_and_forget_user_leave_no_trace(make_engine):
+    engine = make_engine()
+    engine.ingest(dialogue("c1") + dialogue("c2"))
+    engine.delete_conversation("t1", "c2")
+    assert engine.state.fragments("t1", "c2") == []
+    assert all(f.conversation_id == "c1" for f in engine.query(query("glacier", top_k=20)).fragments)
+    engine.forget_user("t1", "ann")
+    assert engine.state.senders_named("t1", ["ann"]) == set()
+    assert all(t.sender_id == "bob" for t in engine.state.turns("t1", "c1"))
+    flt = SearchFilter("t1", "u1")
+    for kind in ("turn", "window", "fragment"):
+        for hit in engine.keywords.search("Ann glacier sourdough laptop", kind, flt, 50):
+            assert hit.payload["sender_ids"] == ["bob"]
+    texts = engine.keywords.search("Ann", "fragment", flt, 50)
+    assert texts == [], "the fragment text still holds the forgotten user's turns"
+    remaining = engine.vectors.count("t1")
+    assert remaining == 2 * 5 + len(engine.state.fragments("t1", "c1"))
+
+
+def test_tenant_and_participant_isolation(make_engine):
+    engine = make_engine()
+    engine.ingest(dialogue("c1", participants=["ann", "bob"]))
+    engine.ingest(dialogue("c2", tenant="t2"))
+    private = engine.query(query("glacier hike", user="mallory", top_k=20))
+    assert private.fragments == []
+    member = engine.query(query("glacier hike", user="ann", top_k=20))
+    assert member.fragments and {f.conversation_id for f in member.fragments} == {"c1"}
+    other_tenant = engine.query(query("glacier hike", tenant="t2", user="zed", top_k=20))
+    assert other_tenant.fragments and all(f.conversation_id == "c2" for f in other_tenant.fragments)
+    engine.ingest([message("c1", 12, "ann", "adding mallory", participants=["ann", "bob", "mallory"])])
+    assert engine.query(query("glacier hike", user="mallory", top_k=20)).fragments
+    engine.ingest([message("c1", 13, "ann", "removing bob", participants=["ann", "mallory"])])
+    assert engine.query(query("glacier hike", user="bob", top_k=20)).fragments == []
+
+
+def test_filters_narrow_inside_the_stores(make_engine):
+    engine = make_engine()
+    engine.ingest(dialogue("c1") + dialogue("c2"))
+    only_c2 = engine.query(query("glacier", filters={"conversation_id": "c2"}, top_k=20))
+    assert only_c2.fragments and {f.conversation_id for f in only_c2.fragments} == {"c2"}
+    late = engine.query(query("glacier sourdough laptop", top_k=20,
+                              filters={"sent_after": "2026-05-01T10:08:30Z"}))
+    assert late.fragments
+    assert all(f.end_at.isoformat() >= "2026-05-01T10:08:30" for f in late.fragments)
+    by_bob = engine.query(query("glacier", filters={"participants": ["bob"]}, top_k=20))
+    assert by_bob.fragments
+
+
+def test_image_turn_stays_with_its_reply_and_is_found_by_caption(make_engine):
+    engine = make_engine()
+    events = [
+        message("c1", 1, "ann", "Our quarterly numbers are finally in."),
+        message("c1", 2, "bob", "Revenue grew twelve percent over the quarter."),
+        message("c1", 3, "ann", "The board will be pleased with the quarter."),
+        message("c1", 4, "bob", "Look at this!", images=[{"uri": "file:///tmp/cat.png",
+                                                           "caption": "a ginger cat asleep in a laundry basket"}]),
+        message("c1", 5, "ann", "Haha, what a lazy creature."),
+    ]
+    engine.ingest(events)
+    fragments = [f.message_ids for f in engine.state.fragments("t1", "c1")]
+    assert any({"m004", "m005"} <= set(f) for f in fragments)
+    result = engine.query(query("photo of the cat sleeping in the basket"))
+    top = result.fragments[0]
+    assert "m004" in top.message_ids
+    assert top.images and top.images[0].caption.startswith("a ginger cat")
+
+
+def test_vlm_reasoning_without_worker_is_a_clear_error(make_engine):
+    engine = make_engine()
+    result = engine.query(query("anything", reasoning="vlm"))
+    assert result.status == "error" and result.error.code == "reasoning_unavailable"

@@ -1,0 +1,33 @@
+import json
+
+from ops.evaluate import evaluate_locomo, score
+from ops.locomo import Question
+
+
+def test_score_follows_the_dataset_rules():
+    q = [Question("c", "?", frozenset({"D1:2", "D1:9"}), 4)]
+    ranked = [[("c", "D1:1"), ("c", "D1:2"), ("c", "D1:2"), ("x", "D1:9")] + [("c", f"D2:{i}") for i in range(40)]
+              + [("c", "D1:9")]]
+    row = score(q, ranked)
+    assert row["recall@5"] == 0.5 and row["recall@30"] == 0.5
+    assert row["mrr"] == 0.5 and row["conv_hit@1"] == 1.0
+    assert score(q, [[]])["mrr"] == 0.0
+
+
+def test_eval_on_a_small_locomo_file(tmp_path):
+    data = {"speaker_a": "Ann", "speaker_b": "Bob", "session_1_date_time": "1:47 pm on 18 May, 2023",
+            "session_1": [{"speaker": "Ann", "dia_id": "D1:1", "text": "I adopted a cat named Pixel."},
+                          {"speaker": "Bob", "dia_id": "D1:2", "text": "Cute! I started learning the violin."},
+                          {"speaker": "Ann", "dia_id": "D1:3", "text": "Look", "img_url": ["http://x/y.jpg"],
+                           "blip_caption": "a photo of a grey cat on a windowsill"}],
+            "qa": [{"question": "What instrument is Bob learning?", "answer": "violin", "evidence": ["D1:2"],
+                    "category": 4},
+                   {"question": "What is the cat called?", "answer": "Pixel", "evidence": ["D1:1"], "category": 1},
+                   {"question": "ignored", "evidence": ["D1:1"], "category": 5},
+                   {"question": "no evidence", "evidence": ["D9:9"], "category": 4}]}
+    (tmp_path / "1.json").write_text(json.dumps(data))
+    report = evaluate_locomo(tmp_path, tmp_path / "out.json", data_dir=tmp_path / "d", progress=False)
+    assert report["questions"] == 2 and report["turns"] == 3
+    assert report["rows"]["tessera (hybrid fragments + spans)"]["recall@5"] == 1.0
+    assert len(report["rows"]) == 6
+    assert json.loads((tmp_path / "out.json").read_text())["rows"]

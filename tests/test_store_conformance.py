@@ -1,0 +1,81 @@
+"""One contract for every store backend: idempotent upsert, delete, filters inside the store."""
+
+import numpy as np
+import pytest
+
+from indexer.stores.base import EVERYONE, SearchFilter, Unit
+from indexer.stores.fts import SqliteBM25Store, match_expression
+from indexer.stores.qdrant import QdrantVectorStore
+
+DIM = 8
+
+
+def unit(uid, text, vec, tenant="t1", conv="c1", visible=(EVERYONE,), sender="s1", ts=100.0, kind="turn"):
+    v = np.zeros(DIM, dtype=np.float32)
+    v[vec] = 1.0
+    import uuid
+
+    return Unit(str(uuid.uuid5(uuid.NAMESPACE_OID, uid)), kind, tenant, conv, "f-" + conv, [uid], [sender],
+                list(visible), ts, ts, text, v)
+
+
+@pytest.fixture(params=["bm25-sqlite", "qdrant-local"])
+def store(request, tmp_path):
+    s = SqliteBM25Store(tmp_path / "b.sqlite") if request.param == "bm25-sqlite" else \
+        QdrantVectorStore(path=tmp_path / "q", dim=DIM)
+    yield s
+    s.close()
+
+
+def search(store, probe_text, probe_vec, flt, kind="turn"):
+    if isinstance(store, SqliteBM25Store):
+        hits = store.search(probe_text, kind, flt, 10)
+    else:
+        v = np.zeros(DIM, dtype=np.float32)
+        v[probe_vec] = 1.0
+        hits = store.search(v, kind, flt, 10)
+    return [h.payload["message_ids"][0] for h in hits]
+
+
+UNITS = [
+    unit("a", "glacier hike", 0),
+    unit("b", "glacier photo", 1, visible=("ann",)),
+    unit("c", "glacier trip", 2, tenant="t2"),
+    unit("d", "glacier night", 3, conv="c2", sender="s2", ts=500.0),
+]
+
+
+def test_upsert_is_idempotent_and_delete_removes(store):
+    store.upsert(UNITS)
+    store.upsert(UNITS)
+    assert store.count() == 4 and store.count("t1") == 3
+    store.delete([UNITS[0].unit_id, "00000000-0000-0000-0000-000000000000"])
+    assert store.count("t1") == 2
+    assert "a" not in search(store, "glacier", 0, SearchFilter("t1", "ann"))
+
+
+def test_tenant_and_visibility_filters(store):
+    store.upsert(UNITS)
+    assert set(search(store, "glacier", 1, SearchFilter("t1", "bob"))) == {"a", "d"}
+    assert set(search(store, "glacier", 1, SearchFilter("t1", "ann"))) == {"a", "b", "d"}
+    assert set(search(store, "glacier", 2, SearchFilter("t2", "ann"))) == {"c"}
+    assert search(store, "glacier", 0, SearchFilter("t3", "ann")) == []
+
+
+def test_narrowing_filters(store):
+    store.upsert(UNITS)
+    assert search(store, "glacier", 0, SearchFilter("t1", "ann", conversation_id="c2")) == ["d"]
+    assert search(store, "glacier", 0, SearchFilter("t1", "ann", sender_ids=("s2",))) == ["d"]
+    assert search(store, "glacier", 0, SearchFilter("t1", "ann", sent_after=400.0)) == ["d"]
+    assert set(search(store, "glacier", 0, SearchFilter("t1", "ann", sent_before=400.0))) == {"a", "b"}
+    assert search(store, "glacier", 0, SearchFilter("t1", "ann"), kind="fragment") == []
+
+
+def test_ranking_puts_the_better_match_first(store):
+    store.upsert(UNITS)
+    assert search(store, "hike", 0, SearchFilter("t1", "ann"))[0] == "a"
+
+
+def test_query_syntax_never_reaches_fts():
+    assert match_expression('glacier" OR tenant_id:* NEAR(') == '"glacier" OR "tenant" OR "id" OR "near"'
+    assert match_expression("  ") is None

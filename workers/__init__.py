@@ -1,0 +1,1 @@
+"""Celery app, queues and thin tasks over indexer (issue 3)."""
