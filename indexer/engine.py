@@ -57,7 +57,7 @@ def _key(turn: Turn) -> SortKey:
     return (turn.sent_at.timestamp(), turn.message_id)
 
 
-def _turn_of(event: MessageEvent) -> Turn:
+def turn_of_event(event: MessageEvent) -> Turn:
     return Turn(
         message_id=event.message_id, sender_id=event.sender_id, sender_name=event.sender_name,
         sent_at=event.sent_at, text=event.text,
@@ -84,8 +84,20 @@ class Tessera:
 
     # ---- ingest -------------------------------------------------------------------------------------
 
-    def ingest(self, events: Iterable[MessageEvent]) -> IngestReport:
-        """Apply a batch of events; idempotent, so a replayed batch changes nothing."""
+    def encode_events(self, events: Iterable[MessageEvent]) -> dict[str, np.ndarray]:
+        """Vectors of the texts the upserts in ``events`` will index, keyed by that text.
+
+        Pure (reads no state), so a caller can encode the next batch while ``ingest`` writes the
+        previous one: the encoder then never waits for the stores.
+        """
+        texts = list(dict.fromkeys(render_turn(turn_of_event(e)) for e in events if e.op == "upsert"))
+        return dict(zip(texts, self.embedder.encode(texts)))
+
+    def ingest(self, events: Iterable[MessageEvent], vectors: dict[str, np.ndarray] | None = None) -> IngestReport:
+        """Apply a batch of events; idempotent, so a replayed batch changes nothing.
+
+        ``vectors`` may carry encodings from ``encode_events``; whatever is missing is encoded here.
+        """
         report = IngestReport()
         changes: dict[tuple[str, str], _ConversationChange] = {}
         to_encode: list[tuple[str, str, Turn]] = []
@@ -110,7 +122,7 @@ class Tessera:
                     change.removed_messages.add(event.message_id)
                     report.deleted += 1
                     continue
-                turn = _turn_of(event)
+                turn = turn_of_event(event)
                 if old is not None and old == turn:
                     report.unchanged += 1
                     continue
@@ -123,10 +135,14 @@ class Tessera:
                 change.removed_messages.discard(event.message_id)
                 report.upserted += 1
             if to_encode:
-                vectors = self.embedder.encode([render_turn(t) for _, _, t in to_encode])
-                for (tenant_id, conversation_id, turn), vector in zip(to_encode, vectors):
+                known = vectors or {}
+                texts = [render_turn(t) for _, _, t in to_encode]
+                missing = list(dict.fromkeys(t for t in texts if t not in known))
+                fresh = dict(zip(missing, self.embedder.encode(missing))) if missing else {}
+                for (tenant_id, conversation_id, turn), text in zip(to_encode, texts):
+                    vector = known[text] if text in known else fresh[text]
                     self.state.set_vector(tenant_id, conversation_id, turn.message_id, vector)
-                report.encoded += len(to_encode)
+                report.encoded += len(missing)
             for conv, change in changes.items():
                 if change.earliest is None and not change.full:
                     continue

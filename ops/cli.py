@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
+
 from tqdm import tqdm  # noqa: E402
 
 from schemas import (  # noqa: E402
@@ -38,11 +40,26 @@ def _lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 
 def ingest_file(engine, path: str, err: TextIO = sys.stderr, progress: bool = True) -> tuple[int, int]:
-    """Index every valid line; report each bad line by number and field. Returns (ok, failed)."""
+    """Index every valid line; report each bad line by number and field. Returns (ok, failed).
+
+    Two stages overlap: this thread parses and encodes batch N+1 while a writer thread applies
+    batch N to the state and the stores, so the encoder, the bottleneck, never waits for disk.
+    """
     size = os.path.getsize(path) if path != "-" else None
     ok = failed = 0
     batch: list[MessageEvent] = []
-    with tqdm(total=size, unit="B", unit_scale=True, desc="ingest", file=err, disable=not progress) as bar:
+    pending: Future | None = None
+
+    def hand_over(events: list[MessageEvent]) -> None:
+        nonlocal pending, ok
+        vectors = engine.encode_events(events)
+        if pending is not None:
+            pending.result()
+        pending = writer.submit(engine.ingest, events, vectors)
+        ok += len(events)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer, \
+            tqdm(total=size, unit="B", unit_scale=True, desc="ingest", file=err, disable=not progress) as bar:
         for number, raw in _lines(path):
             bar.update(len(raw))
             try:
@@ -52,12 +69,12 @@ def ingest_file(engine, path: str, err: TextIO = sys.stderr, progress: bool = Tr
                 tqdm.write(f"{path}:{number}: {exc.code}: {exc}", file=err)
                 continue
             if len(batch) >= INGEST_BATCH:
-                engine.ingest(batch)
-                ok += len(batch)
+                hand_over(batch)
                 batch = []
         if batch:
-            engine.ingest(batch)
-            ok += len(batch)
+            hand_over(batch)
+        if pending is not None:
+            pending.result()
     return ok, failed
 
 
