@@ -8,14 +8,13 @@ from typing import Sequence
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from indexer.stores.base import EVERYONE, Hit, SearchFilter, Unit
+from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
 
 TEXT_VECTOR = "text"
 #: Points per upsert request; large enough to amortise a round trip, small enough for gRPC limits.
 UPSERT_BATCH = 256
 _PAYLOAD_INDEXES = {
     "tenant_id": models.PayloadSchemaType.KEYWORD,
-    "kind": models.PayloadSchemaType.KEYWORD,
     "conversation_id": models.PayloadSchemaType.KEYWORD,
     "fragment_id": models.PayloadSchemaType.KEYWORD,
     "sender_ids": models.PayloadSchemaType.KEYWORD,
@@ -25,10 +24,9 @@ _PAYLOAD_INDEXES = {
 }
 
 
-def build_filter(kind: str, flt: SearchFilter) -> models.Filter:
+def build_filter(flt: SearchFilter) -> models.Filter:
     must: list = [
         models.FieldCondition(key="tenant_id", match=models.MatchValue(value=flt.tenant_id)),
-        models.FieldCondition(key="kind", match=models.MatchValue(value=kind)),
         models.FieldCondition(key="visible_to", match=models.MatchAny(any=[flt.user_id, EVERYONE])),
     ]
     if flt.conversation_id:
@@ -43,9 +41,13 @@ def build_filter(kind: str, flt: SearchFilter) -> models.Filter:
 
 
 class QdrantVectorStore:
-    """One collection per data dir, a named ``text`` vector, deterministic point ids."""
+    """One collection per unit kind (``{prefix}_turn`` ...), a named ``text`` vector, deterministic ids.
 
-    def __init__(self, path: str | Path | None = None, url: str | None = None, collection: str = "tessera",
+    Separate collections keep each search to the points of its kind: local mode evaluates payload
+    filters point by point in Python, so a shared collection tripled the work of every search.
+    """
+
+    def __init__(self, path: str | Path | None = None, url: str | None = None, prefix: str = "tessera",
                  dim: int = 384, api_key: str | None = None):
         if url:
             self.client = QdrantClient(url=url, api_key=api_key)
@@ -53,41 +55,48 @@ class QdrantVectorStore:
             Path(path).mkdir(parents=True, exist_ok=True)
             self.client = QdrantClient(path=str(path))
         self.remote = bool(url)
-        self.collection = collection
+        self.collections = {kind: f"{prefix}_{kind}" for kind in UNIT_KINDS}
         self.dim = dim
-        self._ensure_collection()
+        for name in self.collections.values():
+            self._ensure_collection(name)
 
-    def _ensure_collection(self) -> None:
-        if self.client.collection_exists(self.collection):
+    def _ensure_collection(self, name: str) -> None:
+        if self.client.collection_exists(name):
             return
         self.client.create_collection(
-            self.collection,
+            name,
             vectors_config={TEXT_VECTOR: models.VectorParams(size=self.dim, distance=models.Distance.COSINE)},
         )
         if self.remote:
             for key, schema in _PAYLOAD_INDEXES.items():
                 if key == "tenant_id":
                     schema = models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True)
-                self.client.create_payload_index(self.collection, key, field_schema=schema, wait=True)
+                self.client.create_payload_index(name, key, field_schema=schema, wait=True)
 
     def upsert(self, units: Sequence[Unit]) -> None:
-        points = []
+        points: dict[str, list[models.PointStruct]] = {kind: [] for kind in UNIT_KINDS}
         for unit in units:
             vector = unit.vector
             if vector is None or vector.shape != (self.dim,):
                 raise ValueError(f"unit {unit.unit_id}: vector must have shape ({self.dim},)")
-            points.append(models.PointStruct(id=unit.unit_id, vector={TEXT_VECTOR: vector.tolist()},
-                                             payload=unit.payload()))
-        for start in range(0, len(points), UPSERT_BATCH):
-            self.client.upsert(self.collection, points=points[start:start + UPSERT_BATCH], wait=True)
+            if unit.kind not in points:
+                raise ValueError(f"unit {unit.unit_id}: unknown kind {unit.kind!r}")
+            points[unit.kind].append(models.PointStruct(id=unit.unit_id, vector={TEXT_VECTOR: vector.tolist()},
+                                                        payload=unit.payload()))
+        for kind, batch in points.items():
+            for start in range(0, len(batch), UPSERT_BATCH):
+                self.client.upsert(self.collections[kind], points=batch[start:start + UPSERT_BATCH], wait=True)
 
     def delete(self, unit_ids: Sequence[str]) -> None:
         if unit_ids:
-            self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(unit_ids)), wait=True)
+            for name in self.collections.values():
+                self.client.delete(name, points_selector=models.PointIdsList(points=list(unit_ids)), wait=True)
 
     def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
+        if kind not in self.collections:
+            raise ValueError(f"unknown kind {kind!r}")
         response = self.client.query_points(
-            self.collection, query=vector.tolist(), using=TEXT_VECTOR, query_filter=build_filter(kind, flt),
+            self.collections[kind], query=vector.tolist(), using=TEXT_VECTOR, query_filter=build_filter(flt),
             limit=limit, with_payload=True,
         )
         return [Hit(str(p.id), float(p.score), p.payload or {}) for p in response.points]
@@ -96,7 +105,7 @@ class QdrantVectorStore:
         flt = None
         if tenant_id is not None:
             flt = models.Filter(must=[models.FieldCondition(key="tenant_id", match=models.MatchValue(value=tenant_id))])
-        return self.client.count(self.collection, count_filter=flt, exact=True).count
+        return sum(self.client.count(name, count_filter=flt, exact=True).count for name in self.collections.values())
 
     def close(self) -> None:
         self.client.close()
