@@ -1,0 +1,89 @@
+"""Why the embedded BM25 engine is SQLite FTS5: quality and speed next to tantivy, one run.
+
+``python -m ops.bench_bm25 DIR`` indexes the LoCoMo turns (the same rendered text) in both engines
+and scores single-turn BM25 retrieval with the dataset's rules. tantivy comes with the ``bench``
+extra (``pip install -e '.[bench]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+
+import numpy as np
+
+from indexer.stores.fts import match_expression
+from indexer.text import keywords
+from ops.evaluate import _render, score
+from ops.locomo import load
+
+
+def fts5(docs, questions):
+    t = time.perf_counter()
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE VIRTUAL TABLE d USING fts5(t, tokenize='porter unicode61')")
+    db.executemany("INSERT INTO d(rowid, t) VALUES (?, ?)", list(enumerate(docs)))
+    build = time.perf_counter() - t
+    ranked, lat = [], []
+    for q in questions:
+        t = time.perf_counter()
+        ranked.append([r for (r,) in db.execute("SELECT rowid FROM d WHERE d MATCH ? ORDER BY bm25(d) LIMIT 100",
+                                                (match_expression(q),))])
+        lat.append(time.perf_counter() - t)
+    return build, ranked, lat
+
+
+def tantivy_engine(docs, questions):
+    import tantivy
+
+    builder = tantivy.SchemaBuilder()
+    builder.add_integer_field("i", stored=True)
+    builder.add_text_field("t", stored=False, tokenizer_name="en_stem")
+    schema = builder.build()
+    t = time.perf_counter()
+    index = tantivy.Index(schema, path=tempfile.mkdtemp())
+    writer = index.writer()
+    for i, doc in enumerate(docs):
+        writer.add_document(tantivy.Document(i=i, t=doc))
+    writer.commit()
+    index.reload()
+    build = time.perf_counter() - t
+    searcher = index.searcher()
+    ranked, lat = [], []
+    for q in questions:
+        t = time.perf_counter()
+        # keywords() leaves only letters and digits, so the query parser sees plain OR-ed terms
+        # and analyses them with the field's stemmer.
+        query = index.parse_query(" ".join(keywords(q)), ["t"])
+        hits = searcher.search(query, 100).hits
+        ranked.append([searcher.doc(addr)["i"][0] for _, addr in hits])
+        lat.append(time.perf_counter() - t)
+    return build, ranked, lat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dir")
+    args = parser.parse_args()
+    turns, questions = load(args.dir)
+    docs = [_render(t) for t in turns]
+    keys = [(t.conversation_id, t.message_id) for t in turns]
+    print("| engine | recall@5 | recall@10 | MRR | build ms | query p50 ms | query p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    engines = [("SQLite FTS5 (porter)", fts5), ("tantivy (en_stem)", tantivy_engine)]
+    for name, engine in engines:
+        try:
+            build, ranked, lat = engine(docs, [q.text for q in questions])
+        except ImportError:
+            print(f"| {name} | not installed | | | | | |")
+            continue
+        row = score(questions, [[keys[i] for i in r] for r in ranked])
+        lat_ms = np.array(lat) * 1000
+        print(f"| {name} | {row['recall@5']:.3f} | {row['recall@10']:.3f} | {row['mrr']:.3f} | {build * 1000:.0f}"
+              f" | {np.percentile(lat_ms, 50):.2f} | {np.percentile(lat_ms, 99):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
