@@ -79,3 +79,11 @@ def test_ranking_puts_the_better_match_first(store):
 def test_query_syntax_never_reaches_fts():
     assert match_expression('glacier" OR tenant_id:* NEAR(') == '"glacier" OR "tenant" OR "id" OR "near"'
     assert match_expression("  ") is None
+
+
+def test_qdrant_local_files_use_write_ahead_logging(tmp_path):
+    store = QdrantVectorStore(path=tmp_path / "q", dim=DIM)
+    try:
+        assert store.local_journal == "wal"
+    finally:
+        store.close()
