@@ -228,7 +228,14 @@ class Tessera:
             self.state.delete_conversation(tenant_id, conversation_id)
             report.deleted += len(turns)
             report.fragments_deleted += len(fragments)
+        self._erase_physically()
         return report
+
+    def _erase_physically(self) -> None:
+        """After an erasure, no copy of the erased text may remain in any file of any store."""
+        self.keywords.compact()
+        self.vectors.compact()
+        self.state.checkpoint()
 
     def forget_user(self, tenant_id: str, sender_id: str) -> IngestReport:
         """Delete every message a user sent in a tenant ("forget me"), re-segmenting what remains."""
@@ -244,6 +251,7 @@ class Tessera:
                     report.deleted += 1
                 report.add(self._resegment(tenant_id, conversation_id, change))
             self.state.forget_sender_tokens(tenant_id, sender_id)
+        self._erase_physically()
         return report
 
     # ---- query --------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ class ConversationState:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Freed pages are zeroed: a deleted message must not linger in the file.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         self.lock = threading.RLock()
 
@@ -215,6 +217,11 @@ class ConversationState:
         for table in ("messages", "fragments", "conversations"):
             self._db.execute(f"DELETE FROM {table} WHERE tenant_id=? AND conversation_id=?",
                              (tenant_id, conversation_id))
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database so erased rows leave no copy in it."""
+        with self.lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def counts(self) -> dict[str, int]:
         return {t: self._db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]

@@ -144,3 +144,21 @@ def test_vlm_reasoning_without_worker_is_a_clear_error(make_engine):
     engine = make_engine()
     result = engine.query(query("anything", reasoning="vlm"))
     assert result.status == "error" and result.error.code == "reasoning_unavailable"
+
+
+def test_erased_text_leaves_no_bytes_in_any_file(make_engine, tmp_path):
+    engine = make_engine("erase")
+    engine.ingest(dialogue() + [message("c1", 20, "ann", "my passphrase is zebraquokka"),
+                                message("c2", 1, "bob", "the vault code is lemurnarwhal")])
+    assert engine.query(query("zebraquokka")).fragments
+
+    def files_holding(secret: bytes):
+        return [p for p in (tmp_path / "erase").rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+    assert files_holding(b"zebraquokka"), "the probe must see the text before erasure"
+    engine.forget_user("t1", "ann")
+    engine.delete_conversation("t1", "c2")
+    assert files_holding(b"zebraquokka") == []
+    assert files_holding(b"lemurnarwhal") == []
+    remaining = engine.query(query("zebraquokka passphrase", top_k=20)).fragments
+    assert remaining and all("zebraquokka" not in f.snippet and not f.snippet.startswith("Ann") for f in remaining)

@@ -74,6 +74,9 @@ class VectorStore(Protocol):
 
     def count(self, tenant_id: str | None = None) -> int: ...
 
+    def compact(self) -> None:
+        """Make deletions physical (called after erasures)."""
+
     def close(self) -> None: ...
 
 
@@ -85,5 +88,8 @@ class KeywordStore(Protocol):
     def search(self, text: str, kind: str, flt: SearchFilter, limit: int) -> list[Hit]: ...
 
     def count(self, tenant_id: str | None = None) -> int: ...
+
+    def compact(self) -> None:
+        """Make deletions physical (called after erasures)."""
 
     def close(self) -> None: ...

@@ -51,6 +51,8 @@ class SqliteBM25Store:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Freed pages are zeroed: a deleted message must not linger in the file.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._lock = threading.Lock()
         self._db.executescript(_SCHEMA)
         for kind in UNIT_KINDS:
@@ -101,6 +103,17 @@ class SqliteBM25Store:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def compact(self) -> None:
+        """Merge the FTS segments so deleted documents leave the inverted index physically.
+
+        FTS5 (before SQLite 3.42's secure-delete) only marks deletions; their terms stay in old
+        segments until a merge. Called after erasures ("forget me", conversation deletes).
+        """
+        with self._lock:
+            for kind in UNIT_KINDS:
+                self._db.execute(f"INSERT INTO fts_{kind}(fts_{kind}) VALUES ('optimize')")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def search(self, text: str, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
         if kind not in UNIT_KINDS:

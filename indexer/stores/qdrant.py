@@ -77,6 +77,7 @@ class QdrantVectorStore:
                 return None
             modes.add(connection.execute("PRAGMA journal_mode=WAL").fetchone()[0])
             connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA secure_delete=ON")
         return modes.pop() if len(modes) == 1 else None
 
     def _ensure_collection(self, name: str) -> None:
@@ -119,6 +120,14 @@ class QdrantVectorStore:
             limit=limit, with_payload=True,
         )
         return [Hit(str(p.id), float(p.score), p.payload or {}) for p in response.points]
+
+    def compact(self) -> None:
+        """Local mode rewrites nothing lazily (deleted rows are zeroed); a server compacts itself."""
+        collections = getattr(getattr(self.client, "_client", None), "collections", None) or {}
+        for name in self.collections.values():
+            connection = getattr(getattr(collections.get(name), "storage", None), "storage", None)
+            if connection is not None:
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def count(self, tenant_id: str | None = None) -> int:
         flt = None
