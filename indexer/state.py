@@ -9,7 +9,6 @@ between the two replays the batch instead of losing it.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from indexer.segmenter import ImageInfo, Turn
+from indexer.stores.sqlite import connect
 from indexer.text import name_tokens
 
 _SCHEMA = """
@@ -80,12 +80,7 @@ def images_json(images: Sequence[ImageInfo]) -> str:
 
 class ConversationState:
     def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # Freed pages are zeroed: a deleted message must not linger in the file.
-        self._db.execute("PRAGMA secure_delete=ON")
+        self._db = connect(path)
         self._db.executescript(_SCHEMA)
         self.lock = threading.RLock()
 

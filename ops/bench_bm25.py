@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from indexer.stores.fts import match_expression
+from indexer.stores.sqlite import match_expression
 from indexer.text import keywords
 from ops.evaluate import _render, score
 from ops.locomo import load

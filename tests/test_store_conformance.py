@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from indexer.stores.base import EVERYONE, SearchFilter, Unit
-from indexer.stores.fts import SqliteBM25Store, match_expression
+from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore, match_expression
 from indexer.stores.qdrant import QdrantVectorStore
 
 DIM = 8
@@ -19,10 +19,16 @@ def unit(uid, text, vec, tenant="t1", conv="c1", visible=(EVERYONE,), sender="s1
                 list(visible), ts, ts, text, v)
 
 
-@pytest.fixture(params=["bm25-sqlite", "qdrant-local"])
+BACKENDS = {
+    "bm25-sqlite": lambda tmp_path: SqliteBM25Store(tmp_path / "b.sqlite"),
+    "qdrant-local": lambda tmp_path: QdrantVectorStore(path=tmp_path / "q", dim=DIM),
+    "vectors-sqlite": lambda tmp_path: SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
 def store(request, tmp_path):
-    s = SqliteBM25Store(tmp_path / "b.sqlite") if request.param == "bm25-sqlite" else \
-        QdrantVectorStore(path=tmp_path / "q", dim=DIM)
+    s = BACKENDS[request.param](tmp_path)
     yield s
     s.close()
 
