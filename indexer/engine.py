@@ -52,6 +52,26 @@ class _ConversationChange:
         if self.earliest is None or key < self.earliest:
             self.earliest = key
 
+    def to_dict(self) -> dict:
+        return {"earliest": list(self.earliest) if self.earliest else None, "full": self.full,
+                "removed": sorted(self.removed_messages), "changed": sorted(self.changed_messages)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "_ConversationChange":
+        earliest = tuple(data["earliest"]) if data.get("earliest") else None
+        return cls(earliest, bool(data.get("full")), set(data.get("removed", ())), set(data.get("changed", ())))
+
+    @classmethod
+    def merge(cls, older: dict, newer: dict) -> dict:
+        """Two pending changes of one conversation as one; the newer wins on each message."""
+        a, b = cls.from_dict(older), cls.from_dict(newer)
+        if b.earliest is not None:
+            a.touch(b.earliest)
+        a.full = a.full or b.full
+        a.changed_messages = (a.changed_messages - b.removed_messages) | b.changed_messages
+        a.removed_messages = (a.removed_messages - b.changed_messages) | b.removed_messages
+        return a.to_dict()
+
 
 def _key(turn: Turn) -> SortKey:
     return (turn.sent_at.timestamp(), turn.message_id)
@@ -94,13 +114,21 @@ class Tessera:
         return dict(zip(texts, self.embedder.encode(texts)))
 
     def ingest(self, events: Iterable[MessageEvent], vectors: dict[str, np.ndarray] | None = None) -> IngestReport:
-        """Apply a batch of events; idempotent, so a replayed batch changes nothing.
+        """Apply a batch of events and index what they changed; idempotent, so a replay changes nothing.
 
         ``vectors`` may carry encodings from ``encode_events``; whatever is missing is encoded here.
         """
+        report = self.apply(events)
+        report.add(self.index_pending(vectors))
+        return report
+
+    def apply(self, events: Iterable[MessageEvent]) -> IngestReport:
+        """Write the events into the conversation state and mark their conversations for indexing.
+
+        The marks are durable: a crash before ``index_pending`` leaves them for the next call.
+        """
         report = IngestReport()
         changes: dict[tuple[str, str], _ConversationChange] = {}
-        to_encode: list[tuple[str, str, Turn]] = []
         with self.state.transaction():
             for event in events:
                 conv = (event.tenant_id, event.conversation_id)
@@ -120,6 +148,7 @@ class Tessera:
                     self.state.delete_turn(*conv, event.message_id)
                     change.touch(_key(old))
                     change.removed_messages.add(event.message_id)
+                    change.changed_messages.discard(event.message_id)
                     report.deleted += 1
                     continue
                 turn = turn_of_event(event)
@@ -127,26 +156,47 @@ class Tessera:
                     report.unchanged += 1
                     continue
                 self.state.put_turn(*conv, turn, event.reply_to)
-                to_encode.append((event.tenant_id, event.conversation_id, turn))
                 change.touch(_key(turn))
                 if old is not None:
                     change.touch(_key(old))
                 change.changed_messages.add(event.message_id)
                 change.removed_messages.discard(event.message_id)
                 report.upserted += 1
-            if to_encode:
-                known = vectors or {}
-                texts = [render_turn(t) for _, _, t in to_encode]
-                missing = list(dict.fromkeys(t for t in texts if t not in known))
-                fresh = dict(zip(missing, self.embedder.encode(missing))) if missing else {}
-                for (tenant_id, conversation_id, turn), text in zip(to_encode, texts):
-                    vector = known[text] if text in known else fresh[text]
-                    self.state.set_vector(tenant_id, conversation_id, turn.message_id, vector)
-                report.encoded += len(missing)
-            for conv, change in changes.items():
-                if change.earliest is None and not change.full:
-                    continue
-                report.add(self._resegment(conv[0], conv[1], change))
+            for (tenant_id, conversation_id), change in changes.items():
+                if change.earliest is not None or change.full:
+                    self.state.merge_pending(tenant_id, conversation_id, change.to_dict(), _ConversationChange.merge)
+        return report
+
+    def pending_texts(self, max_conversations: int | None = None) -> list[str]:
+        """Texts of turns waiting for a vector, for encoding outside the write lock."""
+        texts = []
+        for tenant_id, conversation_id, _ in self.state.pending(max_conversations):
+            texts += [render_turn(t) for t in self.state.turns_without_vector(tenant_id, conversation_id)]
+        return list(dict.fromkeys(texts))
+
+    def index_pending(self, vectors: dict[str, np.ndarray] | None = None,
+                      max_conversations: int | None = None) -> IngestReport:
+        """Encode, re-segment and index the conversations marked by ``apply``.
+
+        One transaction on the state: SQLite's write lock makes it the only writer of these
+        conversations' segmentation state, whichever process or thread runs it.
+        """
+        report = IngestReport()
+        known = vectors or {}
+        with self.state.transaction():
+            pending = self.state.pending(max_conversations)
+            waiting = [(tenant_id, conversation_id, turn) for tenant_id, conversation_id, _ in pending
+                       for turn in self.state.turns_without_vector(tenant_id, conversation_id)]
+            texts = [render_turn(t) for _, _, t in waiting]
+            missing = list(dict.fromkeys(t for t in texts if t not in known))
+            fresh = dict(zip(missing, self.embedder.encode(missing))) if missing else {}
+            for (tenant_id, conversation_id, turn), text in zip(waiting, texts):
+                vector = known[text] if text in known else fresh[text]
+                self.state.set_vector(tenant_id, conversation_id, turn.message_id, vector)
+            report.encoded += len(missing)
+            for tenant_id, conversation_id, change in pending:
+                report.add(self._resegment(tenant_id, conversation_id, _ConversationChange.from_dict(change)))
+                self.state.clear_pending(tenant_id, conversation_id)
         return report
 
     def _resegment(self, tenant_id: str, conversation_id: str, change: _ConversationChange) -> IngestReport:

@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS fragments (
     start_at TEXT NOT NULL, end_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS fragments_order ON fragments(tenant_id, conversation_id, start_ts, start_message_id);
+CREATE TABLE IF NOT EXISTS pending (
+    tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, change TEXT NOT NULL, since REAL NOT NULL,
+    PRIMARY KEY (tenant_id, conversation_id)
+);
 CREATE TABLE IF NOT EXISTS sender_tokens (
     tenant_id TEXT NOT NULL, token TEXT NOT NULL, sender_id TEXT NOT NULL,
     PRIMARY KEY (tenant_id, token, sender_id)
@@ -180,6 +184,32 @@ class ConversationState:
         return {r[0] for r in self._db.execute(
             f"SELECT sender_id FROM sender_tokens WHERE tenant_id=? AND token IN ({marks})", [tenant_id, *tokens])}
 
+    def merge_pending(self, tenant_id: str, conversation_id: str, change: dict, merge) -> None:
+        """Mark a conversation for indexing, folding ``change`` into a mark already there."""
+        row = self._db.execute("SELECT change FROM pending WHERE tenant_id=? AND conversation_id=?",
+                               (tenant_id, conversation_id)).fetchone()
+        if row is not None:
+            change = merge(json.loads(row[0]), change)
+        self._db.execute(
+            "INSERT INTO pending VALUES (?,?,?,strftime('%s','now')) ON CONFLICT(tenant_id, conversation_id)"
+            " DO UPDATE SET change=excluded.change", (tenant_id, conversation_id, json.dumps(change)))
+
+    def pending(self, limit: int | None = None) -> list[tuple[str, str, dict]]:
+        """Marked conversations, oldest mark first."""
+        rows = self._db.execute("SELECT tenant_id, conversation_id, change FROM pending ORDER BY since, rowid"
+                                + (" LIMIT ?" if limit else ""), (limit,) if limit else ())
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def clear_pending(self, tenant_id: str, conversation_id: str) -> None:
+        self._db.execute("DELETE FROM pending WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))
+
+    def turns_without_vector(self, tenant_id: str, conversation_id: str) -> list[Turn]:
+        rows = self._db.execute(
+            "SELECT message_id, sender_id, sender_name, sent_at, text, images, vector FROM messages"
+            " WHERE tenant_id=? AND conversation_id=? AND vector IS NULL ORDER BY sent_ts, message_id",
+            (tenant_id, conversation_id))
+        return [_turn_from_row(r) for r in rows]
+
     def fragments(self, tenant_id: str, conversation_id: str) -> list[FragmentRecord]:
         rows = self._db.execute(
             "SELECT fragment_id, message_ids, start_at, end_at FROM fragments WHERE tenant_id=? AND conversation_id=?"
@@ -209,7 +239,7 @@ class ConversationState:
         self._db.execute("DELETE FROM fragments WHERE fragment_id=?", (fragment_id,))
 
     def delete_conversation(self, tenant_id: str, conversation_id: str) -> None:
-        for table in ("messages", "fragments", "conversations"):
+        for table in ("messages", "fragments", "conversations", "pending"):
             self._db.execute(f"DELETE FROM {table} WHERE tenant_id=? AND conversation_id=?",
                              (tenant_id, conversation_id))
 
