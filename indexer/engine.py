@@ -110,8 +110,11 @@ class Tessera:
         Pure (reads no state), so a caller can encode the next batch while ``ingest`` writes the
         previous one: the encoder then never waits for the stores.
         """
-        texts = list(dict.fromkeys(render_turn(turn_of_event(e)) for e in events if e.op == "upsert"))
-        return dict(zip(texts, self.embedder.encode(texts)))
+        return self.encode_texts([render_turn(turn_of_event(e)) for e in events if e.op == "upsert"])
+
+    def encode_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        unique = list(dict.fromkeys(texts))
+        return dict(zip(unique, self.embedder.encode(unique))) if unique else {}
 
     def ingest(self, events: Iterable[MessageEvent], vectors: dict[str, np.ndarray] | None = None) -> IngestReport:
         """Apply a batch of events and index what they changed; idempotent, so a replay changes nothing.

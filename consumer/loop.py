@@ -1,0 +1,194 @@
+"""The Kafka consumer: validates records, hands them to Celery, dead-letters the bad ones, commits.
+
+Ordering of effects per poll, per partition: every bad record is produced to ``<topic>.dlq`` and
+acknowledged by the broker, the good ones are enqueued to Celery (Redis confirms the push), and only
+then is the partition's offset committed, synchronously. A crash anywhere before the commit replays
+the records; task ids derive from the records and every step downstream is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+
+from consumer.topics import GROUP, MESSAGES, QUERIES, RESULTS, bootstrap, dlq
+from schemas import Result, ResultError, SchemaError, parse_message, parse_query
+
+log = logging.getLogger("tessera.consumer")
+
+#: Celery tasks waiting in the ingest and embed queues above which message partitions are paused;
+#: polling goes on (the group keeps the consumer), only fetching stops.
+PAUSE_ABOVE = 200
+#: ... and below which they resume.
+RESUME_BELOW = 50
+
+
+@dataclass
+class ConsumerStats:
+    consumed: int = 0
+    enqueued_tasks: int = 0
+    dead_lettered: int = 0
+    tombstones: int = 0
+    commits: int = 0
+    paused: bool = False
+    committed: dict = field(default_factory=dict)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, owner: "TesseraConsumer"):
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked):
+        # Everything polled was handed on synchronously; commit it before the partitions move.
+        self.owner.commit()
+
+    def on_partitions_assigned(self, assigned):
+        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class TesseraConsumer:
+    def __init__(self, celery_app, redis_client=None, poll_timeout_ms: int = 500, max_poll_records: int = 256,
+                 group_id: str = GROUP):
+        self.app = celery_app
+        self.redis = redis_client
+        self.poll_timeout_ms = poll_timeout_ms
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap(), group_id=group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=max_poll_records, client_id="tessera-consumer",
+        )
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=0)
+        self.consumer.subscribe([MESSAGES, QUERIES], listener=_Rebalance(self))
+        self.stats = ConsumerStats()
+        self._done: dict[TopicPartition, int] = {}
+        self._stop = threading.Event()
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, max_seconds: float | None = None) -> ConsumerStats:
+        """Poll until stopped; then commit what was handed on and leave the group."""
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        try:
+            while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                self._backpressure()
+                batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+                for tp, records in batches.items():
+                    self._handle(tp, records)
+                if batches:
+                    self.commit()
+        finally:
+            self.commit()
+            self.consumer.close(autocommit=False)
+            self.producer.close()
+        return self.stats
+
+    def commit(self) -> None:
+        if not self._done:
+            return
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._done.items()}
+        self.consumer.commit(offsets)
+        self.stats.commits += 1
+        self.stats.committed.update({f"{tp.topic}/{tp.partition}": o for tp, o in self._done.items()})
+        self._done.clear()
+
+    # ---- records ------------------------------------------------------------------------------------
+
+    def _handle(self, tp: TopicPartition, records) -> None:
+        good: list[dict] = []
+        for record in records:
+            self.stats.consumed += 1
+            if tp.topic == MESSAGES:
+                if record.value is None:
+                    self._flush_messages(tp, good)
+                    good = []
+                    self._tombstone(record)
+                    continue
+                try:
+                    event = parse_message(record.value)
+                except SchemaError as exc:
+                    self._dead_letter(record, exc)
+                    continue
+                good.append({"offset": record.offset, "event": event.model_dump(mode="json", by_alias=True)})
+            else:
+                try:
+                    job = parse_query(record.value if record.value is not None else b"null")
+                except SchemaError as exc:
+                    self._dead_letter(record, exc)
+                    self._answer_error(record, exc)
+                    continue
+                self._send("tessera.query", [job.model_dump(mode="json", by_alias=True)],
+                           task_id=f"query:{job.job_id}")
+        self._flush_messages(tp, good)
+        self._done[tp] = records[-1].offset + 1
+
+    def _flush_messages(self, tp: TopicPartition, good: list[dict]) -> None:
+        if not good:
+            return
+        task_id = f"ingest:{tp.topic}:{tp.partition}:{good[0]['offset']}-{good[-1]['offset']}"
+        self._send("tessera.ingest", [[g["event"] for g in good]], task_id=task_id)
+
+    def _tombstone(self, record) -> None:
+        conversation_id = record.key.decode("utf-8", "replace") if record.key else ""
+        self.stats.tombstones += 1
+        if not conversation_id:
+            self._dead_letter(record, SchemaError("missing_key", "tombstone without a conversation id key", "key"))
+            return
+        self._send("tessera.delete_conversation", [conversation_id],
+                   task_id=f"delete:{record.topic}:{record.partition}:{record.offset}")
+
+    def _send(self, name: str, args: list, task_id: str) -> None:
+        """Enqueue and return once Redis has the task (kombu publishes synchronously)."""
+        self.app.send_task(name, args=args, task_id=task_id, retry=True,
+                           retry_policy={"max_retries": None, "interval_start": 0.2, "interval_max": 2})
+        self.stats.enqueued_tasks += 1
+
+    def _dead_letter(self, record, exc: SchemaError) -> None:
+        headers = [
+            ("tessera.reason", str(exc).encode()), ("tessera.code", exc.code.encode()),
+            ("tessera.field", (exc.field or "").encode()), ("tessera.source.topic", record.topic.encode()),
+            ("tessera.source.partition", str(record.partition).encode()),
+            ("tessera.source.offset", str(record.offset).encode()),
+        ]
+        self.producer.send(dlq(record.topic), key=record.key, value=record.value if record.value is not None else b"",
+                           headers=headers).get(timeout=30)
+        self.stats.dead_lettered += 1
+        log.warning("%s/%d@%d dead-lettered: %s", record.topic, record.partition, record.offset, exc)
+
+    def _answer_error(self, record, exc: SchemaError) -> None:
+        """A broken query job still gets an answer when it names its job id."""
+        try:
+            job_id = json.loads(record.value).get("job_id")
+        except (TypeError, ValueError, AttributeError):
+            return
+        if not isinstance(job_id, str) or not job_id:
+            return
+        result = Result(job_id=job_id[:200], status="error", error=ResultError(code=exc.code, message=str(exc)))
+        self.producer.send(RESULTS, key=result.job_id.encode(), value=result.to_json().encode()).get(timeout=30)
+
+    # ---- backpressure -------------------------------------------------------------------------------
+
+    def _backpressure(self) -> None:
+        if self.redis is None:
+            return
+        depth = sum(self.redis.llen(q) for q in ("ingest", "embed"))
+        partitions = [tp for tp in self.consumer.assignment() if tp.topic == MESSAGES]
+        if not self.stats.paused and depth > PAUSE_ABOVE and partitions:
+            self.consumer.pause(*partitions)
+            self.stats.paused = True
+            log.info("paused %d partitions: %d tasks queued", len(partitions), depth)
+        elif self.stats.paused and depth < RESUME_BELOW:
+            self.consumer.resume(*self.consumer.paused())
+            self.stats.paused = False
+            log.info("resumed: %d tasks queued", depth)

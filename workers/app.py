@@ -1,0 +1,47 @@
+"""The Celery application: Redis broker and result backend, four queues, settings for long tasks."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+QUEUES = ("ingest", "embed", "query", "reason")
+
+
+def redis_url() -> str:
+    return os.environ.get("TESSERA_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+#: Seconds an unacknowledged task stays invisible before Redis hands it to another worker; above the
+#: longest task (an embed batch takes seconds, a VLM rerank well under a minute).
+VISIBILITY_TIMEOUT_S = int(os.environ.get("TESSERA_VISIBILITY_TIMEOUT", "3600"))
+
+app = Celery("tessera", include=["workers.tasks"])
+app.conf.update(
+    broker_url=redis_url(),
+    result_backend=redis_url(),
+    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+    broker_connection_retry_on_startup=True,
+    task_queues=[Queue(name) for name in QUEUES],
+    task_default_queue="ingest",
+    task_routes={
+        "tessera.ingest": {"queue": "ingest"},
+        "tessera.embed": {"queue": "embed"},
+        "tessera.query": {"queue": "query"},
+        "tessera.reason": {"queue": "reason"},
+    },
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    # At-least-once: acknowledge after the work, and hand the task back when its worker dies.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # Long tasks: a worker reserves one at a time, so a slow task never holds others hostage.
+    worker_prefetch_multiplier=1,
+    result_expires=24 * 3600,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+)

@@ -1,0 +1,74 @@
+"""Per-process resources of a worker and the base task: one engine per process, delivery counting.
+
+The engine (and its encoder) is built lazily on first use inside the worker process, never in the
+parent before fork. Every delivery of a task is counted in Redis; a task delivered more than
+``MAX_DELIVERIES`` times is one that keeps killing its worker, and goes to the dead-letter list
+instead of being run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+
+import redis
+from celery import Task
+
+from workers.app import redis_url
+
+log = logging.getLogger("tessera.workers")
+
+MAX_DELIVERIES = int(os.environ.get("TESSERA_MAX_DELIVERIES", "3"))
+#: Redis list holding tasks that exceeded MAX_DELIVERIES, one JSON record each.
+DEAD_LETTER_KEY = "tessera:tasks:dead"
+_ATTEMPTS_TTL_S = 7 * 24 * 3600
+
+_engine = None
+_engine_lock = threading.Lock()
+_redis = None
+
+
+def engine():
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            from ops.settings import Settings, open_engine
+
+            _engine = open_engine(Settings.from_env())
+        return _engine
+
+
+def redis_client() -> redis.Redis:
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(redis_url())
+    return _redis
+
+
+class DeadLettered(Exception):
+    """Raised in place of running a task that already killed its worker too often."""
+
+
+class TesseraTask(Task):
+    """Counts deliveries; gives up on a task that keeps killing workers; clears the count on success."""
+
+    def __call__(self, *args, **kwargs):
+        task_id = self.request.id
+        if task_id and not self.request.called_directly:
+            key = f"tessera:tasks:attempts:{task_id}"
+            attempts = redis_client().incr(key)
+            redis_client().expire(key, _ATTEMPTS_TTL_S)
+            if attempts > MAX_DELIVERIES:
+                record = {"task_id": task_id, "task": self.name, "attempts": attempts - 1,
+                          "queue": (self.request.delivery_info or {}).get("routing_key"),
+                          "args": args, "kwargs": kwargs, "reason": "worker lost on every delivery"}
+                redis_client().rpush(DEAD_LETTER_KEY, json.dumps(record, default=str))
+                redis_client().delete(key)
+                log.error("task %s (%s) dead-lettered after %d deliveries", task_id, self.name, attempts - 1)
+                return {"dead_lettered": True}
+        result = super().__call__(*args, **kwargs)
+        if task_id and not self.request.called_directly:
+            redis_client().delete(f"tessera:tasks:attempts:{task_id}")
+        return result

@@ -1,0 +1,55 @@
+"""Thin tasks: decode a versioned record, call the engine, hand the result on."""
+
+from __future__ import annotations
+
+from workers.app import app
+from workers.runtime import TesseraTask, engine
+
+#: Conversations one embed task takes at most: bounds the transaction, keeps the encoder batch full.
+EMBED_MAX_CONVERSATIONS = 64
+
+
+@app.task(name="tessera.ingest", base=TesseraTask)
+def ingest(records: list[dict]) -> dict:
+    """Apply message events to the conversation state, then ask the embed stage to index them."""
+    from schemas import parse_message
+
+    report = engine().apply([parse_message(r) for r in records])
+    if report.upserted or report.deleted:
+        embed.apply_async()
+    return report.__dict__
+
+
+@app.task(name="tessera.embed", base=TesseraTask)
+def embed() -> dict:
+    """Index whatever conversations are pending, however many ingest tasks marked them.
+
+    Under load many ingest tasks mark conversations before one embed task runs, so the encoder sees
+    full batches; embed tasks that find nothing pending return at once.
+    """
+    e = engine()
+    texts = e.pending_texts(EMBED_MAX_CONVERSATIONS)
+    vectors = e.encode_texts(texts) if texts else None
+    return e.index_pending(vectors, EMBED_MAX_CONVERSATIONS).__dict__
+
+
+@app.task(name="tessera.delete_conversation", base=TesseraTask)
+def delete_conversation(conversation_id: str, tenant_id: str | None = None) -> dict:
+    e = engine()
+    tenants = [tenant_id] if tenant_id else e.state.tenants_of_conversation(conversation_id)
+    deleted = 0
+    for tenant in tenants:
+        deleted += e.delete_conversation(tenant, conversation_id).deleted
+    return {"deleted": deleted, "tenants": tenants}
+
+
+@app.task(name="tessera.query", base=TesseraTask)
+def query(record: dict) -> dict:
+    """Answer one query job; the result is returned (readable by job id) and published."""
+    from schemas import parse_query
+    from workers.results import publish
+
+    result = engine().query(parse_query(record))
+    payload = result.model_dump(mode="json", by_alias=True)
+    publish(result.job_id, result.to_json())
+    return payload
