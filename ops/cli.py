@@ -211,7 +211,8 @@ def cmd_consume(args) -> int:
     from workers.app import app, redis_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    consumer = TesseraConsumer(app, redis.Redis.from_url(redis_url()))
+    consumer = TesseraConsumer(app, redis.Redis.from_url(redis_url()),
+                               max_poll_records=int(os.environ.get("TESSERA_CONSUMER_MAX_POLL", "256")))
     consumer.install_signal_handlers()
     stats = consumer.run()
     print(json.dumps(stats.__dict__), file=sys.stderr)

@@ -17,6 +17,7 @@ ENVIRONMENT = {
     "TESSERA_EMBED_BATCH": "texts per encoder forward pass (default 64)",
     "TESSERA_REDIS_URL": "Celery broker and result backend (default redis://127.0.0.1:6379/0)",
     "TESSERA_KAFKA_BOOTSTRAP": "Kafka bootstrap servers (default 127.0.0.1:9092)",
+    "TESSERA_CONSUMER_MAX_POLL": "records per partition and poll, so per ingest task (default 256)",
     "TESSERA_VISIBILITY_TIMEOUT": "seconds before an unacknowledged task is redelivered (default 3600)",
     "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
 }

@@ -119,12 +119,51 @@ class Stack:
 
         wait_for_broker()
         ensure_topics()
-        for i in range(workers):
-            info["pids"][f"worker-{i}"] = self._spawn(
-                f"worker-{i}", worker_command("ingest,embed,query", concurrency, f"cpu{i}"), env)
-        info["pids"]["consumer"] = self._spawn("consumer", consumer_command(), env)
         self.state_file.write_text(json.dumps(info, indent=2))
-        return info
+        for i in range(workers):
+            self.start_worker(i, concurrency)
+        self.start_consumer()
+        return self.load()
+
+    def _record(self, name: str, pid: int) -> None:
+        info = self.load()
+        info["pids"][name] = pid
+        self.state_file.write_text(json.dumps(info, indent=2))
+
+    def start_worker(self, index: int, concurrency: int = 1, queues: str = "ingest,embed,query") -> int:
+        pid = self._spawn(f"worker-{index}", worker_command(queues, concurrency, f"cpu{index}"), self.env())
+        self._record(f"worker-{index}", pid)
+        return pid
+
+    def start_consumer(self) -> int:
+        pid = self._spawn("consumer", consumer_command(), self.env())
+        self._record("consumer", pid)
+        return pid
+
+    def restart_service(self, name: str) -> int:
+        """Start Redis or the broker again on the port it had (the broker comes back empty)."""
+        info = self.load()
+        if name == "redis":
+            command = redis_command(info["redis_port"], self.dir / "redis")
+        elif name == "broker":
+            command = tansu_command(info["kafka_port"])
+        else:
+            raise ValueError(name)
+        pid = self._spawn(name, command, self.env())
+        self._record(name, pid)
+        wait_port(info["redis_port" if name == "redis" else "kafka_port"])
+        return pid
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process of the stack and its children, then wait for it to be gone."""
+        pid = self.load()["pids"][name]
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
 
     def status(self) -> dict:
         info = self.load()

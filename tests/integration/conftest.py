@@ -1,0 +1,125 @@
+"""Real Redis, a real Kafka-protocol broker (Tansu), real Celery workers and the real consumer.
+
+Every test gets a whole stack of its own on free loopback ports (``ops.stack``), so processes can be
+killed and restarted without touching other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from consumer.topics import MESSAGES, QUERIES
+from ops.demo.generate import generate
+from ops.settings import Settings, open_engine
+from ops.stack import Stack
+
+#: Seconds before Redis hands an unacknowledged task to another worker, short so that tests see a
+#: killed worker's task come back quickly.
+TEST_VISIBILITY_TIMEOUT = "5"
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def stack(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_VISIBILITY_TIMEOUT", TEST_VISIBILITY_TIMEOUT)
+    s = Stack(tmp_path / "stack-data")
+    s.started = False
+
+    def up(workers: int = 1, concurrency: int = 1):
+        s.up(workers=workers, concurrency=concurrency)
+        s.started = True
+        for key, value in s.env().items():
+            monkeypatch.setenv(key, value)
+        return s
+
+    s.start = up
+    yield s
+    if s.started:
+        s.down()
+
+
+@pytest.fixture(scope="session")
+def demo_events(tmp_path_factory) -> list[bytes]:
+    path = generate(tmp_path_factory.mktemp("demo"))
+    return [line for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def produce(lines: list[bytes], topic: str = MESSAGES, key_field: str = "conversation_id") -> None:
+    from kafka import KafkaProducer
+
+    from consumer.produce import _key_of, ensure_topics
+    from consumer.topics import bootstrap
+
+    ensure_topics()
+    producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=5)
+    for line in lines:
+        producer.send(topic, key=_key_of(line, key_field), value=line)
+    producer.flush()
+    producer.close()
+
+
+def produce_queries(lines: list[bytes]) -> None:
+    produce(lines, QUERIES, "job_id")
+
+
+def state_counts(data_dir: Path) -> dict:
+    """Messages, fragments and pending marks of a data dir, read from another process's files."""
+    import sqlite3
+
+    path = data_dir / "state.sqlite"
+    if not path.exists():
+        return {"messages": 0, "fragments": 0, "pending": 0}
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("messages", "fragments", "pending")}
+    except sqlite3.OperationalError:
+        return {"messages": 0, "fragments": 0, "pending": 0}
+    finally:
+        db.close()
+
+
+def indexed(data_dir: Path, messages: int):
+    counts = state_counts(data_dir)
+    return counts if counts["messages"] == messages and counts["pending"] == 0 and counts["fragments"] else None
+
+
+def reference_engine(tmp_path: Path, lines: list[bytes], embedder):
+    """The same events through ``tessera ingest``'s path, in this process."""
+    from schemas import parse_message
+
+    engine = open_engine(Settings(data_dir=tmp_path / "reference", vector_store="sqlite"), embedder=embedder)
+    engine.ingest([parse_message(line) for line in lines])
+    return engine
+
+
+def snapshot(engine) -> dict:
+    """What the stores hold, comparable across engines: fragments per conversation and unit counts."""
+    db = engine.state._db
+    fragments = sorted((r[0], r[1], r[2], r[3]) for r in db.execute(
+        "SELECT tenant_id, conversation_id, fragment_id, message_ids FROM fragments"))
+    return {"fragments": fragments, "vectors": engine.vectors.count(), "keywords": engine.keywords.count()}
+
+
+def open_stack_engine(stack: Stack, embedder):
+    return open_engine(Settings(data_dir=stack.data_dir, vector_store="sqlite"), embedder=embedder)
+
+
+def json_lines(values) -> list[bytes]:
+    return [json.dumps(v).encode() for v in values]
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,179 @@
+"""The distributed path end to end: broker -> consumer -> Celery workers -> stores -> results."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import signal
+
+from consumer.produce import iter_topic
+from consumer.topics import MESSAGES, RESULTS, dlq
+from ops.demo.topics import EXAMPLE_QUERIES
+from schemas import QUERY_SCHEMA, QueryJob
+from tests.integration.conftest import (
+    indexed, open_stack_engine, produce, produce_queries, reference_engine, snapshot, state_counts, wait_until,
+)
+
+INDEX_TIMEOUT = 240
+
+
+def answers(engine) -> list:
+    out = []
+    for i, (tenant, user, text) in enumerate(EXAMPLE_QUERIES):
+        job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"q{i}", "tenant_id": tenant,
+                                       "user_id": user, "query": text, "top_k": 3})
+        out.append([(f.fragment_id, f.message_ids) for f in engine.query(job).fragments])
+    return out
+
+
+def test_kafka_and_concurrent_celery_workers_index_what_one_process_indexes(stack, demo_events, embedder, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("TESSERA_CONSUMER_MAX_POLL", "8")  # many small tasks, racing on the same conversations
+    stack.start(workers=2, concurrency=2)
+    produce(demo_events)
+    wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "all demo messages indexed")
+    reference = reference_engine(tmp_path, demo_events, embedder)
+    distributed = open_stack_engine(stack, embedder)
+    try:
+        assert snapshot(distributed) == snapshot(reference)
+        assert answers(distributed) == answers(reference)
+    finally:
+        distributed.close()
+        reference.close()
+
+
+def test_poison_records_go_to_the_dlq_and_the_rest_is_indexed(stack, demo_events):
+    stack.start()
+    good = demo_events[:30]
+    bad_schema = json.loads(good[5])
+    bad_schema["schema"] = "tessera.message.v9"
+    poison = [b"{not json", json.dumps(bad_schema).encode(), b"\xff\xfe"]
+    produce(good[:10] + poison + good[10:])
+    wait_until(lambda: indexed(stack.data_dir, 30), INDEX_TIMEOUT, "the valid messages indexed")
+    dead = wait_until(lambda: [r for r in iter_topic(dlq(MESSAGES), 3)] or None, 30, "dead letters")
+    assert len(dead) == 3
+    by_value = {r.value: dict((k, v.decode()) for k, v in r.headers) for r in dead}
+    assert by_value[b"{not json"]["tessera.code"] == "invalid_json"
+    assert by_value[json.dumps(bad_schema).encode()]["tessera.code"] == "unknown_schema"
+    assert "tessera.message.v9" in by_value[json.dumps(bad_schema).encode()]["tessera.reason"]
+    assert by_value[b"\xff\xfe"]["tessera.code"] == "invalid_utf8"
+    for headers in by_value.values():
+        assert headers["tessera.source.topic"] == MESSAGES
+        assert int(headers["tessera.source.offset"]) >= 0
+
+
+def test_query_jobs_come_back_on_the_results_topic(stack, demo_events):
+    stack.start()
+    produce(demo_events)
+    wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "demo indexed")
+    jobs = [{"schema": QUERY_SCHEMA, "job_id": "job-ok", "tenant_id": "acme", "user_id": "dev",
+             "query": "chickpea curry recipe", "top_k": 2},
+            {"schema": QUERY_SCHEMA, "job_id": "job-bad", "user_id": "dev", "query": "curry"}]
+    produce_queries([json.dumps(j).encode() for j in jobs])
+
+    def results():
+        got = {r.key.decode(): json.loads(r.value) for r in iter_topic(RESULTS, 2)}
+        return got if {"job-ok", "job-bad"} <= set(got) else None
+
+    got = wait_until(results, 120, "both results")
+    assert got["job-ok"]["status"] == "ok"
+    assert got["job-ok"]["fragments"][0]["conversation_id"] == "acme-dm-chloe-dev"
+    assert got["job-bad"]["status"] == "error" and got["job-bad"]["error"]["code"] == "missing_field"
+
+
+def copies(lines: list[bytes], n: int) -> list[bytes]:
+    """``n`` copies of the demo corpus under other conversation ids: more work to interrupt."""
+    out = []
+    for i in range(n):
+        for line in lines:
+            record = json.loads(line)
+            record["conversation_id"] += f"-copy{i}"
+            record["event_id"] += f"-copy{i}"
+            out.append(json.dumps(record).encode())
+    return out
+
+
+def test_sigkill_of_a_worker_mid_ingest_loses_and_doubles_nothing(stack, demo_events, embedder, tmp_path):
+    stack.start()
+    events = copies(demo_events, 4)
+    produce(events)
+    at_kill = wait_until(lambda: (lambda c: c if c["messages"] and c["pending"] else None)(state_counts(stack.data_dir)),
+                         120, "indexing under way")
+    stack.kill("worker-0", signal.SIGKILL)
+    assert indexed(stack.data_dir, len(events)) is None, f"the kill came too late to test anything: {at_kill}"
+    stack.start_worker(0)
+    wait_until(lambda: indexed(stack.data_dir, len(events)), INDEX_TIMEOUT, "recovery")
+    reference = reference_engine(tmp_path, events, embedder)
+    distributed = open_stack_engine(stack, embedder)
+    try:
+        assert snapshot(distributed) == snapshot(reference)
+        fragment_ids = [f[2] for f in snapshot(distributed)["fragments"]]
+        assert len(fragment_ids) == len(set(fragment_ids))
+    finally:
+        distributed.close()
+        reference.close()
+
+
+def test_consumer_restarted_mid_stream_resumes_from_its_commits(stack, demo_events):
+    stack.start()
+    first, second = demo_events[:120], demo_events[120:]
+    produce(first)
+    wait_until(lambda: indexed(stack.data_dir, len(first)), INDEX_TIMEOUT, "first half")
+    stack.kill("consumer", signal.SIGTERM)
+    assert committed(MESSAGES) == len(first), "a graceful stop commits everything it handed on"
+    produce(second)
+    stack.start_consumer()
+    wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "second half after restart")
+    wait_until(lambda: committed(MESSAGES) == len(demo_events), 30, "offsets committed to the end")
+
+
+def committed(topic: str) -> int:
+    """Sum over partitions of the consumer group's committed offsets (read without joining the group)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from consumer.topics import GROUP, bootstrap
+
+    probe = KafkaConsumer(bootstrap_servers=bootstrap(), group_id=GROUP, enable_auto_commit=False)
+    try:
+        partitions = probe.partitions_for_topic(topic) or set()
+        return sum(probe.committed(TopicPartition(topic, p)) or 0 for p in partitions)
+    finally:
+        probe.close(autocommit=False)
+
+
+def _ingest_in_process(data_dir, lines, seed):
+    from indexer.embedder import SentenceTransformerEmbedder
+    from ops.settings import Settings, open_engine
+    from schemas import parse_message
+
+    engine = open_engine(Settings(data_dir=data_dir, vector_store="sqlite"), embedder=SentenceTransformerEmbedder())
+    events = [parse_message(line) for line in lines]
+    rng = random.Random(seed)
+    for start in range(0, len(events), 7):
+        batch = events[start:start + 7]
+        rng.shuffle(batch)
+        engine.ingest(batch)
+    engine.close()
+
+
+def test_concurrent_writers_on_one_data_dir_equal_one_writer(demo_events, embedder, tmp_path):
+    """Three processes ingest interleaved slices of the same conversations at once."""
+    data_dir = tmp_path / "shared"
+    slices = [demo_events[i::3] for i in range(3)]
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_ingest_in_process, args=(data_dir, s, i)) for i, s in enumerate(slices)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(300)
+        assert w.exitcode == 0
+    from ops.settings import Settings, open_engine
+
+    shared = open_engine(Settings(data_dir=data_dir, vector_store="sqlite"), embedder=embedder)
+    reference = reference_engine(tmp_path, demo_events, embedder)
+    try:
+        assert snapshot(shared) == snapshot(reference)
+    finally:
+        shared.close()
+        reference.close()
