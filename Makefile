@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test eval bench-ingest schemas clean
+.PHONY: install system-deps demo test eval bench-ingest bench-pipeline schemas clean
 
 install: $(STAMP) system-deps
 
@@ -33,6 +33,9 @@ eval: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(PY) -m ops.bench_ingest ../shared/datasets/locomo-dev --out results/ingest-bench.json
+
+bench-pipeline: $(STAMP) system-deps
+	$(PY) -m ops.bench_pipeline ../shared/datasets/locomo-dev --out results/pipeline-bench.json
 
 schemas: $(STAMP)
 	$(PY) -m schemas.jsonschema

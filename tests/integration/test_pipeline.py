@@ -81,6 +81,47 @@ def test_query_jobs_come_back_on_the_results_topic(stack, demo_events):
     assert got["job-ok"]["fragments"][0]["conversation_id"] == "acme-dm-chloe-dev"
     assert got["job-bad"]["status"] == "error" and got["job-bad"]["error"]["code"] == "missing_field"
 
+    # A tombstone keyed by the conversation id deletes the conversation.
+    from kafka import KafkaProducer
+
+    from consumer.topics import bootstrap
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all")
+    producer.send(MESSAGES, key=b"acme-dm-chloe-dev", value=None).get(timeout=30)
+    producer.close()
+    wait_until(lambda: state_counts(stack.data_dir)["messages"] == len(demo_events) - conversation_size(
+        demo_events, "acme-dm-chloe-dev"), 120, "the conversation deleted")
+
+
+def conversation_size(lines, conversation_id):
+    return sum(1 for line in lines if json.loads(line)["conversation_id"] == conversation_id)
+
+
+def test_a_task_that_keeps_killing_workers_is_dead_lettered(stack):
+    """Deliveries are counted in Redis: one more than the limit and the task is parked, not run."""
+    import redis
+
+    from workers.app import app
+    from workers.runtime import DEAD_LETTER_KEY, MAX_DELIVERIES
+
+    stack.start()
+    client = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])
+    task_id = "ingest:poison"
+    # As if MAX_DELIVERIES earlier deliveries had each died with their worker.
+    client.set(f"tessera:tasks:attempts:{task_id}", MAX_DELIVERIES)
+    event = {"schema": "tessera.message.v1", "event_id": "p1", "tenant_id": "t", "conversation_id": "c",
+             "message_id": "m1", "sender_id": "s", "sent_at": "2026-05-01T10:00:00Z", "text": "never indexed"}
+    app.send_task("tessera.ingest", args=[[event]], task_id=task_id)
+    dead = wait_until(lambda: client.lrange(DEAD_LETTER_KEY, 0, -1), 120, "the dead-lettered task")
+    record = json.loads(dead[0])
+    assert record["task_id"] == task_id and record["attempts"] == MAX_DELIVERIES
+    assert record["task"] == "tessera.ingest" and record["args"][0][0]["event_id"] == "p1"
+    assert state_counts(stack.data_dir)["messages"] == 0
+    # A healthy task runs and leaves no delivery count behind.
+    app.send_task("tessera.ingest", args=[[{**event, "event_id": "p2"}]], task_id="ingest:healthy")
+    wait_until(lambda: state_counts(stack.data_dir)["messages"] == 1, 120, "the healthy task")
+    wait_until(lambda: not client.exists("tessera:tasks:attempts:ingest:healthy"), 30, "the count cleared")
+
 
 def copies(lines: list[bytes], n: int) -> list[bytes]:
     """``n`` copies of the demo corpus under other conversation ids: more work to interrupt."""
