@@ -12,6 +12,7 @@ import argparse
 import json
 import sqlite3
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def searchable(bm25: Path) -> set[str]:
         db.close()
 
 
-def run(directory: str, timeout_s: float = 900) -> dict:
+def run(directory: str, timeout_s: float = 900, rate: float | None = None) -> dict:
+    """``rate`` paces production (events per second); None floods the broker at once."""
     turns, _ = load(directory)
     events = to_events(turns)
     lines = [e.model_dump_json(by_alias=True) for e in events]
@@ -76,24 +78,38 @@ def run(directory: str, timeout_s: float = 900) -> dict:
             time.sleep(POLL_S)
         produced_at: dict[str, float] = {}
         t0 = time.perf_counter()
-        for e, line in zip(events, lines):
-            producer.send(MESSAGES, key=e.conversation_id.encode(), value=line.encode())
-            produced_at[f"{e.conversation_id}/{e.message_id}"] = time.perf_counter()
-        producer.flush()
+
+        def produce() -> None:
+            """Runs beside the polling loop, so paced production and observation overlap."""
+            for i, (e, line) in enumerate(zip(events, lines)):
+                if rate:
+                    delay = t0 + i / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                key = f"{e.conversation_id}/{e.message_id}"
+                produced_at[key] = time.perf_counter()
+                producer.send(MESSAGES, key=e.conversation_id.encode(), value=line.encode())
+                if rate:
+                    producer.flush()
+            producer.flush()
+
+        producing = threading.Thread(target=produce, name="producer")
+        producing.start()
         seen: dict[str, float] = {}
         deadline = time.monotonic() + timeout_s
         while len(seen) < len(events) and time.monotonic() < deadline:
             now = time.perf_counter()
             for key in searchable(bm25):
-                if key in produced_at and key not in seen:
+                if key not in seen and key in produced_at:
                     seen[key] = now
             time.sleep(POLL_S)
+        producing.join()
         pipeline_s = max(seen.values()) - t0 if seen else float("inf")
     finally:
         stack.down()
     latency = np.array([seen[k] - produced_at[k] for k in seen]) * 1000
     return {
-        "events": len(events), "indexed_by_pipeline": len(seen),
+        "events": len(events), "indexed_by_pipeline": len(seen), "rate": rate,
         "embedded_turns_per_s": len(events) / embedded_s, "pipeline_turns_per_s": len(seen) / pipeline_s,
         "ratio": embedded_s / pipeline_s,
         "produced_to_searchable_ms": {"p50": float(np.percentile(latency, 50)),
@@ -105,14 +121,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dir")
     parser.add_argument("--out", default="results/pipeline-bench.json")
+    parser.add_argument("--rate", type=float, help="events per second (default: all at once)")
     args = parser.parse_args()
-    report = run(args.dir)
+    report = run(args.dir, rate=args.rate)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     lat = report["produced_to_searchable_ms"]
     print("| path | turns/s |\n|---|---|")
     print(f"| tessera ingest (one process) | {report['embedded_turns_per_s']:.1f} |")
     print(f"| broker -> consumer -> 1 Celery worker | {report['pipeline_turns_per_s']:.1f} |")
+    print(f"production: {'%.0f events/s' % report['rate'] if report['rate'] else 'flood'}")
     print(f"pipeline / in-process: {report['ratio']:.2f}; indexed {report['indexed_by_pipeline']}/{report['events']};"
           f" produced -> searchable p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms")
 
