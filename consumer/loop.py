@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 
-from consumer.topics import GROUP, MESSAGES, QUERIES, RESULTS, bootstrap, dlq
+from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq, group_of
 from schemas import Result, ResultError, SchemaError, parse_message, parse_query
 
 log = logging.getLogger("tessera.consumer")
 
 #: Celery tasks waiting in the ingest and embed queues above which message partitions are paused;
 #: polling goes on (the group keeps the consumer), only fetching stops.
-PAUSE_ABOVE = 200
+PAUSE_ABOVE = int(os.environ.get("TESSERA_PAUSE_ABOVE", "200"))
 #: ... and below which they resume.
-RESUME_BELOW = 50
+RESUME_BELOW = int(os.environ.get("TESSERA_RESUME_BELOW", "50"))
 
 
 @dataclass
@@ -53,26 +53,32 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class TesseraConsumer:
-    def __init__(self, celery_app, redis_client=None, poll_timeout_ms: int = 500, max_poll_records: int = 256,
-                 group_id: str = GROUP):
+    """One consumer group member for one topic.
+
+    Messages and queries get a consumer (and group) each: backpressure pauses ingest without ever
+    delaying a query, and pausing every partition of a consumer is what the brokers here handle
+    correctly (pausing some partitions of a multi-topic subscription stalled fetching for good).
+    """
+
+    def __init__(self, celery_app, topic: str, redis_client=None, poll_timeout_ms: int = 500,
+                 max_poll_records: int = 256):
+        if topic not in (MESSAGES, QUERIES):
+            raise ValueError(f"unknown topic {topic!r}")
         self.app = celery_app
+        self.topic = topic
         self.redis = redis_client
         self.poll_timeout_ms = poll_timeout_ms
         self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap(), group_id=group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=max_poll_records, client_id="tessera-consumer",
+            bootstrap_servers=bootstrap(), group_id=group_of(topic), enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=max_poll_records, client_id=f"tessera-{topic}",
         )
         self.producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=0)
-        self.consumer.subscribe([MESSAGES, QUERIES], listener=_Rebalance(self))
+        self.consumer.subscribe([topic], listener=_Rebalance(self))
         self.stats = ConsumerStats()
         self._done: dict[TopicPartition, int] = {}
         self._stop = threading.Event()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
-        signal.signal(signal.SIGINT, lambda *_: self.stop())
 
     def stop(self) -> None:
         self._stop.set()
@@ -180,10 +186,10 @@ class TesseraConsumer:
     # ---- backpressure -------------------------------------------------------------------------------
 
     def _backpressure(self) -> None:
-        if self.redis is None:
+        if self.redis is None or self.topic != MESSAGES:
             return
         depth = sum(self.redis.llen(q) for q in ("ingest", "embed"))
-        partitions = [tp for tp in self.consumer.assignment() if tp.topic == MESSAGES]
+        partitions = list(self.consumer.assignment())
         if not self.stats.paused and depth > PAUSE_ABOVE and partitions:
             self.consumer.pause(*partitions)
             self.stats.paused = True

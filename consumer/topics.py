@@ -10,6 +10,11 @@ RESULTS = "tessera.results"
 GROUP = "tessera-consumer"
 
 
+def group_of(topic: str) -> str:
+    """The consumer group of a topic: ``tessera-consumer.tessera.messages`` ..."""
+    return f"{GROUP}.{topic}"
+
+
 def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 

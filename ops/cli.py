@@ -203,19 +203,33 @@ def cmd_delete(args) -> int:
 
 
 def cmd_consume(args) -> int:
+    """Run a consumer per topic, each in its own thread; SIGTERM stops both, each commits and leaves."""
     import logging
+    import signal
+    import threading
 
     import redis
 
     from consumer.loop import TesseraConsumer
+    from consumer.topics import MESSAGES, QUERIES
     from workers.app import app, redis_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    consumer = TesseraConsumer(app, redis.Redis.from_url(redis_url()),
-                               max_poll_records=int(os.environ.get("TESSERA_CONSUMER_MAX_POLL", "256")))
-    consumer.install_signal_handlers()
-    stats = consumer.run()
-    print(json.dumps(stats.__dict__), file=sys.stderr)
+    max_poll = int(os.environ.get("TESSERA_CONSUMER_MAX_POLL", "256"))
+    topics = {"messages": MESSAGES, "queries": QUERIES}
+    consumers = [TesseraConsumer(app, topics[name], redis.Redis.from_url(redis_url()), max_poll_records=max_poll)
+                 for name in args.topics.split(",")]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: [c.stop() for c in consumers])
+    stats = {}
+    threads = [threading.Thread(target=lambda c=c: stats.__setitem__(c.topic, c.run().__dict__), name=c.topic)
+               for c in consumers]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.5)
+    print(json.dumps(stats), file=sys.stderr)
     return 0
 
 
@@ -300,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("consume", help="run the Kafka consumer (messages and queries to Celery)")
+    p = sub.add_parser("consume", help="run the Kafka consumers (messages and queries to Celery)")
+    p.add_argument("--topics", default="messages,queries", help="messages, queries or both")
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("worker", help="run one Celery worker process")

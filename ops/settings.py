@@ -18,6 +18,8 @@ ENVIRONMENT = {
     "TESSERA_REDIS_URL": "Celery broker and result backend (default redis://127.0.0.1:6379/0)",
     "TESSERA_KAFKA_BOOTSTRAP": "Kafka bootstrap servers (default 127.0.0.1:9092)",
     "TESSERA_CONSUMER_MAX_POLL": "records per partition and poll, so per ingest task (default 256)",
+    "TESSERA_PAUSE_ABOVE": "queued ingest+embed tasks above which the consumer pauses its partitions (default 200)",
+    "TESSERA_RESUME_BELOW": "queued tasks below which it resumes them (default 50)",
     "TESSERA_VISIBILITY_TIMEOUT": "seconds before an unacknowledged task is redelivered (default 3600)",
     "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
 }

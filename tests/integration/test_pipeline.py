@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import random
 import signal
+import time
 
 from consumer.produce import iter_topic
 from consumer.topics import MESSAGES, RESULTS, dlq
@@ -173,9 +174,9 @@ def committed(topic: str) -> int:
     """Sum over partitions of the consumer group's committed offsets (read without joining the group)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from consumer.topics import GROUP, bootstrap
+    from consumer.topics import bootstrap, group_of
 
-    probe = KafkaConsumer(bootstrap_servers=bootstrap(), group_id=GROUP, enable_auto_commit=False)
+    probe = KafkaConsumer(bootstrap_servers=bootstrap(), group_id=group_of(topic), enable_auto_commit=False)
     try:
         partitions = probe.partitions_for_topic(topic) or set()
         return sum(probe.committed(TopicPartition(topic, p)) or 0 for p in partitions)
@@ -218,3 +219,24 @@ def test_concurrent_writers_on_one_data_dir_equal_one_writer(demo_events, embedd
     finally:
         shared.close()
         reference.close()
+
+
+def test_deep_queues_pause_the_consumer_which_stays_in_its_group(stack, demo_events, monkeypatch):
+    import redis
+
+    monkeypatch.setenv("TESSERA_CONSUMER_MAX_POLL", "4")
+    monkeypatch.setenv("TESSERA_PAUSE_ABOVE", "6")
+    monkeypatch.setenv("TESSERA_RESUME_BELOW", "2")
+    stack.start(workers=0)
+    client = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])
+    produce(demo_events)
+    wait_until(lambda: "paused" in (stack.dir / "logs" / "consumer.log").read_text(), 120, "the consumer to pause")
+    time.sleep(5)
+    queued = client.llen("ingest")
+    # Paused partitions fetch nothing more: at most one poll's tasks past the threshold.
+    assert 6 < queued <= 6 + 4 * 2, queued
+    assert committed(MESSAGES) < len(demo_events)
+    stack.start_worker(0)
+    wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "indexing after resume")
+    assert "resumed" in (stack.dir / "logs" / "consumer.log").read_text()
+    wait_until(lambda: committed(MESSAGES) == len(demo_events), 60, "all offsets committed")
