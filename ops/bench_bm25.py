@@ -16,7 +16,7 @@ import numpy as np
 
 from indexer.stores.sqlite import match_expression
 from indexer.text import keywords
-from ops.evaluate import _render, score
+from ops.evaluate import indexed_texts, score
 from ops.locomo import load
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("dir")
     args = parser.parse_args()
     turns, questions = load(args.dir)
-    docs = [_render(t) for t in turns]
+    docs = indexed_texts(turns)
     keys = [(t.conversation_id, t.message_id) for t in turns]
     print("| engine | recall@5 | recall@10 | MRR | build ms | query p50 ms | query p99 ms |")
     print("|---|---|---|---|---|---|---|")

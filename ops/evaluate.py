@@ -19,7 +19,9 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from indexer.engine import turn_of_event
 from indexer.stores.sqlite import match_expression
+from indexer.text import render_turn
 from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
 from schemas import QUERY_SCHEMA, QueryJob
 
@@ -46,8 +48,9 @@ def score(questions: Sequence[Question], rankings: Sequence[Ranked]) -> dict[str
     out["conv_hit@1"] = float(np.mean(hit))
     return out
 
-def _render(turn: LocomoTurn) -> str:
-    return turn.speaker + ": " + turn.text + (f" [image: {turn.caption}]" if turn.caption else "")
+def indexed_texts(turns: Sequence[LocomoTurn]) -> list[str]:
+    """Exactly the text Tessera indexes for each turn (speaker, words, caption)."""
+    return [render_turn(turn_of_event(e)) for e in to_events(list(turns))]
 
 
 class _Baselines:
@@ -57,7 +60,7 @@ class _Baselines:
         self.turns = turns
         self.keys = [(t.conversation_id, t.message_id) for t in turns]
         # Same text as the system indexes (speaker, words, caption): the baselines get every fair advantage.
-        texts = [_render(t) for t in turns]
+        texts = indexed_texts(turns)
         self.vectors = embedder.encode(texts)
         session = [(t.conversation_id, t.session) for t in turns]
         self.neighbours = [[j for j in (i - 1, i, i + 1) if 0 <= j < len(turns) and session[j] == session[i]]
