@@ -339,15 +339,19 @@ class Tessera:
         vector = self._embed_query(text)
         timings["embed"] = (time.perf_counter() - t1) * 1000
         t2 = time.perf_counter()
-        named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(text))))
-        candidates = self.searcher.recall(text, vector, flt, named)
+        lists = self.searcher.recall(text, vector, flt)
         timings["recall"] = (time.perf_counter() - t2) * 1000
         t3 = time.perf_counter()
+        named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(text))))
+        candidates = self.searcher.fuse(lists, named)
+        timings["fusion"] = (time.perf_counter() - t3) * 1000
+        t4 = time.perf_counter()
         fragment_ids = list(dict.fromkeys(c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)))
         records = self.state.fragments_by_id(fragment_ids)
         spans = self.searcher.spans(candidates, {fid: r.message_ids for fid, r in records.items()}, job.top_k)
         fragments = [self._result_fragment(span, records[span.fragment_id]) for span in spans]
-        timings["spans"] = (time.perf_counter() - t3) * 1000
+        # The CPU span selector is the reasoning stage when no VLM worker takes it.
+        timings["reasoning"] = (time.perf_counter() - t4) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000
         return Result(job_id=job.job_id, status="ok", rewritten_query=text, fragments=fragments,
                       timings_ms={k: round(v, 3) for k, v in timings.items()})

@@ -81,14 +81,18 @@ class HybridSearcher:
         self.keywords = keywords
         self.config = config
 
-    def recall(self, text: str, vector: np.ndarray, flt: SearchFilter, named_senders: set[str]) -> dict[str, Candidate]:
-        """Score every recalled turn; keyed by (conversation, message) so turn and window hits meet."""
+    def recall(self, text: str, vector: np.ndarray, flt: SearchFilter) -> dict[tuple[str, str], list[Hit]]:
+        """The six ranked lists, each recalled inside its store under the filter."""
         c = self.config
         lists = {}
         for kind, depth in (("turn", c.turn_depth), ("window", c.turn_depth), ("fragment", c.fragment_depth)):
             lists[("bm25", kind)] = self.keywords.search(text, kind, flt, depth)
             lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
+        return lists
 
+    def fuse(self, lists: dict[tuple[str, str], list[Hit]], named_senders: set[str]) -> dict[str, Candidate]:
+        """Score every recalled turn; keyed by (conversation, message) so turn and window hits meet."""
+        c = self.config
         fragment_score: dict[str, float] = defaultdict(float)
         for method in ("bm25", "dense"):
             hits = lists[(method, "fragment")]

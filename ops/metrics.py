@@ -55,7 +55,7 @@ GPU_MEMORY = Gauge("tessera_gpu_memory_bytes", "CUDA memory allocated by the rea
 BUILD = Info("tessera_build", "Version of the running Tessera")
 
 #: Query stages recorded from a result's ``timings_ms`` (the total is its own stage).
-QUERY_STAGES = ("rewrite", "embed", "recall", "spans", "total")
+QUERY_STAGES = ("rewrite", "embed", "recall", "fusion", "reasoning", "total")
 
 
 def record_build() -> None:
