@@ -119,7 +119,7 @@ def answer(engine, raw: bytes | str, number: int) -> Result:
     return result
 
 
-def print_result(result: Result, engine, as_json: bool) -> None:
+def print_result(result: Result, engine, as_json: bool, tenant_id: str | None = None) -> None:
     if as_json:
         print(result.to_json())
         return
@@ -131,8 +131,7 @@ def print_result(result: Result, engine, as_json: bool) -> None:
         print("  no matching conversation")
     for rank, fragment in enumerate(result.fragments, start=1):
         print(f"  {rank}. {fragment.conversation_id} {fragment.start_at:%Y-%m-%d %H:%M}  score {fragment.score:.3f}")
-        turns = engine.state.turns_by_id(_tenant_of(result, engine, fragment), fragment.conversation_id,
-                                         fragment.message_ids)
+        turns = engine.state.turns_by_id(tenant_id, fragment.conversation_id, fragment.message_ids)
         for message_id in fragment.message_ids:
             turn = turns.get(message_id)
             if turn is None:
@@ -140,11 +139,6 @@ def print_result(result: Result, engine, as_json: bool) -> None:
             print(f"     [{message_id}] {turn.sender_name or turn.sender_id}: {turn.text}")
             for image in turn.images:
                 print(f"         image: {image.uri} ({image.caption or 'no caption'})")
-
-
-def _tenant_of(result: Result, engine, fragment) -> str:
-    records = engine.state.fragments_by_id([fragment.fragment_id])
-    return records[fragment.fragment_id].tenant_id
 
 
 def cmd_query(args) -> int:
@@ -165,7 +159,7 @@ def cmd_query(args) -> int:
         if args.conversation:
             record["filters"] = {"conversation_id": args.conversation}
         result = answer(engine, json.dumps(record), 0)
-        print_result(result, engine, args.json)
+        print_result(result, engine, args.json, args.tenant)
         return 0 if result.status != "error" else 1
     finally:
         engine.close()
@@ -187,7 +181,7 @@ def cmd_demo(args) -> int:
             job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"demo-{i}", "tenant_id": tenant,
                                            "user_id": user, "query": text, "top_k": 2})
             print(f"[{tenant} / {user}]", end=" ")
-            print_result(engine.query(job), engine, as_json=False)
+            print_result(engine.query(job), engine, as_json=False, tenant_id=tenant)
             print()
     finally:
         engine.close()
