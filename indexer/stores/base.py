@@ -77,6 +77,9 @@ class VectorStore(Protocol):
     def compact(self) -> None:
         """Make deletions physical (called after erasures)."""
 
+    def refresh(self) -> None:
+        """Make every write so far visible to searches."""
+
     def close(self) -> None: ...
 
 
@@ -91,5 +94,8 @@ class KeywordStore(Protocol):
 
     def compact(self) -> None:
         """Make deletions physical (called after erasures)."""
+
+    def refresh(self) -> None:
+        """Make every write so far visible to searches."""
 
     def close(self) -> None: ...

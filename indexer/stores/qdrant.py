@@ -129,6 +129,9 @@ class QdrantVectorStore:
             if connection is not None:
                 connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def refresh(self) -> None:
+        """Upserts wait for acknowledgement; nothing to do."""
+
     def count(self, tenant_id: str | None = None) -> int:
         flt = None
         if tenant_id is not None:

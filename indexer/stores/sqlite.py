@@ -173,6 +173,9 @@ class _SqliteUnits:
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def refresh(self) -> None:
+        """Writes are visible when committed; nothing to do."""
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
