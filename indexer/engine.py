@@ -35,6 +35,8 @@ class IngestReport:
     fragments_written: int = 0
     fragments_deleted: int = 0
     encoded: int = 0
+    #: Events older than the version already applied (late edits), ignored.
+    stale: int = 0
 
     def add(self, other: "IngestReport") -> None:
         for name in self.__dataclass_fields__:
@@ -144,6 +146,10 @@ class Tessera:
                     self.state.set_participants(*conv, new_participants)
                     change.full = True
                 old = self.state.get_turn(*conv, event.message_id)
+                version = (event.edited_at or event.sent_at).timestamp()
+                if old is not None and self.state.version(*conv, event.message_id) > version:
+                    report.stale += 1
+                    continue
                 if event.op == "delete":
                     if old is None:
                         report.unchanged += 1
@@ -158,7 +164,7 @@ class Tessera:
                 if old is not None and old == turn:
                     report.unchanged += 1
                     continue
-                self.state.put_turn(*conv, turn, event.reply_to)
+                self.state.put_turn(*conv, turn, event.reply_to, version)
                 change.touch(_key(turn))
                 if old is not None:
                     change.touch(_key(old))
@@ -230,7 +236,8 @@ class Tessera:
                     and not change.changed_messages.intersection(record.message_ids)):
                 continue
             self.state.put_fragment(record)
-            units.extend(self._units(record, members, visible_to))
+            version = self.state.max_version(tenant_id, conversation_id, record.message_ids)
+            units.extend(self._units(record, members, visible_to, version))
             report.fragments_written += 1
         stale = [f.fragment_id for f in affected_old if f.fragment_id not in new_ids]
         gone = [ids.turn_unit_id(tenant_id, conversation_id, m, kind)
@@ -247,11 +254,12 @@ class Tessera:
         report.fragments_deleted += len(stale)
         return report
 
-    def _units(self, fragment: FragmentRecord, members: Sequence[Turn], visible_to: list[str]) -> list[Unit]:
+    def _units(self, fragment: FragmentRecord, members: Sequence[Turn], visible_to: list[str],
+               version: float = 0.0) -> list[Unit]:
         texts = [render_turn(t) for t in members]
         vecs = [t.vector for t in members]
         common = dict(tenant_id=fragment.tenant_id, conversation_id=fragment.conversation_id,
-                      fragment_id=fragment.fragment_id, visible_to=list(visible_to))
+                      fragment_id=fragment.fragment_id, visible_to=list(visible_to), version=version)
         units = [Unit(fragment.fragment_id, "fragment", message_ids=list(fragment.message_ids),
                       sender_ids=sorted({t.sender_id for t in members}), start_ts=fragment.start_at.timestamp(),
                       end_ts=fragment.end_at.timestamp(), text="\n".join(texts), vector=_unit_vector(vecs), **common)]

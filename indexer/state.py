@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS conversations (
 CREATE TABLE IF NOT EXISTS messages (
     tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL,
     sender_id TEXT NOT NULL, sender_name TEXT, sent_at TEXT NOT NULL, sent_ts REAL NOT NULL,
-    text TEXT NOT NULL, images TEXT NOT NULL, reply_to TEXT, vector BLOB,
+    text TEXT NOT NULL, images TEXT NOT NULL, reply_to TEXT, vector BLOB, version REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant_id, conversation_id, message_id)
 );
 CREATE INDEX IF NOT EXISTS messages_order ON messages(tenant_id, conversation_id, sent_ts, message_id);
@@ -86,6 +86,10 @@ class ConversationState:
     def __init__(self, path: str | Path):
         self._db = connect(path)
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+        if "version" not in columns:
+            # Data dirs written before edit versions existed.
+            self._db.execute("ALTER TABLE messages ADD COLUMN version REAL NOT NULL DEFAULT 0")
         self.lock = threading.RLock()
 
     @contextmanager
@@ -126,16 +130,29 @@ class ConversationState:
         ).fetchone()
         return _turn_from_row(row) if row else None
 
-    def put_turn(self, tenant_id: str, conversation_id: str, turn: Turn, reply_to: str | None) -> None:
+    def put_turn(self, tenant_id: str, conversation_id: str, turn: Turn, reply_to: str | None,
+                 version: float = 0.0) -> None:
         vector = turn.vector.astype(np.float32).tobytes() if turn.vector is not None else None
         self._db.execute(
-            "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (tenant_id, conversation_id, turn.message_id, turn.sender_id, turn.sender_name,
              turn.sent_at.isoformat(), turn.sent_at.timestamp(), turn.text, images_json(turn.images), reply_to,
-             vector),
+             vector, version),
         )
         self._db.executemany("INSERT OR IGNORE INTO sender_tokens VALUES (?,?,?)",
                              [(tenant_id, tok, turn.sender_id) for tok in name_tokens(turn.sender_name)])
+
+    def version(self, tenant_id: str, conversation_id: str, message_id: str) -> float | None:
+        """The version (edit time) of the stored message, None when there is none."""
+        row = self._db.execute("SELECT version FROM messages WHERE tenant_id=? AND conversation_id=? AND message_id=?",
+                               (tenant_id, conversation_id, message_id)).fetchone()
+        return row[0] if row else None
+
+    def max_version(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> float:
+        marks = ",".join("?" * len(message_ids))
+        row = self._db.execute(f"SELECT max(version) FROM messages WHERE tenant_id=? AND conversation_id=?"
+                               f" AND message_id IN ({marks})", [tenant_id, conversation_id, *message_ids]).fetchone()
+        return row[0] or 0.0
 
     def set_vector(self, tenant_id: str, conversation_id: str, message_id: str, vector: np.ndarray) -> None:
         self._db.execute("UPDATE messages SET vector=? WHERE tenant_id=? AND conversation_id=? AND message_id=?",

@@ -72,6 +72,9 @@ class MessageEvent(_Record):
     sender_name: CleanText | None = Field(default=None, max_length=200)
     participants: list[Identifier] | None = Field(default=None, max_length=MAX_PARTICIPANTS)
     sent_at: AwareDatetime
+    #: When this version of the message was written (an edit); an event older than the version
+    #: already applied is ignored, so a late old edit never overwrites a newer one. Defaults to sent_at.
+    edited_at: AwareDatetime | None = None
     text: CleanText = Field(default="", max_length=MAX_TEXT_CHARS)
     images: list[ImageRef] = Field(default_factory=list, max_length=MAX_IMAGES)
     reply_to: Identifier | None = None

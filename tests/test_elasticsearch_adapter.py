@@ -76,3 +76,13 @@ def test_queries_are_structured_and_filtered():
     assert {"range": {"end_ts": {"gte": 5.0}}} in filters
     mapping = index_template("tessera")["template"]["mappings"]["properties"]
     assert mapping["tenant_id"]["type"] == "keyword" and mapping["text"]["type"] == "text"
+
+
+def test_writes_carry_external_versions_and_tolerate_newer_ones():
+    client = RecordingClient([[201, 409]])
+    store = ElasticsearchBM25Store("http://unused", client=client)
+    a, b = unit("a", "x", 0), unit("b", "y", 1)
+    a.version, b.version = 12.5, 3.0
+    store.upsert([a, b])
+    actions = [op["index"] for op in client.bulks[0] if "index" in op]
+    assert [(x["version"], x["version_type"]) for x in actions] == [(12500, "external_gte"), (3000, "external_gte")]

@@ -162,3 +162,17 @@ def test_erased_text_leaves_no_bytes_in_any_file(make_engine, tmp_path):
     assert files_holding(b"lemurnarwhal") == []
     remaining = engine.query(query("zebraquokka passphrase", top_k=20)).fragments
     assert remaining and all("zebraquokka" not in f.snippet and not f.snippet.startswith("Ann") for f in remaining)
+
+
+def test_a_late_old_edit_never_overwrites_a_newer_one(make_engine):
+    engine = make_engine()
+    engine.ingest(dialogue())
+    newer = message("c1", 10, "bob", "Take the laptop to the kiosk at the harbour market.", event_suffix="-e2")
+    newer = newer.model_copy(update={"edited_at": newer.sent_at.replace(hour=12)})
+    older = message("c1", 10, "bob", "Take the laptop to the shop by the railway station.", event_suffix="-e1")
+    older = older.model_copy(update={"edited_at": newer.sent_at.replace(hour=11)})
+    engine.ingest([newer])
+    report = engine.ingest([older])
+    assert report.stale == 1 and report.upserted == 0
+    assert engine.state.get_turn("t1", "c1", "m010").text.startswith("Take the laptop to the kiosk")
+    assert engine.keywords.search("railway station", "turn", SearchFilter("t1", "u1"), 10) == []

@@ -31,6 +31,9 @@ class Unit:
     end_ts: float
     text: str
     vector: np.ndarray | None = field(default=None, repr=False)
+    #: Newest edit time (seconds) of the unit's messages: stores with external versioning
+    #: (Elasticsearch) refuse to let an older write replace a newer one.
+    version: float = 0.0
 
     def payload(self) -> dict:
         return {

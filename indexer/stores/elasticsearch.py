@@ -98,6 +98,9 @@ class ElasticsearchBM25Store:
                     status = result.get("status", 500)
                     if status < 300 or (status == 404 and "delete" in action):
                         continue
+                    if status == 409 and "index" in action:
+                        # Version conflict: a newer version of the unit is already indexed.
+                        continue
                     if status == 429 or status >= 500:
                         retry.append((action, source))
                     else:
@@ -115,7 +118,9 @@ class ElasticsearchBM25Store:
         for u in units:
             if u.kind not in self.indexes:
                 raise ValueError(f"unit {u.unit_id}: unknown kind {u.kind!r}")
-            actions.append(({"index": {"_index": self.indexes[u.kind], "_id": u.unit_id}},
+            # external_gte: rewriting a unit at the same version is fine, an older one is refused.
+            actions.append(({"index": {"_index": self.indexes[u.kind], "_id": u.unit_id,
+                                       "version": int(u.version * 1000), "version_type": "external_gte"}},
                             {"text": u.text, **u.payload()}))
         if actions:
             self._bulk(actions)
