@@ -63,28 +63,23 @@ def produce_file(kind: str, path: str) -> int:
 def read_results(follow: bool = False, idle_timeout_s: float = 5.0, out: TextIO = sys.stdout) -> int:
     """Print every result on ``tessera.results``; with ``follow``, keep waiting for new ones."""
     ensure_topics()
-    consumer = KafkaConsumer(RESULTS, bootstrap_servers=bootstrap(), group_id=None, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=int(idle_timeout_s * 1000))
     count = 0
     try:
-        while True:
-            for record in consumer:
-                out.write(record.value.decode() + "\n")
-                out.flush()
-                count += 1
-            if not follow:
-                break
+        for record in iter_topic(RESULTS, None if follow else idle_timeout_s):
+            out.write(record.value.decode() + "\n")
+            out.flush()
+            count += 1
     except KeyboardInterrupt:
         pass
-    finally:
-        consumer.close()
     return count
 
 
-def iter_topic(topic: str, timeout_s: float) -> Iterator:
-    """All records of a topic from the beginning, until ``timeout_s`` passes with nothing new."""
+def iter_topic(topic: str, timeout_s: float | None) -> Iterator:
+    """All records of a topic from the beginning, until ``timeout_s`` passes with nothing new
+    (``None``: wait for new records for ever)."""
+    idle_ms = float("inf") if timeout_s is None else int(timeout_s * 1000)
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap(), group_id=None, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=int(timeout_s * 1000))
+                             enable_auto_commit=False, consumer_timeout_ms=idle_ms)
     try:
         yield from consumer
     finally:

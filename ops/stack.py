@@ -205,14 +205,7 @@ class Stack:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a process of the stack and its children, then wait for it to be gone."""
-        pid = self.load()["pids"][name]
-        try:
-            os.killpg(pid, sig)
-        except OSError:
-            return
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
+        _signal_and_wait(self.load()["pids"][name], sig)
 
     def status(self) -> dict:
         info = self.load()
@@ -242,16 +235,18 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _terminate(pid: int) -> None:
+def _signal_and_wait(pid: int, sig: int) -> None:
+    """Signal a process group and wait, up to STOP_TIMEOUT_S, for its leader to be gone."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
     except OSError:
         return
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.1)
+        time.sleep(0.05)
+
+
+def _terminate(pid: int) -> None:
+    _signal_and_wait(pid, signal.SIGTERM)
     if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        _signal_and_wait(pid, signal.SIGKILL)

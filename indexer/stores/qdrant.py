@@ -69,12 +69,11 @@ class QdrantVectorStore:
         every commit atomic and durable across process crashes, as the engine's own state is.
         Reaches into qdrant-client internals, hence the guard; ``local_journal`` reports the result.
         """
-        collections = getattr(getattr(self.client, "_client", None), "collections", None) or {}
+        connections = self._local_connections()
+        if len(connections) != len(self.collections):
+            return None
         modes = set()
-        for name in self.collections.values():
-            connection = getattr(getattr(collections.get(name), "storage", None), "storage", None)
-            if connection is None:
-                return None
+        for connection in connections:
             modes.add(connection.execute("PRAGMA journal_mode=WAL").fetchone()[0])
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA secure_delete=ON")
@@ -123,11 +122,18 @@ class QdrantVectorStore:
 
     def compact(self) -> None:
         """Local mode rewrites nothing lazily (deleted rows are zeroed); a server compacts itself."""
+        for connection in self._local_connections():
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _local_connections(self) -> list:
+        """The SQLite connections behind local mode's collections (qdrant-client internals)."""
         collections = getattr(getattr(self.client, "_client", None), "collections", None) or {}
+        connections = []
         for name in self.collections.values():
             connection = getattr(getattr(collections.get(name), "storage", None), "storage", None)
             if connection is not None:
-                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                connections.append(connection)
+        return connections
 
     def refresh(self) -> None:
         """Upserts wait for acknowledgement; nothing to do."""
