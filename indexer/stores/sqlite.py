@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
+from indexer.stores.vector_index import IndexRow, VectorIndex
 from indexer.text import keywords
 
 #: How long a writer waits for another process's write lock before failing.
@@ -219,20 +220,35 @@ class SqliteBM25Store(_SqliteUnits):
 
 
 class SqliteVectorStore(_SqliteUnits):
-    """Exact cosine search over the vectors that pass the filter (vectors are stored normalised)."""
+    """Exact cosine search; SQLite keeps the vectors, each process searches its in-memory copy.
+
+    Every write appends to ``vector_log`` in the same transaction, so another process's copy catches
+    up by reading the log past the last sequence number it applied. ``compact`` empties the log and
+    raises the floor; a copy older than the floor reloads from the tables.
+    """
 
     def __init__(self, path: str | Path, dim: int = 384):
         self.dim = dim
+        self._indexes: dict[str, VectorIndex] = {}
+        self._seq = 0
         super().__init__(path)
 
     def _create_index_tables(self) -> None:
-        self._db.execute("CREATE TABLE IF NOT EXISTS unit_vectors (rowid INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS unit_vectors (rowid INTEGER PRIMARY KEY, vector BLOB NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS vector_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,"
+            " rowid INTEGER NOT NULL, live INTEGER NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS vector_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+            "INSERT OR IGNORE INTO vector_meta VALUES ('log_floor', 0);"
+        )
 
     def _write_index(self, rowid: int, unit: Unit) -> None:
         self._db.execute("INSERT INTO unit_vectors VALUES (?, ?)", (rowid, unit.vector.astype(np.float32).tobytes()))
+        self._db.execute("INSERT INTO vector_log(kind, rowid, live) VALUES (?, ?, 1)", (unit.kind, rowid))
 
     def _delete_index(self, rowid: int, kind: str) -> None:
         self._db.execute("DELETE FROM unit_vectors WHERE rowid=?", (rowid,))
+        self._db.execute("INSERT INTO vector_log(kind, rowid, live) VALUES (?, ?, 0)", (kind, rowid))
 
     def upsert(self, units: Sequence[Unit]) -> None:
         for unit in units:
@@ -240,18 +256,86 @@ class SqliteVectorStore(_SqliteUnits):
                 raise ValueError(f"unit {unit.unit_id}: vector must have shape ({self.dim},)")
         super().upsert(units)
 
+    def compact(self) -> None:
+        """Empty the change log (it only names rowids) and checkpoint."""
+        def action() -> None:
+            top = self._db.execute("SELECT coalesce(max(seq), 0) FROM vector_log").fetchone()[0]
+            if top:
+                self._db.execute("UPDATE vector_meta SET value=max(value, ?) WHERE key='log_floor'", (top,))
+                self._db.execute("DELETE FROM vector_log")
+
+        self._write(action)
+        super().compact()
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(index.nbytes for index in self._indexes.values())
+
+    def _load(self, where: str, args: Sequence) -> None:
+        """Apply the rows ``where`` selects (alias ``u``) to the in-memory copies, in chunks."""
+        sql = ("SELECT u.rowid, u.kind, u.tenant_id, u.conversation_id, u.sender_ids, u.visible_to, u.start_ts,"
+               f" u.end_ts, v.vector FROM units u JOIN unit_vectors v ON v.rowid = u.rowid WHERE {where}")
+        cursor = self._db.execute(sql, args)
+        while chunk := cursor.fetchmany(8192):
+            by_kind: dict[str, tuple[list, list]] = {}
+            for rowid, kind, tenant, conversation, senders, visible, start, end, blob in chunk:
+                rows, blobs = by_kind.setdefault(kind, ([], []))
+                rows.append(IndexRow(rowid, tenant, conversation, tuple(json.loads(senders)),
+                                     tuple(json.loads(visible)), start, end))
+                blobs.append(blob)
+            for kind, (rows, blobs) in by_kind.items():
+                matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(rows), self.dim)
+                self._index(kind).add(rows, matrix)
+
+    def _index(self, kind: str) -> VectorIndex:
+        if kind not in self._indexes:
+            self._indexes[kind] = VectorIndex(self.dim)
+        return self._indexes[kind]
+
+    def _sync(self) -> None:
+        """Bring the in-memory copies up to the last committed write of any process (caller holds the lock)."""
+        self._db.execute("BEGIN")
+        try:
+            floor = self._db.execute("SELECT value FROM vector_meta WHERE key='log_floor'").fetchone()[0]
+            top = self._db.execute("SELECT coalesce(max(seq), 0) FROM vector_log").fetchone()[0]
+            if self._seq < floor:
+                self._indexes = {}
+                self._load("1", ())
+                self._seq = max(floor, top)
+            elif top > self._seq:
+                final: dict[int, tuple[str, int]] = {}
+                for _, kind, rowid, live in self._db.execute(
+                        "SELECT seq, kind, rowid, live FROM vector_log WHERE seq > ? ORDER BY seq", (self._seq,)):
+                    final[rowid] = (kind, live)
+                for rowid in final:
+                    for index in self._indexes.values():
+                        index.remove(rowid)
+                added = [rowid for rowid, (_, live) in final.items() if live]
+                for i in range(0, len(added), 500):
+                    chunk = added[i:i + 500]
+                    self._load(f"u.rowid IN ({','.join('?' * len(chunk))})", chunk)
+                self._seq = top
+        finally:
+            self._db.execute("COMMIT")
+
+    def warm_up(self) -> None:
+        """Load the in-memory copy now rather than on the first search."""
+        with self._lock:
+            self._sync()
+
     def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
         if kind not in UNIT_KINDS:
             raise ValueError(f"unknown kind {kind!r}")
-        where, args = filter_sql(kind, flt)
-        sql = f"SELECT {_PAYLOAD_COLUMNS}, v.vector FROM units u JOIN unit_vectors v ON v.rowid = u.rowid WHERE {where}"
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
-        if not rows:
-            return []
-        matrix = np.frombuffer(b"".join(r[10] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
         query = vector.astype(np.float32)
         norm = float(np.linalg.norm(query))
-        scores = matrix @ (query / norm if norm > 0 else query)
-        top = np.argsort(-scores, kind="stable")[:limit]
-        return [Hit(rows[i][0], float(scores[i]), _payload(rows[i])) for i in top]
+        query = query / norm if norm > 0 else query
+        with self._lock:
+            self._sync()
+            index = self._indexes.get(kind)
+            ranked = index.search(query, flt, limit) if index is not None else []
+            if not ranked:
+                return []
+            marks = ",".join("?" * len(ranked))
+            rows = {r[10]: r for r in self._db.execute(
+                f"SELECT {_PAYLOAD_COLUMNS}, u.rowid FROM units u WHERE u.rowid IN ({marks})", [r for r, _ in ranked])}
+        return [Hit(rows[rowid][0], score, _payload(rows[rowid])) for rowid, score in ranked if rowid in rows]
