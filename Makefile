@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test eval bench-ingest bench-pipeline schemas clean
+.PHONY: install system-deps demo test eval bench bench-ingest bench-pipeline schemas clean
 
 install: $(STAMP) system-deps
 
@@ -32,6 +32,11 @@ test: $(STAMP) system-deps
 
 eval: $(STAMP)
 	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --out results/locomo-eval.json
+
+# The benchmark report (results/bench/report.md and PNG plots); BENCH_ARGS adds e.g. --sizes 10000 100000 1000000.
+bench: $(STAMP) system-deps
+	$(PY) -m pip install -q -e '.[bench]'
+	$(VENV)/bin/tessera bench --stack $(BENCH_ARGS)
 
 bench-ingest: $(STAMP)
 	$(PY) -m ops.bench_ingest ../shared/datasets/locomo-dev --out results/ingest-bench.json

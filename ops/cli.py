@@ -145,6 +145,7 @@ def cmd_query(args) -> int:
     engine = _engine(args)
     try:
         if args.jobs:
+            engine.warm_up()
             for number, raw in _lines(args.jobs):
                 print(answer(engine, raw, number).to_json(), flush=True)
             return 0
@@ -192,6 +193,14 @@ def cmd_eval(args) -> int:
     from ops.evaluate import main_eval
 
     return main_eval(args.dir, args.out, progress=not args.quiet)
+
+
+def cmd_bench(args) -> int:
+    from ops.bench import run
+
+    run(args)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
 
 
 def cmd_delete(args) -> int:
@@ -323,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="results/locomo-eval.json", help="where the JSON table goes")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    from ops.bench import add_arguments
+
+    p = sub.add_parser("bench", help="benchmark report (Markdown + PNG): ingest, encoders, query latency at scale")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("consume", help="run the Kafka consumers (messages and queries to Celery)")
     p.add_argument("--topics", default="messages,queries", help="messages, queries or both")

@@ -122,14 +122,15 @@ class _Baselines:
         }
 
 def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, embedder=None) -> dict:
+    """``embedder`` defaults to the torch MiniLM; the ONNX encoders pass theirs to compare recall."""
     from indexer.embedder import SentenceTransformerEmbedder
     from ops.settings import Settings, open_engine
 
     turns, questions = load(directory)
     if not turns:
         raise SystemExit(f"no LoCoMo conversations (*.json) in {directory}")
-    embedder = SentenceTransformerEmbedder()
+    embedder = embedder or SentenceTransformerEmbedder()
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
     engine = open_engine(Settings.from_env(work), embedder=embedder)

@@ -128,3 +128,26 @@ def test_qdrant_local_files_use_write_ahead_logging(tmp_path):
         assert store.local_journal == "wal"
     finally:
         store.close()
+
+
+def test_bm25_data_dirs_from_before_scope_words_are_migrated(tmp_path):
+    import json
+    import sqlite3
+
+    path = tmp_path / "b.sqlite"
+    SqliteBM25Store(path).close()
+    db = sqlite3.connect(path)
+    for kind in ("turn", "window", "fragment"):
+        db.execute(f"DROP TABLE bm25_{kind}")
+        db.execute(f"CREATE VIRTUAL TABLE fts_{kind} USING fts5(text, tokenize='porter unicode61')")
+    db.execute("INSERT INTO units VALUES (7, 'u7', 'turn', 't1', 'c1', 'f1', '[\"m7\"]', '[\"s1\"]', ?, 1.0, 1.0)",
+               (json.dumps(["alice"]),))
+    db.execute("INSERT INTO unit_principals VALUES (7, 'alice')")
+    db.execute("INSERT INTO fts_turn(rowid, text) VALUES (7, 'the glacier photo')")
+    db.commit()
+    db.close()
+    store = SqliteBM25Store(path)
+    assert [h.unit_id for h in store.search("glacier", "turn", SearchFilter("t1", "alice"), 5)] == ["u7"]
+    assert store.search("glacier", "turn", SearchFilter("t1", "bob"), 5) == []
+    assert store.search("glacier", "turn", SearchFilter("t2", "alice"), 5) == []
+    store.close()

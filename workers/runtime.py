@@ -38,6 +38,7 @@ def engine():
             from ops.settings import Settings, open_engine
 
             _engine = open_engine(Settings.from_env())
+            _engine.warm_up()
         return _engine
 
 

@@ -12,6 +12,7 @@ FTS table per unit kind keeps term statistics of turns, windows and fragments ap
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -182,16 +183,50 @@ class _SqliteUnits:
             self._db.close()
 
 
+def scope_token(tenant_id: str, principal: str) -> str:
+    """The indexed word that says "visible to ``principal`` in ``tenant_id``": digits only, so no stemming."""
+    return str(int.from_bytes(hashlib.sha256(f"{tenant_id}\x1f{principal}".encode()).digest()[:8], "big"))
+
+
 class SqliteBM25Store(_SqliteUnits):
+    """FTS5 with two columns: the text, and scope words naming who may see the unit.
+
+    The MATCH intersects the query's terms with the asking user's scope words inside the inverted
+    index, so the ranking only ever touches units the user may see; the SQL filter still checks every
+    row exactly. The scope column has weight 0 in ``bm25()``.
+    """
+
     def _create_index_tables(self) -> None:
         for kind in UNIT_KINDS:
-            self._db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS fts_{kind} USING fts5(text, tokenize='porter unicode61')")
+            self._db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS bm25_{kind}"
+                             " USING fts5(text, scope, tokenize='porter unicode61')")
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE name=?", (f"fts_{kind}",)).fetchone():
+                self._migrate(kind)
+
+    def _migrate(self, kind: str) -> None:
+        """Data dirs from before scope words: copy each unit's text over with its scope, drop the old table."""
+        self._db.execute("BEGIN IMMEDIATE")
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name=?", (f"fts_{kind}",)).fetchone():
+            self._db.execute("COMMIT")
+            return
+        rows = self._db.execute(f"SELECT f.rowid, f.text, u.tenant_id, u.visible_to FROM fts_{kind} f"
+                                " JOIN units u ON u.rowid = f.rowid").fetchall()
+        self._db.executemany(f"INSERT INTO bm25_{kind}(rowid, text, scope) VALUES (?, ?, ?)",
+                             [(rowid, text, self._scope(tenant, json.loads(visible)))
+                              for rowid, text, tenant, visible in rows])
+        self._db.execute(f"DROP TABLE fts_{kind}")
+        self._db.execute("COMMIT")
+
+    @staticmethod
+    def _scope(tenant_id: str, visible_to: Sequence[str]) -> str:
+        return " ".join(scope_token(tenant_id, p) for p in visible_to)
 
     def _write_index(self, rowid: int, unit: Unit) -> None:
-        self._db.execute(f"INSERT INTO fts_{unit.kind}(rowid, text) VALUES (?, ?)", (rowid, unit.text))
+        self._db.execute(f"INSERT INTO bm25_{unit.kind}(rowid, text, scope) VALUES (?, ?, ?)",
+                         (rowid, unit.text, self._scope(unit.tenant_id, unit.visible_to)))
 
     def _delete_index(self, rowid: int, kind: str) -> None:
-        self._db.execute(f"DELETE FROM fts_{kind} WHERE rowid=?", (rowid,))
+        self._db.execute(f"DELETE FROM bm25_{kind} WHERE rowid=?", (rowid,))
 
     def compact(self) -> None:
         """Merge the FTS segments so deleted documents leave the inverted index physically.
@@ -201,7 +236,7 @@ class SqliteBM25Store(_SqliteUnits):
         """
         with self._lock:
             for kind in UNIT_KINDS:
-                self._db.execute(f"INSERT INTO fts_{kind}(fts_{kind}) VALUES ('optimize')")
+                self._db.execute(f"INSERT INTO bm25_{kind}(bm25_{kind}) VALUES ('optimize')")
         super().compact()
 
     def search(self, text: str, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
@@ -210,12 +245,15 @@ class SqliteBM25Store(_SqliteUnits):
         expression = match_expression(text)
         if expression is None:
             return []
+        scope = f'"{scope_token(flt.tenant_id, flt.user_id)}" OR "{scope_token(flt.tenant_id, EVERYONE)}"'
         where, args = filter_sql(kind, flt)
-        sql = (f"SELECT {_PAYLOAD_COLUMNS}, bm25(fts_{kind}) AS rank FROM fts_{kind}"
-               f" JOIN units u ON u.rowid = fts_{kind}.rowid WHERE fts_{kind} MATCH ? AND {where}"
+        table = f"bm25_{kind}"
+        sql = (f"SELECT {_PAYLOAD_COLUMNS}, bm25({table}, 1.0, 0.0) AS rank FROM {table}"
+               f" JOIN units u ON u.rowid = {table}.rowid WHERE {table} MATCH ? AND {where}"
                " ORDER BY rank LIMIT ?")
         with self._lock:
-            rows = self._db.execute(sql, [expression, *args, limit]).fetchall()
+            rows = self._db.execute(sql, [f"{{scope}} : ({scope}) AND {{text}} : ({expression})", *args,
+                                          limit]).fetchall()
         return [Hit(r[0], -float(r[10]), _payload(r)) for r in rows]
 
 

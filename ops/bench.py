@@ -1,0 +1,439 @@
+"""``tessera bench``: one report (Markdown and PNG plots) of ingest, query latency at scale, memory, encoders.
+
+Sections, each measured in the same run on this machine:
+
+* Ingest on the LoCoMo dev turns: the raw encoder ceiling (the same texts through the encoder alone),
+  ``tessera ingest``, the peer baseline that encodes and upserts one message at a time, each with the
+  torch encoder and the ONNX int8 encoder; with ``--stack``, the Kafka + Celery pipeline as well.
+* Encoders: recall on the dev split with each encoder, from one ``tessera eval`` per encoder.
+* Query latency at 10k, 100k (and with ``--sizes`` 1M) fragments of the synthetic corpus
+  (``ops.synthetic``), per vector store; each size is measured in a fresh process so its peak RSS is
+  its own; the peer baseline is brute-force dense search over all turns, filtered after scoring.
+* Memory over a sustained query run (RSS sampled every 50 queries) at the largest size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PERCENTILES = (50, 95, 99)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _pcts(values) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    return {f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES} | {"mean": float(a.mean())}
+
+
+# ---------------------------------------------------------------- scale: corpus and query latency
+
+def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, encoder: str) -> Path:
+    """The synthetic corpus of ``fragments`` on ``store``, built once under ``root``."""
+    from indexer.embedder import open_embedder
+    from ops.settings import Settings, open_engine
+    from ops.synthetic import Layout, generate, load_pool
+
+    data = root / "corpora" / f"{store}-{fragments}"
+    done = data / "corpus.json"
+    if done.exists():
+        return data
+    embedder = open_embedder(encoder)
+    pool = load_pool(embedder, pool_dir, cache=root / "cache")
+    engine = open_engine(Settings(data_dir=data, vector_store=store, encoder=encoder), embedder=embedder)
+    t = time.perf_counter()
+    counts = generate(engine, pool, Layout(fragments))
+    engine.close()
+    done.write_text(json.dumps(counts | {"build_s": time.perf_counter() - t, "store": store}))
+    return data
+
+
+def _brute_force(vectors_path: Path, dim: int):
+    """All turn vectors in one matrix plus who may see each: the search a team writes first."""
+    import sqlite3
+
+    db = sqlite3.connect(str(vectors_path))
+    rows = db.execute("SELECT u.tenant_id, u.visible_to, u.unit_id, v.vector FROM units u JOIN unit_vectors v"
+                      " ON v.rowid = u.rowid WHERE u.kind='turn'").fetchall()
+    db.close()
+    matrix = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+    meta = [(r[0], frozenset(json.loads(r[1])), r[2]) for r in rows]
+
+    def search(vector: np.ndarray, tenant: str, user: str, k: int) -> list[str]:
+        scores = matrix @ vector
+        out = []
+        for i in np.argsort(-scores):
+            t, visible, unit_id = meta[i]
+            if t == tenant and (user in visible or "*" in visible):
+                out.append(unit_id)
+                if len(out) == k:
+                    break
+        return out
+
+    return search, matrix.nbytes
+
+
+def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, pool_dir: str | None,
+            cache: Path, brute: bool) -> dict:
+    """Query latency and memory of one corpus, in this (fresh) process."""
+    from tqdm import tqdm
+
+    from indexer.embedder import open_embedder
+    from ops.settings import Settings, open_engine
+    from ops.synthetic import Layout, load_pool, sample_queries
+    from schemas import QUERY_SCHEMA, QueryJob
+
+    embedder = open_embedder(encoder)
+    pool = load_pool(embedder, pool_dir, cache=cache)
+    rss_start = _rss_mb()
+    engine = open_engine(Settings(data_dir=data, vector_store=store, encoder=encoder), embedder=embedder)
+    t = time.perf_counter()
+    engine.warm_up()
+    load_s = time.perf_counter() - t
+    rss_loaded = _rss_mb()
+    layout = Layout(fragments)
+    asks = sample_queries(pool, layout, queries + 20)
+    jobs = [QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"b{i}", "tenant_id": tenant, "user_id": user,
+                                     "query": text, "top_k": 5, "reasoning": "fast"})
+            for i, (tenant, user, text) in enumerate(asks)]
+    for job in jobs[:20]:
+        engine.query(job)
+    totals, stages, rss = [], {}, []
+    for i, job in enumerate(tqdm(jobs[20:], desc=f"queries {store} {fragments}", file=sys.stderr)):
+        t = time.perf_counter()
+        result = engine.query(job)
+        totals.append((time.perf_counter() - t) * 1000)
+        for stage, ms in result.timings_ms.items():
+            stages.setdefault(stage, []).append(ms)
+        if i % 50 == 0:
+            rss.append((i, _rss_mb()))
+    out = {"store": store, "fragments": fragments, "queries": len(totals), "encoder": encoder,
+           "latency_ms": _pcts(totals), "stages_ms": {s: _pcts(v) for s, v in stages.items()},
+           "index_load_s": load_s, "rss_start_mb": rss_start, "rss_loaded_mb": rss_loaded, "rss_over_time_mb": rss,
+           "index_mb": getattr(engine.vectors.inner, "memory_bytes", 0) / 2**20}
+    engine.close()
+    if brute and store == "sqlite":
+        search, nbytes = _brute_force(data / "vectors.sqlite", embedder.dim)
+        lat = []
+        for tenant, user, text in asks[20:20 + min(queries, 200)]:
+            t = time.perf_counter()
+            search(embedder.encode([text + " "])[0], tenant, user, 5)
+            lat.append((time.perf_counter() - t) * 1000)
+        out["brute_force_ms"] = _pcts(lat)
+        out["brute_force_matrix_mb"] = nbytes / 2**20
+    out["peak_rss_mb"] = _peak_mb()
+    return out
+
+
+def _measure_in_child(root: Path, store: str, fragments: int, queries: int, encoder: str,
+                      pool_dir: str | None) -> dict:
+    data = build_corpus(root, store, fragments, pool_dir, encoder)
+    out = root / f"measure-{store}-{fragments}.json"
+    cmd = [sys.executable, "-m", "ops.bench", "measure", str(data), "--store", store, "--fragments", str(fragments),
+           "--queries", str(queries), "--encoder", encoder, "--cache", str(root / "cache"), "--out", str(out)]
+    if pool_dir:
+        cmd += ["--pool", pool_dir]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text()) | {"corpus": json.loads((data / "corpus.json").read_text())}
+
+
+# ---------------------------------------------------------------- ingest and encoders
+
+def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
+    from indexer.embedder import open_embedder
+    from indexer.engine import turn_of_event
+    from indexer.stores.base import EVERYONE, Unit
+    from indexer.text import render_turn
+    from ops.cli import INGEST_BATCH, ingest_file
+    from ops.locomo import load, to_events
+    from ops.settings import Settings, open_engine
+
+    turns, _ = load(locomo_dir)
+    events = to_events(turns)
+    texts = [render_turn(turn_of_event(e)) for e in events]
+    work = Path(tempfile.mkdtemp(prefix="tessera-bench-ingest-"))
+    events_file = work / "events.jsonl"
+    events_file.write_text("\n".join(e.model_dump_json(by_alias=True) for e in events) + "\n")
+    rows = {}
+    for encoder in encoders:
+        embedder = open_embedder(encoder)
+        embedder.warm_up()
+        embedder.encode(texts[:64])
+        t = time.perf_counter()
+        for start in range(0, len(texts), INGEST_BATCH):
+            embedder.encode(texts[start:start + INGEST_BATCH])
+        raw_s = time.perf_counter() - t
+        engine = open_engine(Settings(data_dir=work / f"data-{encoder}", encoder=encoder), embedder=embedder)
+        t = time.perf_counter()
+        ok, failed = ingest_file(engine, str(events_file), progress=True)
+        ingest_s = time.perf_counter() - t
+        engine.close()
+        if failed or ok != len(events):
+            raise RuntimeError(f"ingest of the dev split failed: {failed} lines")
+        rows[encoder] = {"raw_turns_per_s": len(texts) / raw_s, "ingest_turns_per_s": len(events) / ingest_s}
+        if encoder == "torch":
+            # Peer baseline: every message encoded alone and upserted alone, as a naive consumer does.
+            engine = open_engine(Settings(data_dir=work / "data-naive", encoder=encoder), embedder=embedder)
+            sample = events[:baseline_turns]
+            t = time.perf_counter()
+            for e in sample:
+                turn = turn_of_event(e)
+                text = render_turn(turn)
+                vector = embedder.encode([text])[0]
+                ts = turn.sent_at.timestamp()
+                unit = Unit(f"{e.conversation_id}/{e.message_id}", "turn", e.tenant_id, e.conversation_id,
+                            e.conversation_id, [e.message_id], [e.sender_id], [EVERYONE], ts, ts, text, vector)
+                engine.vectors.upsert([unit])
+                engine.keywords.upsert([unit])
+            rows["one upsert per message"] = {"ingest_turns_per_s": len(sample) / (time.perf_counter() - t)}
+            engine.close()
+    return {"turns": len(texts), "batch": INGEST_BATCH, "rows": rows}
+
+
+def _encoder_recall(locomo_dir: str, encoders: list[str]) -> dict:
+    from indexer.embedder import open_embedder
+    from ops.evaluate import evaluate_locomo
+
+    out = {}
+    for encoder in encoders:
+        report = evaluate_locomo(locomo_dir, embedder=open_embedder(encoder))
+        row = report["rows"]["tessera (hybrid fragments + spans)"]
+        out[encoder] = {k: row[k] for k in ("recall@5", "recall@10", "recall@30", "mrr")}
+    return out
+
+
+def _stack(locomo_dir: str) -> dict:
+    from ops.bench_pipeline import run
+
+    return run(locomo_dir)
+
+
+# ---------------------------------------------------------------- report
+
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    scale = report.get("scale", [])
+    if scale:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for store in sorted({r["store"] for r in scale}):
+            rows = sorted((r for r in scale if r["store"] == store), key=lambda r: r["fragments"])
+            x = [r["fragments"] for r in rows]
+            for p, style in zip(PERCENTILES, ("-", "--", ":")):
+                ax.plot(x, [r["latency_ms"][f"p{p}"] for r in rows], style, marker="o", label=f"tessera {store} p{p}")
+            brute = [r for r in rows if "brute_force_ms" in r]
+            if brute:
+                ax.plot([r["fragments"] for r in brute], [r["brute_force_ms"]["p50"] for r in brute], "-", marker="s",
+                        color="grey", label="brute force over turns p50")
+        ax.axhline(50, color="green", lw=0.8, ls="--")
+        ax.axhline(150, color="red", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("fragments in the index")
+        ax.set_ylabel("query latency (ms)")
+        ax.set_title("Query latency vs corpus size (no GPU stage)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "latency_vs_size.png", dpi=120)
+        plt.close(fig)
+        made.append("latency_vs_size.png")
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for store in sorted({r["store"] for r in scale}):
+            rows = sorted((r for r in scale if r["store"] == store), key=lambda r: r["fragments"])
+            ax.plot([r["fragments"] for r in rows], [r["peak_rss_mb"] for r in rows], marker="o", label=f"{store} peak RSS")
+        ax.set_xscale("log")
+        ax.set_xlabel("fragments in the index")
+        ax.set_ylabel("MiB")
+        ax.set_title("Peak memory of a query process")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "memory_vs_size.png", dpi=120)
+        plt.close(fig)
+        made.append("memory_vs_size.png")
+
+        largest = max(scale, key=lambda r: (r["fragments"], r["store"] == "sqlite"))
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        xs, ys = zip(*largest["rss_over_time_mb"])
+        ax.plot(xs, ys, marker=".")
+        ax.set_xlabel("queries answered")
+        ax.set_ylabel("RSS (MiB)")
+        ax.set_ylim(0, max(ys) * 1.1)
+        ax.set_title(f"RSS over a sustained run, {largest['fragments']} fragments ({largest['store']})")
+        fig.tight_layout()
+        fig.savefig(out / "rss_over_time.png", dpi=120)
+        plt.close(fig)
+        made.append("rss_over_time.png")
+    ingest = report.get("ingest")
+    if ingest:
+        names, values, colours = [], [], []
+        for name, row in ingest["rows"].items():
+            if "raw_turns_per_s" in row:
+                names.append(f"{name}\nencoder alone")
+                values.append(row["raw_turns_per_s"])
+                colours.append("lightgrey")
+            names.append(f"{name}\n{'tessera ingest' if 'raw_turns_per_s' in row else ''}".strip())
+            values.append(row["ingest_turns_per_s"])
+            colours.append("tab:blue" if "raw_turns_per_s" in row else "tab:orange")
+        if "stack" in report:
+            names.append("Kafka + Celery\n(torch)")
+            values.append(report["stack"]["pipeline_turns_per_s"])
+            colours.append("tab:green")
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar(range(len(values)), values, color=colours)
+        ax.set_xticks(range(len(values)), names, fontsize=7)
+        ax.set_ylabel("turns per second")
+        ax.set_title(f"Ingest throughput, LoCoMo dev ({ingest['turns']} turns)")
+        fig.tight_layout()
+        fig.savefig(out / "ingest.png", dpi=120)
+        plt.close(fig)
+        made.append("ingest.png")
+    return made
+
+
+def markdown(report: dict, plots: list[str]) -> str:
+    lines = ["# Tessera benchmark report", "", f"Machine: {report['machine']}. Generated by `{report['command']}`.", ""]
+    ingest = report.get("ingest")
+    if ingest:
+        rows = ingest["rows"]
+        base = rows["torch"]["raw_turns_per_s"]
+        lines += ["## Ingest (LoCoMo dev turns)", "",
+                  "| path | turns/s | / torch encoder ceiling |", "|---|---|---|"]
+        for name, row in rows.items():
+            if "raw_turns_per_s" in row:
+                lines.append(f"| {name} encoder alone (ceiling) | {row['raw_turns_per_s']:.1f} |"
+                             f" {row['raw_turns_per_s'] / base:.2f} |")
+                lines.append(f"| `tessera ingest`, {name} encoder | {row['ingest_turns_per_s']:.1f} |"
+                             f" {row['ingest_turns_per_s'] / base:.2f} |")
+            else:
+                lines.append(f"| baseline: {name} (torch) | {row['ingest_turns_per_s']:.1f} |"
+                             f" {row['ingest_turns_per_s'] / base:.2f} |")
+        if "stack" in report:
+            s = report["stack"]
+            lines.append(f"| Kafka + Celery pipeline, torch encoder | {s['pipeline_turns_per_s']:.1f} |"
+                         f" {s['pipeline_turns_per_s'] / base:.2f} |")
+        for name, row in rows.items():
+            if "raw_turns_per_s" in row:
+                lines.append(f"\n`tessera ingest` with {name}: {row['ingest_turns_per_s'] / row['raw_turns_per_s']:.2f}"
+                             " x its own encoder's ceiling.")
+        lines.append("")
+    recall = report.get("encoders")
+    if recall:
+        lines += ["## Encoders: recall on the LoCoMo dev split", "",
+                  "| encoder | recall@5 | recall@10 | recall@30 | MRR |", "|---|---|---|---|---|"]
+        for name, row in recall.items():
+            lines.append(f"| {name} | {row['recall@5']:.3f} | {row['recall@10']:.3f} | {row['recall@30']:.3f} |"
+                         f" {row['mrr']:.3f} |")
+        lines.append("")
+    scale = report.get("scale")
+    if scale:
+        lines += ["## Query latency at scale (synthetic corpus, `ops/synthetic.py`; no GPU stage)", "",
+                  "| store | fragments | units | p50 ms | p95 ms | p99 ms | brute force p50 / p99 ms |"
+                  " index MiB | peak RSS MiB | index load s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(scale, key=lambda r: (r["store"], r["fragments"])):
+            lat = r["latency_ms"]
+            brute = r.get("brute_force_ms")
+            brute_s = f"{brute['p50']:.1f} / {brute['p99']:.1f}" if brute else "-"
+            lines.append(f"| {r['store']} | {r['fragments']:,} | {r['corpus']['units']:,} | {lat['p50']:.1f} |"
+                         f" {lat['p95']:.1f} | {lat['p99']:.1f} | {brute_s} | {r['index_mb']:.0f} |"
+                         f" {r['peak_rss_mb']:.0f} | {r['index_load_s']:.1f} |")
+        lines += ["", "Median time per stage (ms):", "",
+                  "| store | fragments | " + " | ".join(("rewrite", "embed", "recall", "fusion", "reasoning")) + " |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(scale, key=lambda r: (r["store"], r["fragments"])):
+            st = r["stages_ms"]
+            lines.append(f"| {r['store']} | {r['fragments']:,} | " + " | ".join(
+                f"{st[s]['p50']:.2f}" for s in ("rewrite", "embed", "recall", "fusion", "reasoning")) + " |")
+        largest = max(scale, key=lambda r: (r["fragments"], r["store"] == "sqlite"))
+        rss = [v for _, v in largest["rss_over_time_mb"]]
+        half = len(rss) // 2
+        lines += ["", f"Sustained run at {largest['fragments']:,} fragments ({largest['store']}):"
+                  f" RSS {rss[0]:.0f} MiB after the first queries, {max(rss[half:]):.0f} MiB at most in the second half,"
+                  f" {rss[-1]:.0f} MiB at the end ({largest['queries']} queries).", ""]
+    for plot in plots:
+        lines += [f"![{plot}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    import platform
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}",
+                    "command": " ".join(["tessera bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "ops.bench"}
+    if not args.skip_ingest:
+        report["ingest"] = _ingest(args.locomo, args.encoders, args.baseline_turns)
+        report["encoders"] = _encoder_recall(args.locomo, args.encoders)
+    if args.stack:
+        report["stack"] = _stack(args.locomo)
+    report["scale"] = [_measure_in_child(out, store, n, args.queries, "torch", args.locomo)
+                       for n in args.sizes for store in args.stores
+                       if not (store == "qdrant" and n > args.qdrant_max)]
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plots = _plots(report, out)
+    (out / "report.md").write_text(markdown(report, plots))
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--locomo", default="../shared/datasets/locomo-dev", help="LoCoMo-format dev data")
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "qdrant"])
+    parser.add_argument("--qdrant-max", type=int, default=10_000,
+                        help="largest corpus for Qdrant local mode (its own docs: for tests, not for scale)")
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--encoders", nargs="+", default=["torch", "onnx-int8"])
+    parser.add_argument("--baseline-turns", type=int, default=300)
+    parser.add_argument("--stack", action="store_true", help="also run the Kafka + Celery pipeline")
+    parser.add_argument("--skip-ingest", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_arguments(sub.add_parser("report"))
+    m = sub.add_parser("measure", help="(internal) measure one corpus in this process")
+    m.add_argument("data")
+    m.add_argument("--store", required=True)
+    m.add_argument("--fragments", type=int, required=True)
+    m.add_argument("--queries", type=int, default=500)
+    m.add_argument("--encoder", default="torch")
+    m.add_argument("--pool")
+    m.add_argument("--cache", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--no-brute", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "measure":
+        result = measure(Path(args.data), args.store, args.fragments, args.queries, args.encoder, args.pool,
+                         Path(args.cache), not args.no_brute)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return
+    run(args)
+    print((Path(args.out) / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Synthetic corpora for scale: 10k to 1M fragments of real chat turns, written through the real stores.
+
+How a corpus is made (``generate``), so that figures at different sizes compare:
+
+* A pool of real turns (the bundled demo chats, plus LoCoMo turns when a directory is given) is
+  encoded once with the real encoder. Every synthetic turn copies a pool turn's text and speaker,
+  in pool order from a random start (so neighbouring turns belong together), and its vector is the
+  pool vector plus a little Gaussian noise (sigma 0.02 per dimension, renormalised), so no two
+  units share a vector.
+* ``tenants`` tenants (default 10) with ``users`` users each (default 100); a conversation has 10
+  fragments of 5 turns, 2 or 3 participants drawn from its tenant; one conversation in ten is a
+  team conversation that everyone in the tenant sees. Turns are 2 minutes apart, fragments 1 hour.
+* Fragments and their units are the ones ingest builds (``Tessera.fragment_units``): one fragment,
+  five turns and five windows per fragment. Only segmentation and encoding are skipped, which the
+  ingest benchmark measures on real data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from indexer import ids
+from indexer.segmenter import Turn
+from indexer.state import FragmentRecord
+from indexer.stores.base import EVERYONE
+
+TURNS_PER_FRAGMENT = 5
+FRAGMENTS_PER_CONVERSATION = 10
+TEAM_SHARE = 0.1
+NOISE = 0.02
+START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Pool:
+    speakers: list[str]
+    texts: list[str]
+    vectors: np.ndarray
+
+
+def load_pool(embedder, locomo_dir: str | Path | None = None, cache: Path | None = None) -> Pool:
+    """Real turns and their vectors; encoded once per pool and encoder, then read from ``cache``."""
+    import tempfile
+
+    from ops.demo.generate import generate as demo_events
+
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for line in demo_events(tmp).read_text().splitlines():
+            event = json.loads(line)
+            caption = " ".join(f"[image: {i['caption']}]" for i in event["images"] if i.get("caption"))
+            rows.append((event["sender_name"], (event["text"] + " " + caption).strip()))
+    if locomo_dir:
+        from ops.locomo import load
+
+        turns, _ = load(locomo_dir)
+        rows.extend((t.speaker, t.text) for t in turns)
+    speakers = [r[0] for r in rows]
+    texts = [r[1] for r in rows]
+    key = f"pool-{embedder.name}-{len(rows)}.npy"
+    if cache and (cache / key).exists():
+        vectors = np.load(cache / key)
+    else:
+        rendered = [f"{s}: {t}" for s, t in rows]
+        vectors = np.concatenate([embedder.encode(rendered[i:i + 1024])
+                                  for i in tqdm(range(0, len(rendered), 1024), desc="encode pool", file=sys.stderr)])
+        if cache:
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(cache / key, vectors)
+    return Pool(speakers, texts, vectors.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Layout:
+    fragments: int
+    tenants: int = 10
+    users: int = 100
+    seed: int = 7
+
+    @property
+    def conversations(self) -> int:
+        return max(1, self.fragments // FRAGMENTS_PER_CONVERSATION)
+
+    def tenant(self, c: int) -> str:
+        return f"tenant-{c % self.tenants:03d}"
+
+    def participants(self, c: int) -> list[str] | None:
+        """None for a team conversation (everyone in the tenant)."""
+        rnd = random.Random(self.seed * 1_000_003 + c)
+        if rnd.random() < TEAM_SHARE:
+            return None
+        return sorted(rnd.sample([f"user-{u:03d}" for u in range(self.users)], rnd.choice((2, 3))))
+
+
+def generate(engine, pool: Pool, layout: Layout, batch_conversations: int = 100, progress: bool = True) -> dict:
+    """Write ``layout.fragments`` fragments into the engine's state and stores; returns counts."""
+    rng = np.random.default_rng(layout.seed)
+    units_written = 0
+    bar = tqdm(total=layout.conversations * FRAGMENTS_PER_CONVERSATION, desc=f"synthetic {layout.fragments}",
+               unit="fragment", file=sys.stderr, disable=not progress)
+    for first in range(0, layout.conversations, batch_conversations):
+        batch = range(first, min(layout.conversations, first + batch_conversations))
+        units = []
+        with engine.state.transaction():
+            for c in batch:
+                units.extend(_conversation(engine, pool, layout, c, rng))
+        engine.vectors.upsert(units)
+        engine.keywords.upsert(units)
+        units_written += len(units)
+        bar.update(len(batch) * FRAGMENTS_PER_CONVERSATION)
+    bar.close()
+    return {"fragments": layout.conversations * FRAGMENTS_PER_CONVERSATION, "units": units_written,
+            "conversations": layout.conversations, "tenants": layout.tenants, "users_per_tenant": layout.users}
+
+
+def _conversation(engine, pool: Pool, layout: Layout, c: int, rng: np.random.Generator) -> list:
+    tenant, conversation = layout.tenant(c), f"conv-{c:07d}"
+    participants = layout.participants(c)
+    people = participants or [f"user-{u:03d}" for u in rng.choice(layout.users, 2, replace=False)]
+    engine.state.set_participants(tenant, conversation, participants)
+    n = TURNS_PER_FRAGMENT * FRAGMENTS_PER_CONVERSATION
+    start = int(rng.integers(len(pool.texts)))
+    picks = [(start + k) % len(pool.texts) for k in range(n)]
+    noisy = pool.vectors[picks] + rng.normal(0, NOISE, size=(n, pool.vectors.shape[1])).astype(np.float32)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    at = START + timedelta(minutes=int(rng.integers(0, 2 * 365 * 24 * 60)))
+    units = []
+    for f in range(FRAGMENTS_PER_CONVERSATION):
+        members = []
+        for k in range(TURNS_PER_FRAGMENT):
+            i = f * TURNS_PER_FRAGMENT + k
+            sender = people[i % len(people)]
+            turn = Turn(message_id=f"m{i:03d}", sender_id=sender, sender_name=pool.speakers[picks[i]],
+                        sent_at=at, text=pool.texts[picks[i]], vector=noisy[i])
+            engine.state.put_turn(tenant, conversation, turn, None)
+            members.append(turn)
+            at += timedelta(minutes=2)
+        record = FragmentRecord(ids.fragment_id(tenant, conversation, members[0].message_id), tenant, conversation,
+                                tuple(t.message_id for t in members), members[0].sent_at, members[-1].sent_at)
+        engine.state.put_fragment(record)
+        units.extend(engine.fragment_units(record, members, participants or [EVERYONE]))
+        at += timedelta(hours=1)
+    return units
+
+
+def sample_queries(pool: Pool, layout: Layout, count: int, seed: int = 11) -> list[tuple[str, str, str]]:
+    """(tenant, user, query) triples: a user of a conversation asks with words of one of its turns."""
+    rnd = random.Random(seed)
+    out = []
+    while len(out) < count:
+        c = rnd.randrange(layout.conversations)
+        participants = layout.participants(c) or [f"user-{rnd.randrange(layout.users):03d}"]
+        words = pool.texts[rnd.randrange(len(pool.texts))].split()
+        if len(words) < 4:
+            continue
+        take = words[:rnd.randint(4, 10)]
+        out.append((layout.tenant(c), rnd.choice(participants), " ".join(take)))
+    return out
+
