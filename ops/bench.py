@@ -156,6 +156,7 @@ def _measure_in_child(root: Path, store: str, fragments: int, queries: int, enco
 # ---------------------------------------------------------------- ingest and encoders
 
 def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
+    from indexer import ids
     from indexer.embedder import open_embedder
     from indexer.engine import turn_of_event
     from indexer.stores.base import EVERYONE, Unit
@@ -197,7 +198,7 @@ def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
                 text = render_turn(turn)
                 vector = embedder.encode([text])[0]
                 ts = turn.sent_at.timestamp()
-                unit = Unit(f"{e.conversation_id}/{e.message_id}", "turn", e.tenant_id, e.conversation_id,
+                unit = Unit(ids.turn_unit_id(e.tenant_id, e.conversation_id, e.message_id, "turn"), "turn", e.tenant_id, e.conversation_id,
                             e.conversation_id, [e.message_id], [e.sender_id], [EVERYONE], ts, ts, text, vector)
                 engine.vectors.upsert([unit])
                 engine.keywords.upsert([unit])

@@ -339,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
+    from ops import soak
+
+    p = sub.add_parser("soak", help="bounded load and soak run on a local stack: throughput, latency, memory")
+    soak.add_arguments(p)
+    p.set_defaults(func=soak.main)
+
     p = sub.add_parser("consume", help="run the Kafka consumers (messages and queries to Celery)")
     p.add_argument("--topics", default="messages,queries", help="messages, queries or both")
     p.set_defaults(func=cmd_consume)

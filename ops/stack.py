@@ -61,7 +61,7 @@ def tansu_binary() -> str:
 
 def redis_command(port: int, directory: Path) -> list[str]:
     return [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"]
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
 
 
 def tansu_command(port: int) -> list[str]:

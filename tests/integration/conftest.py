@@ -118,6 +118,32 @@ def open_stack_engine(stack: Stack, embedder):
     return open_engine(Settings(data_dir=stack.data_dir, vector_store="sqlite"), embedder=embedder)
 
 
+def copies(lines: list[bytes], n: int) -> list[bytes]:
+    """``n`` copies of the demo corpus under other conversation ids: more work to interrupt."""
+    out = []
+    for i in range(n):
+        for line in lines:
+            record = json.loads(line)
+            record["conversation_id"] += f"-copy{i}"
+            record["event_id"] += f"-copy{i}"
+            out.append(json.dumps(record).encode())
+    return out
+
+
+def committed(topic: str) -> int:
+    """Sum over partitions of the consumer group's committed offsets (read without joining the group)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from consumer.topics import bootstrap, group_of
+
+    probe = KafkaConsumer(bootstrap_servers=bootstrap(), group_id=group_of(topic), enable_auto_commit=False)
+    try:
+        partitions = probe.partitions_for_topic(topic) or set()
+        return sum(probe.committed(TopicPartition(topic, p)) or 0 for p in partitions)
+    finally:
+        probe.close(autocommit=False)
+
+
 def json_lines(values) -> list[bytes]:
     return [json.dumps(v).encode() for v in values]
 

@@ -13,7 +13,7 @@ from consumer.topics import MESSAGES, RESULTS, dlq
 from ops.demo.topics import EXAMPLE_QUERIES
 from schemas import QUERY_SCHEMA, QueryJob
 from tests.integration.conftest import (
-    indexed, open_stack_engine, produce, produce_queries, reference_engine, snapshot, state_counts, wait_until,
+    committed, copies, indexed, open_stack_engine, produce, produce_queries, reference_engine, snapshot, state_counts, wait_until,
 )
 
 INDEX_TIMEOUT = 240
@@ -124,18 +124,6 @@ def test_a_task_that_keeps_killing_workers_is_dead_lettered(stack):
     wait_until(lambda: not client.exists("tessera:tasks:attempts:ingest:healthy"), 30, "the count cleared")
 
 
-def copies(lines: list[bytes], n: int) -> list[bytes]:
-    """``n`` copies of the demo corpus under other conversation ids: more work to interrupt."""
-    out = []
-    for i in range(n):
-        for line in lines:
-            record = json.loads(line)
-            record["conversation_id"] += f"-copy{i}"
-            record["event_id"] += f"-copy{i}"
-            out.append(json.dumps(record).encode())
-    return out
-
-
 def test_sigkill_of_a_worker_mid_ingest_loses_and_doubles_nothing(stack, demo_events, embedder, tmp_path):
     stack.start()
     events = copies(demo_events, 4)
@@ -168,20 +156,6 @@ def test_consumer_restarted_mid_stream_resumes_from_its_commits(stack, demo_even
     stack.start_consumer()
     wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "second half after restart")
     wait_until(lambda: committed(MESSAGES) == len(demo_events), 30, "offsets committed to the end")
-
-
-def committed(topic: str) -> int:
-    """Sum over partitions of the consumer group's committed offsets (read without joining the group)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    from consumer.topics import bootstrap, group_of
-
-    probe = KafkaConsumer(bootstrap_servers=bootstrap(), group_id=group_of(topic), enable_auto_commit=False)
-    try:
-        partitions = probe.partitions_for_topic(topic) or set()
-        return sum(probe.committed(TopicPartition(topic, p)) or 0 for p in partitions)
-    finally:
-        probe.close(autocommit=False)
 
 
 def _ingest_in_process(data_dir, lines, seed):

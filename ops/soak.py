@@ -1,0 +1,247 @@
+"""``tessera soak``: a bounded load and soak run against a real local stack on loopback.
+
+Starts Redis, the broker, an ingest worker, a query worker and the consumer (``ops.stack``), floods
+``tessera.messages`` with ``--events`` message events (copies of the demo chats under new
+conversation ids), and while they are indexed sends query jobs at ``--query-rate`` per second for
+at least ``--query-seconds``. It reports sustained ingest throughput, query round-trip latency
+(produced to result read back), errors, dead letters, and the RSS of every stack process over time;
+``report.md`` and ``soak.png`` land in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants (Celery prefork children included)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            continue
+        todo.extend(_children(p))
+    return total
+
+
+def _events(demo_lines: list[bytes], count: int) -> list[bytes]:
+    out: list[bytes] = []
+    copy = 0
+    while len(out) < count:
+        for line in demo_lines:
+            record = json.loads(line)
+            record["conversation_id"] += f"-soak{copy}"
+            record["event_id"] += f"-soak{copy}"
+            out.append(json.dumps(record).encode())
+            if len(out) == count:
+                break
+        copy += 1
+    return out
+
+
+def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout_s: float) -> dict:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from consumer.produce import _key_of
+    from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq
+    from ops.demo.generate import generate
+    from ops.demo.topics import EXAMPLE_QUERIES
+    from ops.stack import Stack
+    from schemas import QUERY_SCHEMA
+    from tqdm import tqdm
+
+    work = Path(tempfile.mkdtemp(prefix="tessera-soak-"))
+    demo = [line for line in generate(work / "demo").read_bytes().splitlines() if line.strip()]
+    lines = _events(demo, events)
+    stack = Stack(work / "stack")
+    os.environ.setdefault("TESSERA_VECTOR_STORE", "sqlite")
+    stack.up(workers=0, concurrency=1, prometheus=False)
+    stack.start_worker(0, 1, queues="ingest,embed")
+    stack.start_worker(1, 1, queues="query")
+    samples: list[dict] = []
+    sent_at: dict[str, float] = {}
+    answered: dict[str, tuple[float, str]] = {}
+    stop = threading.Event()
+    try:
+        def watch_results() -> None:
+            consumer = KafkaConsumer(RESULTS, bootstrap_servers=bootstrap(), group_id=None,
+                                     auto_offset_reset="earliest", consumer_timeout_ms=500)
+            while not stop.is_set():
+                for record in consumer:
+                    result = json.loads(record.value)
+                    answered.setdefault(result["job_id"], (time.perf_counter(), result["status"]))
+            consumer.close()
+
+        def ask() -> None:
+            producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all")
+            started, i = time.perf_counter(), 0
+            while not stop.is_set() and (time.perf_counter() - started < query_seconds or not ingest_done.is_set()):
+                tenant, user, text = EXAMPLE_QUERIES[i % len(EXAMPLE_QUERIES)]
+                job_id = f"soak-{i}"
+                job = {"schema": QUERY_SCHEMA, "job_id": job_id, "tenant_id": tenant, "user_id": user,
+                       "query": text, "top_k": 5, "reasoning": "fast"}
+                sent_at[job_id] = time.perf_counter()
+                producer.send(QUERIES, key=job_id.encode(), value=json.dumps(job).encode())
+                producer.flush()
+                i += 1
+                time.sleep(1 / query_rate)
+            producer.close()
+
+        ingest_done = threading.Event()
+        pids = {name: pid for name, pid in stack.load()["pids"].items()}
+        t0 = time.perf_counter()
+        producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=20)
+        for line in tqdm(lines, desc="produce", file=sys.stderr):
+            producer.send(MESSAGES, key=_key_of(line, "conversation_id"), value=line)
+        producer.flush()
+        producer.close()
+        produced_s = time.perf_counter() - t0
+        threads = [threading.Thread(target=watch_results, daemon=True), threading.Thread(target=ask, daemon=True)]
+        for t in threads:
+            t.start()
+        bar = tqdm(total=len(lines), desc="indexed", file=sys.stderr)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            progress = _progress(stack.data_dir)
+            now = time.perf_counter() - t0
+            samples.append({"t": now, **progress, "rss_mb": {name: _rss_mb(pid) for name, pid in pids.items()
+                                                             if name in ("consumer", "worker-0", "worker-1", "redis",
+                                                                         "broker")}})
+            bar.n = progress["messages"]
+            bar.refresh()
+            if progress["messages"] >= len(lines) and not progress["pending"]:
+                ingest_done.set()
+                if not threads[1].is_alive():
+                    break
+            time.sleep(2)
+        bar.close()
+        settle = time.monotonic() + 60
+        while time.monotonic() < settle and any(job not in answered for job in list(sent_at)):
+            time.sleep(0.5)
+        stop.set()
+        dead = sum(1 for _ in _iter(dlq(MESSAGES))) + sum(1 for _ in _iter(dlq(QUERIES)))
+    finally:
+        stop.set()
+        stack.down()
+    indexed_at = next((s["t"] for s in samples if s["messages"] >= len(lines) and not s["pending"]), None)
+    latencies = [(answered[j][0] - sent_at[j]) * 1000 for j in sent_at if j in answered]
+    errors = sum(1 for j in sent_at if j in answered and answered[j][1] == "error")
+    report = {
+        "events": len(lines), "produce_s": produced_s, "indexed": samples[-1]["messages"] if samples else 0,
+        "indexed_all_s": indexed_at, "ingest_events_per_s": len(lines) / indexed_at if indexed_at else None,
+        "queries_sent": len(sent_at), "queries_answered": len(latencies), "query_errors": errors,
+        "query_latency_ms": {f"p{p}": float(np.percentile(latencies, p)) for p in (50, 95, 99)} if latencies else {},
+        "dead_letters": dead, "samples": samples,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(report, indent=2))
+    _plot(report, out / "soak.png")
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def _iter(topic: str):
+    from consumer.produce import iter_topic
+
+    return iter_topic(topic, 3.0)
+
+
+def _progress(data_dir: Path) -> dict:
+    import sqlite3
+
+    path = data_dir / "state.sqlite"
+    if not path.exists():
+        return {"messages": 0, "pending": 0}
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("messages", "pending")}
+    except sqlite3.OperationalError:
+        return {"messages": 0, "pending": 0}
+    finally:
+        db.close()
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = report["samples"]
+    t = [s["t"] for s in samples]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(t, [s["messages"] for s in samples])
+    top.set_ylabel("messages indexed")
+    top.set_title(f"Soak: {report['events']} events, {report['queries_sent']} query jobs")
+    for name in samples[0]["rss_mb"] if samples else []:
+        bottom.plot(t, [s["rss_mb"].get(name, 0) for s in samples], label=name)
+    bottom.set_ylabel("RSS (MiB)")
+    bottom.set_xlabel("seconds since the first event was produced")
+    bottom.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    lat = report["query_latency_ms"]
+    lines = ["# Tessera soak run", "",
+             "| figure | value |", "|---|---|",
+             f"| message events produced | {report['events']} |",
+             f"| messages indexed | {report['indexed']} |",
+             f"| time to index all (s) | {report['indexed_all_s'] or 'not reached'} |",
+             f"| sustained ingest (events/s) | {report['ingest_events_per_s'] or 0:.1f} |",
+             f"| query jobs sent / answered / errors | {report['queries_sent']} / {report['queries_answered']} /"
+             f" {report['query_errors']} |",
+             f"| query round trip p50 / p95 / p99 (ms) | {lat.get('p50', 0):.0f} / {lat.get('p95', 0):.0f} /"
+             f" {lat.get('p99', 0):.0f} |",
+             f"| dead letters | {report['dead_letters']} |", ""]
+    samples = report["samples"]
+    if len(samples) >= 4:
+        lines += ["RSS per process (MiB): after the first quarter of the run, at most in the last quarter, at the end.",
+                  "", "| process | first quarter | last quarter max | end |", "|---|---|---|---|"]
+        q = len(samples) // 4
+        for name in samples[0]["rss_mb"]:
+            series = [s["rss_mb"].get(name, 0) for s in samples]
+            lines.append(f"| {name} | {series[q]:.0f} | {max(series[-q:]):.0f} | {series[-1]:.0f} |")
+    lines += ["", "![soak](soak.png)", ""]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--query-seconds", type=float, default=60.0)
+    parser.add_argument("--query-rate", type=float, default=5.0, help="query jobs per second")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--out", default="results/soak")
+
+
+def main(args) -> int:
+    report = run(args.events, args.query_seconds, args.query_rate, Path(args.out), args.timeout)
+    print((Path(args.out) / "report.md").read_text())
+    return 0 if report["indexed"] == report["events"] and not report["dead_letters"] else 1
