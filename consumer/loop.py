@@ -22,7 +22,7 @@ from ops.metrics import (
     CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH,
 )
 from schemas import Result, ResultError, SchemaError, parse_message, parse_query
-from workers.app import QUEUES
+from workers.app import PUBLISH_RETRY, QUEUES
 
 log = logging.getLogger("tessera.consumer")
 
@@ -165,8 +165,7 @@ class TesseraConsumer:
 
     def _send(self, name: str, args: list, task_id: str) -> None:
         """Enqueue and return once Redis has the task (kombu publishes synchronously)."""
-        self.app.send_task(name, args=args, task_id=task_id, retry=True,
-                           retry_policy={"max_retries": None, "interval_start": 0.2, "interval_max": 2})
+        self.app.send_task(name, args=args, task_id=task_id, retry=True, retry_policy=PUBLISH_RETRY)
         self.stats.enqueued_tasks += 1
 
     def _dead_letter(self, record, exc: SchemaError) -> None:

@@ -18,6 +18,9 @@ def redis_url() -> str:
 #: longest task (an embed batch takes seconds, a VLM rerank well under a minute).
 VISIBILITY_TIMEOUT_S = int(os.environ.get("TESSERA_VISIBILITY_TIMEOUT", "3600"))
 
+#: Publishing a task waits out a Redis restart instead of failing: a lost publish would lose events.
+PUBLISH_RETRY = {"max_retries": None, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+
 app = Celery("tessera", include=["workers.tasks"])
 app.conf.update(
     broker_url=redis_url(),
@@ -42,6 +45,9 @@ app.conf.update(
     # Long tasks: a worker reserves one at a time, so a slow task never holds others hostage.
     worker_prefetch_multiplier=1,
     result_expires=24 * 3600,
+    # Storing a result across a Redis restart retries rather than failing a task whose work is done.
+    result_backend_always_retry=True,
+    result_backend_max_retries=120,
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )

@@ -49,6 +49,24 @@ def redis_client() -> redis.Redis:
     return _redis
 
 
+#: How long a task waits for Redis to come back before giving up (then it is redelivered).
+REDIS_WAIT_S = 120.0
+
+
+def with_redis(call):
+    """Run a Redis call, waiting out a restart: failing the task there would lose its work."""
+    deadline = time.monotonic() + REDIS_WAIT_S
+    delay = 0.2
+    while True:
+        try:
+            return call(redis_client())
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+
 class DeadLettered(Exception):
     """Raised in place of running a task that already killed its worker too often."""
 
@@ -73,14 +91,14 @@ class TesseraTask(Task):
         task_id = self.request.id
         if task_id and not self.request.called_directly:
             key = f"tessera:tasks:attempts:{task_id}"
-            attempts = redis_client().incr(key)
-            redis_client().expire(key, _ATTEMPTS_TTL_S)
+            attempts = with_redis(lambda r: r.incr(key))
+            with_redis(lambda r: r.expire(key, _ATTEMPTS_TTL_S))
             if attempts > MAX_DELIVERIES:
                 record = {"task_id": task_id, "task": self.name, "attempts": attempts - 1,
                           "queue": (self.request.delivery_info or {}).get("routing_key"),
                           "args": args, "kwargs": kwargs, "reason": "worker lost on every delivery"}
-                redis_client().rpush(DEAD_LETTER_KEY, json.dumps(record, default=str))
-                redis_client().delete(key)
+                with_redis(lambda r: r.rpush(DEAD_LETTER_KEY, json.dumps(record, default=str)))
+                with_redis(lambda r: r.delete(key))
                 log.error("task %s (%s) dead-lettered after %d deliveries", task_id, self.name, attempts - 1)
                 from ops.metrics import TASKS_DEAD_LETTERED
 
@@ -88,5 +106,5 @@ class TesseraTask(Task):
                 return {"dead_lettered": True}
         result = super().__call__(*args, **kwargs)
         if task_id and not self.request.called_directly:
-            redis_client().delete(f"tessera:tasks:attempts:{task_id}")
+            with_redis(lambda r: r.delete(f"tessera:tasks:attempts:{task_id}"))
         return result

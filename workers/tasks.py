@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ops.metrics import record_ingest, record_result
-from workers.app import app
+from workers.app import PUBLISH_RETRY, app
 from workers.runtime import TesseraTask, engine
 
 #: Conversations one embed task takes at most: bounds the transaction, keeps the encoder batch full.
@@ -18,7 +18,7 @@ def ingest(records: list[dict]) -> dict:
     report = engine().apply([parse_message(r) for r in records])
     record_ingest(report)
     if report.upserted or report.deleted:
-        embed.apply_async()
+        embed.apply_async(retry=True, retry_policy=PUBLISH_RETRY)
     return report.__dict__
 
 
