@@ -381,8 +381,13 @@ class Tessera:
 
         A serving process holds millions of long-lived objects (the model, the index); without
         ``gc.freeze`` every full collection walks them and stalls a query by hundreds of ms at 10k
-        fragments (measured with ``tessera bench``).
+        fragments (measured with ``tessera bench``). NumPy's BLAS gets one thread: its threads spin
+        after each small search matmul and took the cores from the query encoder (a 10 ms query
+        embedding took 75 ms at 100k fragments).
         """
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
         if hasattr(self.embedder, "warm_up"):
             self.embedder.warm_up()
         self.embedder.encode(["warm up"])

@@ -14,6 +14,7 @@ same fragment that score nearly as well, the fine-grained answer; the fragment i
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,12 +81,23 @@ class HybridSearcher:
         self.vectors = vectors
         self.keywords = keywords
         self.config = config
+        # Stores that say their searches may overlap get the keyword lists recalled in parallel.
+        concurrent = getattr(keywords, "concurrent_search", False) and getattr(vectors, "concurrent_search", False)
+        self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="recall") if concurrent else None
 
     def recall(self, text: str, vector: np.ndarray, flt: SearchFilter) -> dict[tuple[str, str], list[Hit]]:
         """The six ranked lists, each recalled inside its store under the filter."""
         c = self.config
+        depths = (("turn", c.turn_depth), ("window", c.turn_depth), ("fragment", c.fragment_depth))
         lists = {}
-        for kind, depth in (("turn", c.turn_depth), ("window", c.turn_depth), ("fragment", c.fragment_depth)):
+        if self._pool is not None:
+            pending = {kind: self._pool.submit(self.keywords.search, text, kind, flt, depth) for kind, depth in depths}
+            for kind, depth in depths:
+                lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
+            for kind, future in pending.items():
+                lists[("bm25", kind)] = future.result()
+            return lists
+        for kind, depth in depths:
             lists[("bm25", kind)] = self.keywords.search(text, kind, flt, depth)
             lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
         return lists

@@ -34,6 +34,11 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    """High-water RSS of this process image (``ru_maxrss`` would carry the forking parent's over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -128,6 +133,8 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
            "index_load_s": load_s, "rss_start_mb": rss_start, "rss_loaded_mb": rss_loaded, "rss_over_time_mb": rss,
            "index_mb": getattr(engine.vectors.inner, "memory_bytes", 0) / 2**20}
     engine.close()
+    # Tessera's own high-water mark, before the baseline loads its matrix.
+    out["peak_rss_mb"] = _peak_mb()
     if brute and store == "sqlite":
         search, nbytes = _brute_force(data / "vectors.sqlite", embedder.dim)
         lat = []
@@ -137,7 +144,6 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
             lat.append((time.perf_counter() - t) * 1000)
         out["brute_force_ms"] = _pcts(lat)
         out["brute_force_matrix_mb"] = nbytes / 2**20
-    out["peak_rss_mb"] = _peak_mb()
     return out
 
 
@@ -433,7 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--cache", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--no-brute", action="store_true")
+    r = sub.add_parser("render", help="rewrite report.md and the plots from report.json")
+    r.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
+    if args.command == "render":
+        out = Path(args.out)
+        report = json.loads((out / "report.json").read_text())
+        (out / "report.md").write_text(markdown(report, _plots(report, out)))
+        return
     if args.command == "measure":
         result = measure(Path(args.data), args.store, args.fragments, args.queries, args.encoder, args.pool,
                          Path(args.cache), not args.no_brute)

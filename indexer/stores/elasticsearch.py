@@ -69,6 +69,9 @@ def build_query(text: str, flt: SearchFilter) -> dict:
 
 
 class ElasticsearchBM25Store:
+    #: The official client is thread-safe: the keyword lists of a query go out at once.
+    concurrent_search = True
+
     def __init__(self, url: str, prefix: str = "tessera", api_key: str | None = None, client=None):
         from elasticsearch import Elasticsearch
 

@@ -55,6 +55,8 @@ class QdrantVectorStore:
             Path(path).mkdir(parents=True, exist_ok=True)
             self.client = QdrantClient(path=str(path))
         self.remote = bool(url)
+        # The HTTP client may be shared by threads; local mode's in-process collections may not.
+        self.concurrent_search = self.remote
         self.collections = {kind: f"{prefix}_{kind}" for kind in UNIT_KINDS}
         self.dim = dim
         for name in self.collections.values():

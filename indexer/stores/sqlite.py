@@ -196,6 +196,31 @@ class SqliteBM25Store(_SqliteUnits):
     row exactly. The scope column has weight 0 in ``bm25()``.
     """
 
+    #: Searches run on per-thread read connections, so the three BM25 lists of a query run at once
+    #: (SQLite releases the GIL while it steps).
+    concurrent_search = True
+
+    def __init__(self, path: str | Path):
+        self._path = Path(path)
+        self._readers = threading.local()
+        self._all_readers: list[sqlite3.Connection] = []
+        super().__init__(path)
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._readers, "db", None)
+        if db is None:
+            db = self._readers.db = connect(self._path)
+            with self._lock:
+                self._all_readers.append(db)
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all_readers:
+                db.close()
+            self._all_readers.clear()
+        super().close()
+
     def _create_index_tables(self) -> None:
         for kind in UNIT_KINDS:
             self._db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS bm25_{kind}"
@@ -251,9 +276,8 @@ class SqliteBM25Store(_SqliteUnits):
         sql = (f"SELECT {_PAYLOAD_COLUMNS}, bm25({table}, 1.0, 0.0) AS rank FROM {table}"
                f" JOIN units u ON u.rowid = {table}.rowid WHERE {table} MATCH ? AND {where}"
                " ORDER BY rank LIMIT ?")
-        with self._lock:
-            rows = self._db.execute(sql, [f"{{scope}} : ({scope}) AND {{text}} : ({expression})", *args,
-                                          limit]).fetchall()
+        rows = self._reader().execute(sql, [f"{{scope}} : ({scope}) AND {{text}} : ({expression})", *args,
+                                            limit]).fetchall()
         return [Hit(r[0], -float(r[10]), _payload(r)) for r in rows]
 
 
@@ -264,6 +288,9 @@ class SqliteVectorStore(_SqliteUnits):
     up by reading the log past the last sequence number it applied. ``compact`` empties the log and
     raises the floor; a copy older than the floor reloads from the tables.
     """
+
+    #: Thread-safe: searches serialise on the store's lock and are short.
+    concurrent_search = True
 
     def __init__(self, path: str | Path, dim: int = 384):
         self.dim = dim
