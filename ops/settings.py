@@ -20,6 +20,12 @@ ENVIRONMENT = {
     "TESSERA_ENCODER": "torch (default: sentence-transformers), onnx, or onnx-int8 (the same weights exported once"
     " and run through ONNX Runtime; int8 is ~2.4x faster on CPU, see tessera bench)",
     "TESSERA_MODEL_CACHE": "where ONNX exports of the encoder are kept (default ~/.cache/tessera)",
+    "TESSERA_IMAGE_ROOTS": "directories (path-separated) that file:// image URIs may point into; none: refused",
+    "TESSERA_IMAGE_ALLOW_HOSTS": "comma-separated hosts fetched even on private addresses (default none: no SSRF)",
+    "TESSERA_IMAGE_MAX_BYTES": "largest image fetched or decoded, bytes (default 10 MiB)",
+    "TESSERA_IMAGE_MAX_PIXELS": "largest image decoded, pixels (default 40 million; more is a decompression bomb)",
+    "TESSERA_IMAGE_TIMEOUT_S": "connect and read timeout of an image fetch (default 3)",
+    "TESSERA_S3_ENDPOINT": "http(s)://host:port serving s3://bucket/key images as /bucket/key",
     "TESSERA_METRICS_PORT": "port of /metrics and /healthz of a long-running process (consumer, worker)",
     "PROMETHEUS_MULTIPROC_DIR": "where Celery prefork children write their metrics (set by tessera stack)",
     "TESSERA_REDIS_URL": "Celery broker and result backend (default redis://127.0.0.1:6379/0)",
@@ -74,10 +80,16 @@ def open_engine(settings: Settings, embedder=None):
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     marker = data / "vector-store"
-    if marker.exists() and marker.read_text().strip() != settings.vector_store:
-        raise ValueError(f"{data} was indexed with vector store {marker.read_text().strip()!r}, "
-                         f"not {settings.vector_store!r} (TESSERA_VECTOR_STORE)")
-    marker.write_text(settings.vector_store + "\n")
+    if marker.exists():
+        recorded = marker.read_text().strip()
+        if recorded != settings.vector_store:
+            raise ValueError(f"{data} was indexed with vector store {recorded!r}, "
+                             f"not {settings.vector_store!r} (TESSERA_VECTOR_STORE)")
+    else:
+        # Several worker processes open the same data dir at once: readers never see a half-written marker.
+        tmp = marker.with_name(f".vector-store.{os.getpid()}")
+        tmp.write_text(settings.vector_store + "\n")
+        os.replace(tmp, marker)
     if settings.vector_store == "sqlite":
         vectors = SqliteVectorStore(data / "vectors.sqlite", dim=embedder.dim)
     elif settings.vector_store == "qdrant":
