@@ -73,6 +73,8 @@ def _brute_force(vectors_path: Path, dim: int):
     """All turn vectors in one matrix plus who may see each: the search a team writes first."""
     import sqlite3
 
+    from indexer.stores.base import EVERYONE
+
     db = sqlite3.connect(str(vectors_path))
     rows = db.execute("SELECT u.tenant_id, u.visible_to, u.unit_id, v.vector FROM units u JOIN unit_vectors v"
                       " ON v.rowid = u.rowid WHERE u.kind='turn'").fetchall()
@@ -85,7 +87,7 @@ def _brute_force(vectors_path: Path, dim: int):
         out = []
         for i in np.argsort(-scores):
             t, visible, unit_id = meta[i]
-            if t == tenant and (user in visible or "*" in visible):
+            if t == tenant and (user in visible or EVERYONE in visible):
                 out.append(unit_id)
                 if len(out) == k:
                     break

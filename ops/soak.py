@@ -127,7 +127,7 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
         bar = tqdm(total=len(lines), desc="indexed", file=sys.stderr)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            progress = _progress(stack.data_dir)
+            progress = index_progress(stack.data_dir)
             now = time.perf_counter() - t0
             samples.append({"t": now, **progress, "rss_mb": {name: _rss_mb(pid) for name, pid in pids.items()
                                                              if name in ("consumer", "worker-0", "worker-1", "redis",
@@ -171,17 +171,19 @@ def _iter(topic: str):
     return iter_topic(topic, 3.0)
 
 
-def _progress(data_dir: Path) -> dict:
+def index_progress(data_dir: Path) -> dict:
+    """Messages, fragments and pending marks of a data dir, read from another process's files."""
     import sqlite3
 
+    empty = {"messages": 0, "fragments": 0, "pending": 0}
     path = data_dir / "state.sqlite"
     if not path.exists():
-        return {"messages": 0, "pending": 0}
+        return empty
     db = sqlite3.connect(path, timeout=30)
     try:
-        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("messages", "pending")}
+        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in empty}
     except sqlite3.OperationalError:
-        return {"messages": 0, "pending": 0}
+        return empty
     finally:
         db.close()
 

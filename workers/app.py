@@ -45,9 +45,9 @@ app.conf.update(
     # Long tasks: a worker reserves one at a time, so a slow task never holds others hostage.
     worker_prefetch_multiplier=1,
     result_expires=24 * 3600,
-    # Storing a result across a Redis restart retries rather than failing a task whose work is done.
-    result_backend_always_retry=True,
-    result_backend_max_retries=120,
+    # Answers travel on tessera.results; storing task results would only add Redis writes that can
+    # fail a finished task during a Redis restart.
+    task_ignore_result=True,
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 
@@ -72,7 +73,16 @@ class DeadLettered(Exception):
 
 
 class TesseraTask(Task):
-    """Counts deliveries; gives up on a task that keeps killing workers; clears the count on success."""
+    """Counts deliveries; gives up on a task that keeps killing workers; clears the count on success.
+
+    A task that raises (a store busy past its timeout, Redis gone for minutes) is retried with
+    backoff; one that still fails is dead-lettered with its arguments, never dropped.
+    """
+
+    autoretry_for = (sqlite3.OperationalError, redis.ConnectionError, redis.TimeoutError)
+    retry_backoff = 1
+    retry_backoff_max = 60
+    max_retries = 8
 
     def __call__(self, *args, **kwargs):
         from ops.metrics import TASK_SECONDS, TASKS
@@ -94,17 +104,26 @@ class TesseraTask(Task):
             attempts = with_redis(lambda r: r.incr(key))
             with_redis(lambda r: r.expire(key, _ATTEMPTS_TTL_S))
             if attempts > MAX_DELIVERIES:
-                record = {"task_id": task_id, "task": self.name, "attempts": attempts - 1,
-                          "queue": (self.request.delivery_info or {}).get("routing_key"),
-                          "args": args, "kwargs": kwargs, "reason": "worker lost on every delivery"}
-                with_redis(lambda r: r.rpush(DEAD_LETTER_KEY, json.dumps(record, default=str)))
+                self._dead_letter(args, kwargs, "worker lost on every delivery", attempts=attempts - 1)
                 with_redis(lambda r: r.delete(key))
-                log.error("task %s (%s) dead-lettered after %d deliveries", task_id, self.name, attempts - 1)
-                from ops.metrics import TASKS_DEAD_LETTERED
-
-                TASKS_DEAD_LETTERED.labels(self.name).inc()
                 return {"dead_lettered": True}
-        result = super().__call__(*args, **kwargs)
-        if task_id and not self.request.called_directly:
-            with_redis(lambda r: r.delete(f"tessera:tasks:attempts:{task_id}"))
-        return result
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            # Returned or raised: the worker survived this delivery, so it does not count as a loss.
+            if task_id and not self.request.called_directly:
+                with_redis(lambda r: r.delete(f"tessera:tasks:attempts:{task_id}"))
+
+    def _dead_letter(self, args, kwargs, reason: str, **extra) -> None:
+        from ops.metrics import TASKS_DEAD_LETTERED
+
+        record = {"task_id": self.request.id, "task": self.name,
+                  "queue": (self.request.delivery_info or {}).get("routing_key"),
+                  "args": args, "kwargs": kwargs, "reason": reason, **extra}
+        with_redis(lambda r: r.rpush(DEAD_LETTER_KEY, json.dumps(record, default=str)))
+        log.error("task %s (%s) dead-lettered: %s", self.request.id, self.name, reason)
+        TASKS_DEAD_LETTERED.labels(self.name).inc()
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        """Out of retries, or an error no retry helps: keep the task's input where an operator finds it."""
+        self._dead_letter(args, kwargs, f"failed: {exc!r}")

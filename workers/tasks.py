@@ -49,7 +49,7 @@ def delete_conversation(conversation_id: str, tenant_id: str | None = None) -> d
 
 @app.task(name="tessera.query", base=TesseraTask)
 def query(record: dict) -> dict:
-    """Answer one query job; the result is returned (readable by job id) and published."""
+    """Answer one query job and publish the result on ``tessera.results``."""
     from schemas import parse_query
     from workers.results import publish
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -59,12 +60,29 @@ def match_expression(text: str) -> str | None:
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms[:64])
 
 
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch a new database to WAL. The switch needs an exclusive lock and SQLite answers "locked" at
+    once, without its busy handler, while another process creates the same file: wait and retry."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.01
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(0.5, delay * 2)
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """A connection shared by the threads of one process, safe next to other processes."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    db.execute("PRAGMA journal_mode=WAL")
+    _use_wal(db)
     db.execute("PRAGMA synchronous=NORMAL")
     # Freed pages are zeroed: a deleted message must not linger in the file.
     db.execute("PRAGMA secure_delete=ON")

@@ -16,6 +16,7 @@ import pytest
 from consumer.topics import MESSAGES, QUERIES
 from ops.demo.generate import generate
 from ops.settings import Settings, open_engine
+from ops.soak import index_progress
 from ops.stack import Stack
 
 #: Seconds before Redis hands an unacknowledged task to another worker, short so that tests see a
@@ -76,24 +77,8 @@ def produce_queries(lines: list[bytes]) -> None:
     produce(lines, QUERIES, "job_id")
 
 
-def state_counts(data_dir: Path) -> dict:
-    """Messages, fragments and pending marks of a data dir, read from another process's files."""
-    import sqlite3
-
-    path = data_dir / "state.sqlite"
-    if not path.exists():
-        return {"messages": 0, "fragments": 0, "pending": 0}
-    db = sqlite3.connect(path, timeout=30)
-    try:
-        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("messages", "fragments", "pending")}
-    except sqlite3.OperationalError:
-        return {"messages": 0, "fragments": 0, "pending": 0}
-    finally:
-        db.close()
-
-
 def indexed(data_dir: Path, messages: int):
-    counts = state_counts(data_dir)
+    counts = index_progress(data_dir)
     return counts if counts["messages"] == messages and counts["pending"] == 0 and counts["fragments"] else None
 
 

@@ -11,14 +11,14 @@ import signal
 from consumer.produce import ensure_topics
 from consumer.topics import MESSAGES
 from tests.integration.conftest import (
-    committed, copies, indexed, open_stack_engine, produce, reference_engine, snapshot, state_counts, wait_until,
+    committed, copies, index_progress, indexed, open_stack_engine, produce, reference_engine, snapshot, wait_until,
 )
 
 INDEX_TIMEOUT = 300
 
 
 def _under_way(stack) -> dict:
-    return wait_until(lambda: (lambda c: c if c["messages"] and c["pending"] else None)(state_counts(stack.data_dir)),
+    return wait_until(lambda: (lambda c: c if c["messages"] and c["pending"] else None)(index_progress(stack.data_dir)),
                       120, "indexing under way")
 
 

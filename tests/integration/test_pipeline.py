@@ -13,7 +13,8 @@ from consumer.topics import MESSAGES, RESULTS, dlq
 from ops.demo.topics import EXAMPLE_QUERIES
 from schemas import QUERY_SCHEMA, QueryJob
 from tests.integration.conftest import (
-    committed, copies, indexed, open_stack_engine, produce, produce_queries, reference_engine, snapshot, state_counts, wait_until,
+    committed, copies, index_progress, indexed, open_stack_engine, produce, produce_queries, reference_engine,
+    snapshot, wait_until,
 )
 
 INDEX_TIMEOUT = 240
@@ -90,7 +91,7 @@ def test_query_jobs_come_back_on_the_results_topic(stack, demo_events):
     producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all")
     producer.send(MESSAGES, key=b"acme-dm-chloe-dev", value=None).get(timeout=30)
     producer.close()
-    wait_until(lambda: state_counts(stack.data_dir)["messages"] == len(demo_events) - conversation_size(
+    wait_until(lambda: index_progress(stack.data_dir)["messages"] == len(demo_events) - conversation_size(
         demo_events, "acme-dm-chloe-dev"), 120, "the conversation deleted")
 
 
@@ -117,18 +118,25 @@ def test_a_task_that_keeps_killing_workers_is_dead_lettered(stack):
     record = json.loads(dead[0])
     assert record["task_id"] == task_id and record["attempts"] == MAX_DELIVERIES
     assert record["task"] == "tessera.ingest" and record["args"][0][0]["event_id"] == "p1"
-    assert state_counts(stack.data_dir)["messages"] == 0
+    assert index_progress(stack.data_dir)["messages"] == 0
     # A healthy task runs and leaves no delivery count behind.
     app.send_task("tessera.ingest", args=[[{**event, "event_id": "p2"}]], task_id="ingest:healthy")
-    wait_until(lambda: state_counts(stack.data_dir)["messages"] == 1, 120, "the healthy task")
+    wait_until(lambda: index_progress(stack.data_dir)["messages"] == 1, 120, "the healthy task")
     wait_until(lambda: not client.exists("tessera:tasks:attempts:ingest:healthy"), 30, "the count cleared")
+    # A task that fails for good is dead-lettered with its input, not dropped.
+    app.send_task("tessera.ingest", args=[[{"schema": "tessera.message.v1", "event_id": "broken"}]],
+                  task_id="ingest:broken")
+    dead = wait_until(lambda: client.lrange(DEAD_LETTER_KEY, 1, -1), 120, "the failed task dead-lettered")
+    record = json.loads(dead[0])
+    assert record["task_id"] == "ingest:broken" and "tenant_id" in record["reason"]
+    assert record["args"][0][0]["event_id"] == "broken"
 
 
 def test_sigkill_of_a_worker_mid_ingest_loses_and_doubles_nothing(stack, demo_events, embedder, tmp_path):
     stack.start()
     events = copies(demo_events, 4)
     produce(events)
-    at_kill = wait_until(lambda: (lambda c: c if c["messages"] and c["pending"] else None)(state_counts(stack.data_dir)),
+    at_kill = wait_until(lambda: (lambda c: c if c["messages"] and c["pending"] else None)(index_progress(stack.data_dir)),
                          120, "indexing under way")
     stack.kill("worker-0", signal.SIGKILL)
     assert indexed(stack.data_dir, len(events)) is None, f"the kill came too late to test anything: {at_kill}"
