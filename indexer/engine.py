@@ -6,26 +6,42 @@ inputs and outputs between queues.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from indexer import ids
+from indexer import ids, timeparse
+from indexer.clarify import SpanView, answered_clarification, clarify
 from indexer.embedder import Embedder
-from indexer.rewrite import rewrite
+from indexer.images import ImageError
+from indexer.rewrite import Rewriter, RuleRewriter
 from indexer.search import HybridSearcher, SearchConfig, Span
 from indexer.segmenter import ImageInfo, SegmenterConfig, Turn, segment
 from indexer.state import ConversationState, FragmentRecord, SortKey
 from indexer.stores.base import EVERYONE, KeywordStore, SearchFilter, Unit, VectorStore
 from indexer.text import render_turn, snippet, words
-from schemas import MessageEvent, QueryJob, Result, ResultError, ResultFragment, ResultImage
+from indexer.vision import ImageBatch, ImageIndexer, turn_image_vector
+from schemas import (
+    CandidateImage, CandidateTurn, ClarifyingQuestion, MessageEvent, QueryJob, ReasonCandidate, ReasonRequest, Result,
+    ResultError, ResultFragment, ResultImage,
+)
 
 #: Query vectors kept per process: the same query text is often asked again (paging, retries).
 QUERY_CACHE_SIZE = 1024
+#: Fragments handed to the VLM reasoning stage, whatever the job's top_k (it reranks them).
+REASON_CANDIDATES = 20
+
+
+class Reasoner(Protocol):
+    """The fine-grained reasoning stage over recalled candidates (the VLM worker's model)."""
+
+    def answer(self, request: ReasonRequest) -> Result: ...
 
 
 @dataclass
@@ -38,10 +54,17 @@ class IngestReport:
     encoded: int = 0
     #: Events older than the version already applied (late edits), ignored.
     stale: int = 0
+    images_embedded: int = 0
+    #: Images that could not be fetched or decoded, by refusal code; their turns index the caption.
+    image_failures: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: "IngestReport") -> None:
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            if name == "image_failures":
+                for code, n in other.image_failures.items():
+                    self.image_failures[code] = self.image_failures.get(code, 0) + n
+            else:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
@@ -96,13 +119,21 @@ def _unit_vector(vectors: Sequence[np.ndarray], weights: Sequence[float] | None 
 
 class Tessera:
     def __init__(self, state: ConversationState, vectors: VectorStore, keywords: KeywordStore, embedder: Embedder,
-                 segmenter_config: SegmenterConfig = SegmenterConfig(), search_config: SearchConfig = SearchConfig()):
+                 segmenter_config: SegmenterConfig = SegmenterConfig(), search_config: SearchConfig = SearchConfig(),
+                 images: ImageIndexer | None = None, rewriter: Rewriter | None = None,
+                 reasoner: Reasoner | None = None, clarify: bool = True):
         self.state = state
         self.vectors = vectors
         self.keywords = keywords
         self.embedder = embedder
         self.segmenter_config = segmenter_config
         self.searcher = HybridSearcher(vectors, keywords, search_config)
+        #: Image fetching and embedding; None: images count through their captions only.
+        self.images = images
+        self.rewriter = rewriter or RuleRewriter()
+        #: In-process reasoning stage (embedded mode); the distributed query task hands off instead.
+        self.reasoner = reasoner
+        self.clarify = clarify
         self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     # ---- ingest -------------------------------------------------------------------------------------
@@ -184,15 +215,29 @@ class Tessera:
             texts += [render_turn(t) for t in self.state.turns_without_vector(tenant_id, conversation_id)]
         return list(dict.fromkeys(texts))
 
+    def pending_image_uris(self, max_conversations: int | None = None) -> list[str]:
+        """Image URIs of turns waiting for a vector, to fetch and embed outside the write lock."""
+        if self.images is None:
+            return []
+        uris = []
+        for tenant_id, conversation_id, _ in self.state.pending(max_conversations):
+            uris += [i.uri for t in self.state.turns_without_vector(tenant_id, conversation_id) for i in t.images]
+        return list(dict.fromkeys(uris))
+
+    def embed_images(self, uris: Sequence[str]) -> ImageBatch:
+        return self.images.embed_uris(uris) if self.images is not None and uris else ImageBatch()
+
     def index_pending(self, vectors: dict[str, np.ndarray] | None = None,
-                      max_conversations: int | None = None) -> IngestReport:
+                      max_conversations: int | None = None, images: ImageBatch | None = None) -> IngestReport:
         """Encode, re-segment and index the conversations marked by ``apply``.
 
         One transaction on the state: SQLite's write lock makes it the only writer of these
-        conversations' segmentation state, whichever process or thread runs it.
+        conversations' segmentation state, whichever process or thread runs it. ``images`` may carry
+        image vectors from ``embed_images``; images still missing are fetched here.
         """
         report = IngestReport()
         known = vectors or {}
+        images = images or ImageBatch()
         with self.state.transaction():
             pending = self.state.pending(max_conversations)
             waiting = [(tenant_id, conversation_id, turn) for tenant_id, conversation_id, _ in pending
@@ -200,9 +245,21 @@ class Tessera:
             texts = [render_turn(t) for _, _, t in waiting]
             missing = list(dict.fromkeys(t for t in texts if t not in known))
             fresh = dict(zip(missing, self.embedder.encode(missing))) if missing else {}
+            if self.images is not None:
+                uris = list(dict.fromkeys(i.uri for _, _, t in waiting for i in t.images))
+                todo = [u for u in uris if u not in images.vectors and u not in images.failures]
+                extra = self.embed_images(todo)
+                images = ImageBatch({**images.vectors, **extra.vectors}, {**images.failures, **extra.failures})
+                report.images_embedded += sum(1 for u in uris if u in images.vectors)
+                for uri in uris:
+                    if uri in images.failures:
+                        code = images.failures[uri]
+                        report.image_failures[code] = report.image_failures.get(code, 0) + 1
             for (tenant_id, conversation_id, turn), text in zip(waiting, texts):
                 vector = known[text] if text in known else fresh[text]
-                self.state.set_vector(tenant_id, conversation_id, turn.message_id, vector)
+                image_vector = turn_image_vector([i.uri for i in turn.images], images.vectors) \
+                    if self.images is not None else None
+                self.state.set_vector(tenant_id, conversation_id, turn.message_id, vector, image_vector)
             report.encoded += len(missing)
             for tenant_id, conversation_id, change in pending:
                 report.add(self._resegment(tenant_id, conversation_id, _ConversationChange.from_dict(change)))
@@ -269,7 +326,7 @@ class Tessera:
             ts = turn.sent_at.timestamp()
             base = dict(message_ids=[turn.message_id], sender_ids=[turn.sender_id], start_ts=ts, end_ts=ts, **common)
             units.append(Unit(ids.turn_unit_id(fragment.tenant_id, fragment.conversation_id, turn.message_id, "turn"),
-                              "turn", text=texts[i], vector=turn.vector, **base))
+                              "turn", text=texts[i], vector=turn.vector, image_vector=turn.image_vector, **base))
             lo, hi = max(0, i - 1), min(len(members), i + 2)
             # The turn itself counts twice: the window adds context without drowning the turn.
             weights = [2.0 if j == i else 1.0 for j in range(lo, hi)]
@@ -331,43 +388,126 @@ class Tessera:
         return vector
 
     def query(self, job: QueryJob) -> Result:
+        """Answer a job in this process, reasoning stage included."""
+        out = self.answer(job, vlm_available=self.reasoner is not None)
+        if isinstance(out, ReasonRequest):
+            return self.reasoner.answer(out)
+        return out
+
+    def _filter(self, job: QueryJob, when: timeparse.TimeConstraint) -> SearchFilter:
+        """The job's filters, narrowed by the time its words name (both bounds apply)."""
+        f = job.filters
+        after = [d.timestamp() for d in (f.sent_after, when.sent_after) if d is not None]
+        before = [d.timestamp() for d in (f.sent_before, when.sent_before) if d is not None]
+        return SearchFilter(
+            tenant_id=job.tenant_id, user_id=job.user_id, conversation_id=f.conversation_id,
+            sender_ids=tuple(f.participants or ()), sent_after=max(after) if after else None,
+            sent_before=min(before) if before else None,
+        )
+
+    def _anchor(self, flt: SearchFilter, when: timeparse.TimeConstraint) -> SearchFilter:
+        """Date "before the trip": the time of the turn that best matches the anchor bounds the search."""
+        ts = self.searcher.locate(when.anchor, self._embed_query(when.anchor), flt)
+        if ts is None:
+            return flt
+        if when.anchor_side == "before":
+            return dataclasses.replace(flt, sent_before=min(ts, flt.sent_before) if flt.sent_before else ts)
+        return dataclasses.replace(flt, sent_after=max(ts, flt.sent_after) if flt.sent_after else ts)
+
+    def answer(self, job: QueryJob, vlm_available: bool = False) -> Result | ReasonRequest:
+        """Rewrite, recall, fuse and select spans; returns the result, or the reasoning stage's work.
+
+        With ``vlm_available`` and a job that allows it, the top candidates come back as a
+        ``ReasonRequest`` for the VLM; an ambiguous query comes back as a ``clarify`` result.
+        """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        if job.reasoning == "vlm":
+        if job.reasoning == "vlm" and not vlm_available:
             return Result(job_id=job.job_id, status="error", error=ResultError(
-                code="reasoning_unavailable", message="reasoning 'vlm' needs a configured VLM reasoning worker"))
-        text = rewrite(job.query, job.history)
+                code="reasoning_unavailable",
+                message="reasoning 'vlm' needs a VLM reasoning worker (TESSERA_VLM_MODEL on a worker of queue 'reason')"))
+        text = self.rewriter.rewrite(job.query, job.history) if job.query.strip() else ""
+        when = timeparse.parse(text, job.asked_at or datetime.now(timezone.utc))
+        search_text = when.text if not when.empty else text
+        flt = self._filter(job, when)
         timings["rewrite"] = (time.perf_counter() - t0) * 1000
-        f = job.filters
-        flt = SearchFilter(
-            tenant_id=job.tenant_id, user_id=job.user_id, conversation_id=f.conversation_id,
-            sender_ids=tuple(f.participants or ()),
-            sent_after=f.sent_after.timestamp() if f.sent_after else None,
-            sent_before=f.sent_before.timestamp() if f.sent_before else None,
-        )
         t1 = time.perf_counter()
-        vector = self._embed_query(text)
+        if when.anchor:
+            flt = self._anchor(flt, when)
+        vector = self._embed_query(search_text) if search_text.strip() else None
+        image_queries: list[np.ndarray] = []
+        if job.image is not None or (self.images is not None and search_text.strip()):
+            if self.images is None:
+                if vector is None:
+                    return self._error(job, "image_search_unavailable",
+                                       "image: searching by image needs an image model (TESSERA_IMAGE_MODEL)")
+            else:
+                if job.image is not None:
+                    try:
+                        image_queries.append(self.images.embed_query_image(job.image.uri))
+                    except ImageError as exc:
+                        return self._error(job, f"image_{exc.code}", f"image.uri: {exc}")
+                if search_text.strip():
+                    image_queries.append(self.images.embed_query_text(search_text))
         timings["embed"] = (time.perf_counter() - t1) * 1000
         t2 = time.perf_counter()
-        lists = self.searcher.recall(text, vector, flt)
+        lists = self.searcher.recall(search_text, vector, flt, image_queries)
         timings["recall"] = (time.perf_counter() - t2) * 1000
         t3 = time.perf_counter()
-        named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(text))))
+        named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(search_text))))
         candidates = self.searcher.fuse(lists, named)
         timings["fusion"] = (time.perf_counter() - t3) * 1000
         t4 = time.perf_counter()
+        reason = vlm_available and job.reasoning != "fast"
         fragment_ids = list(dict.fromkeys(c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)))
         records = self.state.fragments_by_id(fragment_ids)
-        spans = self.searcher.spans(candidates, {fid: r.message_ids for fid, r in records.items()}, job.top_k)
-        fragments = [self._result_fragment(span, records[span.fragment_id]) for span in spans]
+        depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
+        spans = self.searcher.spans(candidates, {fid: r.message_ids for fid, r in records.items()}, depth)
+        turns = {span.fragment_id: self.state.turns_by_id(job.tenant_id, span.conversation_id,
+                                                           records[span.fragment_id].message_ids) for span in spans}
+        fragments = [self._result_fragment(span, records[span.fragment_id], turns[span.fragment_id])
+                     for span in spans[:job.top_k]]
+        question = None
+        if self.clarify and not job.filters.conversation_id and not answered_clarification([t.role for t in job.history]):
+            views = [self._view(span, records[span.fragment_id], turns[span.fragment_id]) for span in spans[:job.top_k]]
+            found = clarify(search_text, views)
+            if found is not None:
+                question = ClarifyingQuestion(text=found.text, options=list(found.options))
+        if reason and question is None:
+            timings["fusion"] += (time.perf_counter() - t4) * 1000
+            return ReasonRequest(job=job, rewritten_query=text, timings_ms=timings, candidates=[
+                self._candidate(span, records[span.fragment_id], turns[span.fragment_id]) for span in spans])
         # The CPU span selector is the reasoning stage when no VLM worker takes it.
         timings["reasoning"] = (time.perf_counter() - t4) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000
-        return Result(job_id=job.job_id, status="ok", rewritten_query=text, fragments=fragments,
+        return Result(job_id=job.job_id, status="clarify" if question else "ok", rewritten_query=text,
+                      fragments=fragments, clarifying_question=question, reasoned_by="cpu",
                       timings_ms={k: round(v, 3) for k, v in timings.items()})
 
-    def _result_fragment(self, span: Span, record: FragmentRecord) -> ResultFragment:
-        turns = self.state.turns_by_id(record.tenant_id, record.conversation_id, span.message_ids)
+    @staticmethod
+    def _error(job: QueryJob, code: str, message: str) -> Result:
+        return Result(job_id=job.job_id, status="error", error=ResultError(code=code, message=message))
+
+    @staticmethod
+    def _view(span: Span, record: FragmentRecord, turns: dict[str, Turn]) -> SpanView:
+        members = [turns[m] for m in record.message_ids if m in turns]
+        chosen = [turns[m] for m in span.message_ids if m in turns]
+        return SpanView(
+            conversation_id=span.conversation_id, start_at=record.start_at, score=span.score,
+            people=tuple(sorted({t.sender_name or t.sender_id for t in members})),
+            captions=tuple(i.caption for t in chosen for i in t.images if i.caption),
+            text=" ".join(t.text for t in chosen))
+
+    @staticmethod
+    def _candidate(span: Span, record: FragmentRecord, turns: dict[str, Turn]) -> ReasonCandidate:
+        return ReasonCandidate(
+            fragment_id=span.fragment_id, conversation_id=span.conversation_id, start_at=record.start_at,
+            end_at=record.end_at, score=span.score, span_message_ids=span.message_ids,
+            turns=[CandidateTurn(message_id=t.message_id, speaker=t.sender_name or t.sender_id, sent_at=t.sent_at,
+                                 text=t.text, images=[CandidateImage(uri=i.uri, caption=i.caption) for i in t.images])
+                   for t in (turns[m] for m in record.message_ids if m in turns)])
+
+    def _result_fragment(self, span: Span, record: FragmentRecord, turns: dict[str, Turn]) -> ResultFragment:
         ordered = [turns[m] for m in span.message_ids if m in turns]
         images = [ResultImage(message_id=t.message_id, uri=i.uri, caption=i.caption) for t in ordered for i in t.images]
         return ResultFragment(
@@ -388,8 +528,9 @@ class Tessera:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(limits=1, user_api="blas")
-        if hasattr(self.embedder, "warm_up"):
-            self.embedder.warm_up()
+        for model in (self.embedder, self.images, self.rewriter, self.reasoner):
+            if hasattr(model, "warm_up"):
+                model.warm_up()
         self.embedder.encode(["warm up"])
         for store in (self.vectors, self.keywords):
             if hasattr(store, "warm_up"):
@@ -398,6 +539,8 @@ class Tessera:
         gc.freeze()
 
     def close(self) -> None:
+        if self.images is not None:
+            self.images.close()
         self.vectors.close()
         self.keywords.close()
         self.state.close()

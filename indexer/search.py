@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -41,6 +42,8 @@ class SearchConfig:
     span_ratio: float = 0.9
     #: Longest span, in turns.
     span_max_turns: int = 3
+    #: Weight of each image list (query image or query words against turn image vectors).
+    image_weight: float = 0.5
 
 
 @dataclass
@@ -76,6 +79,16 @@ def _message_of(hit: Hit) -> str:
     return hit.payload["message_ids"][0]
 
 
+def _candidate_of(candidates: dict[str, Candidate], hit: Hit) -> Candidate:
+    """The candidate of the hit's turn; keyed by (conversation, message) so every list meets there."""
+    key = hit.payload["conversation_id"] + "\x1f" + _message_of(hit)
+    cand = candidates.get(key)
+    if cand is None:
+        cand = candidates[key] = Candidate(hit.unit_id, _message_of(hit), hit.payload["conversation_id"],
+                                           hit.payload["fragment_id"], list(hit.payload["sender_ids"]))
+    return cand
+
+
 class HybridSearcher:
     def __init__(self, vectors: VectorStore, keywords: KeywordStore, config: SearchConfig = SearchConfig()):
         self.vectors = vectors
@@ -85,22 +98,47 @@ class HybridSearcher:
         concurrent = getattr(keywords, "concurrent_search", False) and getattr(vectors, "concurrent_search", False)
         self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="recall") if concurrent else None
 
-    def recall(self, text: str, vector: np.ndarray, flt: SearchFilter) -> dict[tuple[str, str], list[Hit]]:
-        """The six ranked lists, each recalled inside its store under the filter."""
+    def recall(self, text: str, vector: np.ndarray | None, flt: SearchFilter,
+               image_queries: Sequence[np.ndarray] = ()) -> dict[tuple[str, str], list[Hit]]:
+        """The six ranked lists, each recalled inside its store under the filter, plus one list of
+        turns by image vector per query vector in the image model's space (``("image", "q<i>")``).
+
+        No ``vector`` (a query by image alone): the dense text lists are empty.
+        """
         c = self.config
         depths = (("turn", c.turn_depth), ("window", c.turn_depth), ("fragment", c.fragment_depth))
-        lists = {}
+        lists: dict[tuple[str, str], list[Hit]] = {}
+
+        def dense(kind: str, depth: int) -> list[Hit]:
+            return self.vectors.search(vector, kind, flt, depth) if vector is not None else []
+
         if self._pool is not None:
             pending = {kind: self._pool.submit(self.keywords.search, text, kind, flt, depth) for kind, depth in depths}
             for kind, depth in depths:
-                lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
+                lists[("dense", kind)] = dense(kind, depth)
             for kind, future in pending.items():
                 lists[("bm25", kind)] = future.result()
-            return lists
-        for kind, depth in depths:
-            lists[("bm25", kind)] = self.keywords.search(text, kind, flt, depth)
-            lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
+        else:
+            for kind, depth in depths:
+                lists[("bm25", kind)] = self.keywords.search(text, kind, flt, depth)
+                lists[("dense", kind)] = dense(kind, depth)
+        for i, query in enumerate(image_queries):
+            lists[("image", f"q{i}")] = self.vectors.search(query, "turn", flt, c.turn_depth, "image")
         return lists
+
+    def locate(self, text: str, vector: np.ndarray, flt: SearchFilter) -> float | None:
+        """When the turn that best matches ``text`` was sent (dates "before the trip")."""
+        c = self.config
+        scores: dict[str, float] = defaultdict(float)
+        times: dict[str, float] = {}
+        for hits in (self.keywords.search(text, "turn", flt, c.turn_depth),
+                     self.vectors.search(vector, "turn", flt, c.turn_depth)):
+            for unit_id, value in normalise(hits).items():
+                scores[unit_id] += value
+            times.update((h.unit_id, h.payload["start_ts"]) for h in hits)
+        if not scores:
+            return None
+        return times[max(scores, key=lambda u: (scores[u], u))]
 
     def fuse(self, lists: dict[tuple[str, str], list[Hit]], named_senders: set[str]) -> dict[str, Candidate]:
         """Score every recalled turn; keyed by (conversation, message) so turn and window hits meet."""
@@ -117,13 +155,13 @@ class HybridSearcher:
                 hits = lists[(method, kind)]
                 norm = normalise(hits)
                 for hit in hits:
-                    key = hit.payload["conversation_id"] + "\x1f" + _message_of(hit)
-                    cand = candidates.get(key)
-                    if cand is None:
-                        cand = candidates[key] = Candidate(
-                            hit.unit_id, _message_of(hit), hit.payload["conversation_id"],
-                            hit.payload["fragment_id"], list(hit.payload["sender_ids"]))
-                    cand.score += weight * share * norm[hit.unit_id]
+                    _candidate_of(candidates, hit).score += weight * share * norm[hit.unit_id]
+        for key, hits in lists.items():
+            if key[0] != "image":
+                continue
+            norm = normalise(hits)
+            for hit in hits:
+                _candidate_of(candidates, hit).score += c.image_weight * norm[hit.unit_id]
         for cand in candidates.values():
             cand.score += c.fragment_weight * fragment_score.get(cand.fragment_id, 0.0)
             if named_senders and named_senders.intersection(cand.sender_ids):

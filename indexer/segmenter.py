@@ -31,6 +31,8 @@ class Turn:
     sender_name: str | None = None
     images: tuple[ImageInfo, ...] = ()
     vector: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: Mean vector of the turn's images in the image model's space, when one is configured.
+    image_vector: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def has_image(self) -> bool:

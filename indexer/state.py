@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS sender_tokens (
 """
 
 SortKey = tuple[float, str]
+_TURN_COLUMNS = "message_id, sender_id, sender_name, sent_at, text, images, vector, image_vector"
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,13 @@ class FragmentRecord:
 
 
 def _turn_from_row(row) -> Turn:
-    message_id, sender_id, sender_name, sent_at, text, images, vector = row
+    message_id, sender_id, sender_name, sent_at, text, images, vector, image_vector = row
     return Turn(
         message_id=message_id, sender_id=sender_id, sender_name=sender_name,
         sent_at=datetime.fromisoformat(sent_at), text=text,
         images=tuple(ImageInfo(i["uri"], i.get("caption")) for i in json.loads(images)),
         vector=np.frombuffer(vector, dtype=np.float32) if vector is not None else None,
+        image_vector=np.frombuffer(image_vector, dtype=np.float32) if image_vector is not None else None,
     )
 
 
@@ -90,6 +92,9 @@ class ConversationState:
         if "version" not in columns:
             # Data dirs written before edit versions existed.
             self._db.execute("ALTER TABLE messages ADD COLUMN version REAL NOT NULL DEFAULT 0")
+        if "image_vector" not in columns:
+            # The mean vector of a turn's embedded images (image model configured); added after v0.1.
+            self._db.execute("ALTER TABLE messages ADD COLUMN image_vector BLOB")
         self.lock = threading.RLock()
 
     @contextmanager
@@ -125,7 +130,7 @@ class ConversationState:
 
     def get_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> Turn | None:
         row = self._db.execute(
-            "SELECT message_id, sender_id, sender_name, sent_at, text, images, vector FROM messages"
+            f"SELECT {_TURN_COLUMNS} FROM messages"
             " WHERE tenant_id=? AND conversation_id=? AND message_id=?", (tenant_id, conversation_id, message_id),
         ).fetchone()
         return _turn_from_row(row) if row else None
@@ -133,11 +138,13 @@ class ConversationState:
     def put_turn(self, tenant_id: str, conversation_id: str, turn: Turn, reply_to: str | None,
                  version: float = 0.0) -> None:
         vector = turn.vector.astype(np.float32).tobytes() if turn.vector is not None else None
+        image_vector = turn.image_vector.astype(np.float32).tobytes() if turn.image_vector is not None else None
         self._db.execute(
-            "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO messages (tenant_id, conversation_id, message_id, sender_id, sender_name, sent_at,"
+            " sent_ts, text, images, reply_to, vector, version, image_vector) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (tenant_id, conversation_id, turn.message_id, turn.sender_id, turn.sender_name,
              turn.sent_at.isoformat(), turn.sent_at.timestamp(), turn.text, images_json(turn.images), reply_to,
-             vector, version),
+             vector, version, image_vector),
         )
         self._db.executemany("INSERT OR IGNORE INTO sender_tokens VALUES (?,?,?)",
                              [(tenant_id, tok, turn.sender_id) for tok in name_tokens(turn.sender_name)])
@@ -154,16 +161,19 @@ class ConversationState:
                                f" AND message_id IN ({marks})", [tenant_id, conversation_id, *message_ids]).fetchone()
         return row[0] or 0.0
 
-    def set_vector(self, tenant_id: str, conversation_id: str, message_id: str, vector: np.ndarray) -> None:
-        self._db.execute("UPDATE messages SET vector=? WHERE tenant_id=? AND conversation_id=? AND message_id=?",
-                         (vector.astype(np.float32).tobytes(), tenant_id, conversation_id, message_id))
+    def set_vector(self, tenant_id: str, conversation_id: str, message_id: str, vector: np.ndarray,
+                   image_vector: np.ndarray | None = None) -> None:
+        image = image_vector.astype(np.float32).tobytes() if image_vector is not None else None
+        self._db.execute("UPDATE messages SET vector=?, image_vector=? WHERE tenant_id=? AND conversation_id=?"
+                         " AND message_id=?",
+                         (vector.astype(np.float32).tobytes(), image, tenant_id, conversation_id, message_id))
 
     def delete_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> None:
         self._db.execute("DELETE FROM messages WHERE tenant_id=? AND conversation_id=? AND message_id=?",
                          (tenant_id, conversation_id, message_id))
 
     def turns(self, tenant_id: str, conversation_id: str, from_key: SortKey | None = None) -> list[Turn]:
-        sql = ("SELECT message_id, sender_id, sender_name, sent_at, text, images, vector FROM messages"
+        sql = (f"SELECT {_TURN_COLUMNS} FROM messages"
                " WHERE tenant_id=? AND conversation_id=?")
         args: list = [tenant_id, conversation_id]
         if from_key is not None:
@@ -175,7 +185,7 @@ class ConversationState:
     def turns_by_id(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> dict[str, Turn]:
         marks = ",".join("?" * len(message_ids))
         rows = self._db.execute(
-            "SELECT message_id, sender_id, sender_name, sent_at, text, images, vector FROM messages"
+            f"SELECT {_TURN_COLUMNS} FROM messages"
             f" WHERE tenant_id=? AND conversation_id=? AND message_id IN ({marks})",
             [tenant_id, conversation_id, *message_ids],
         )
@@ -226,7 +236,7 @@ class ConversationState:
 
     def turns_without_vector(self, tenant_id: str, conversation_id: str) -> list[Turn]:
         rows = self._db.execute(
-            "SELECT message_id, sender_id, sender_name, sent_at, text, images, vector FROM messages"
+            f"SELECT {_TURN_COLUMNS} FROM messages"
             " WHERE tenant_id=? AND conversation_id=? AND vector IS NULL ORDER BY sent_ts, message_id",
             (tenant_id, conversation_id))
         return [_turn_from_row(r) for r in rows]

@@ -126,8 +126,8 @@ class InstrumentedStore:
     def delete(self, unit_ids: Sequence[str]) -> None:
         return self._timed("delete", self.inner.delete, unit_ids)
 
-    def search(self, query, kind: str, flt: SearchFilter, limit: int):
-        return self._timed("search", self.inner.search, query, kind, flt, limit)
+    def search(self, query, kind: str, flt: SearchFilter, limit: int, *args):
+        return self._timed("search", self.inner.search, query, kind, flt, limit, *args)
 
 
 def registry() -> CollectorRegistry:

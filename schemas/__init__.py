@@ -3,7 +3,10 @@
 from schemas.models import (
     MESSAGE_SCHEMA,
     QUERY_SCHEMA,
+    REASON_SCHEMA,
     RESULT_SCHEMA,
+    CandidateImage,
+    CandidateTurn,
     ClarifyingQuestion,
     HistoryTurn,
     ImageRef,
@@ -11,17 +14,22 @@ from schemas.models import (
     QueryFilters,
     QueryImage,
     QueryJob,
+    ReasonCandidate,
+    ReasonRequest,
     Result,
     ResultError,
     ResultFragment,
     ResultImage,
 )
-from schemas.parse import SchemaError, parse_message, parse_query, validate
+from schemas.parse import SchemaError, parse_message, parse_query, parse_reason, validate
 
 __all__ = [
     "MESSAGE_SCHEMA",
     "QUERY_SCHEMA",
+    "REASON_SCHEMA",
     "RESULT_SCHEMA",
+    "CandidateImage",
+    "CandidateTurn",
     "ClarifyingQuestion",
     "HistoryTurn",
     "ImageRef",
@@ -29,6 +37,8 @@ __all__ = [
     "QueryFilters",
     "QueryImage",
     "QueryJob",
+    "ReasonCandidate",
+    "ReasonRequest",
     "Result",
     "ResultError",
     "ResultFragment",
@@ -36,5 +46,6 @@ __all__ = [
     "SchemaError",
     "parse_message",
     "parse_query",
+    "parse_reason",
     "validate",
 ]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas.models import MESSAGE_SCHEMA, QUERY_SCHEMA, RESULT_SCHEMA, MessageEvent, QueryJob, Result
+from schemas.models import (
+    MESSAGE_SCHEMA, QUERY_SCHEMA, REASON_SCHEMA, RESULT_SCHEMA, MessageEvent, QueryJob, ReasonRequest, Result,
+)
 
 SCHEMA_DIR = Path(__file__).parent / "json"
-MODELS = {MESSAGE_SCHEMA: MessageEvent, QUERY_SCHEMA: QueryJob, RESULT_SCHEMA: Result}
+MODELS = {MESSAGE_SCHEMA: MessageEvent, QUERY_SCHEMA: QueryJob, RESULT_SCHEMA: Result, REASON_SCHEMA: ReasonRequest}
 
 
 def render() -> dict[str, str]:

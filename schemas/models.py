@@ -9,11 +9,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MESSAGE_SCHEMA = "tessera.message.v1"
 QUERY_SCHEMA = "tessera.query.v1"
 RESULT_SCHEMA = "tessera.result.v1"
+REASON_SCHEMA = "tessera.reason.v1"
 
 #: Upper bound of a message's text; longer texts are rejected rather than silently truncated.
 MAX_TEXT_CHARS = 32_000
@@ -105,20 +106,24 @@ class QueryJob(_Record):
     job_id: Identifier
     tenant_id: Identifier
     user_id: Identifier
+    #: Declared before ``query``: the query may be blank when an image is given (search by image).
+    image: QueryImage | None = None
     query: CleanText = Field(max_length=MAX_QUERY_CHARS)
     history: list[HistoryTurn] = Field(default_factory=list, max_length=MAX_HISTORY_TURNS)
-    image: QueryImage | None = None
     filters: QueryFilters = Field(default_factory=QueryFilters)
     top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
     reasoning: Literal["auto", "fast", "vlm"] = "auto"
+    #: When the user asked (additive to v1): "last week" and "yesterday" count back from it. Default: now.
+    asked_at: AwareDatetime | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("query")
     @classmethod
-    def _not_blank(cls, query: str) -> str:
-        if not query.strip():
-            raise ValueError("query is empty")
+    def _not_blank(cls, query: str, info: ValidationInfo) -> str:
+        """A query needs words or an image to search by."""
+        if not query.strip() and info.data.get("image") is None:
+            raise ValueError("query is empty and no image is given")
         return query
 
 
@@ -155,6 +160,8 @@ class Result(_Record):
     job_id: str
     status: Literal["ok", "clarify", "error"]
     rewritten_query: str | None = None
+    #: Which stage chose the turns (additive to v1): the CPU span selector or the VLM reasoning worker.
+    reasoned_by: Literal["cpu", "vlm"] | None = None
     fragments: list[ResultFragment] = Field(default_factory=list)
     clarifying_question: ClarifyingQuestion | None = None
     error: ResultError | None = None
@@ -164,3 +171,41 @@ class Result(_Record):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+
+class CandidateImage(_Record):
+    uri: str
+    caption: str | None = None
+
+
+class CandidateTurn(_Record):
+    message_id: str
+    speaker: str
+    sent_at: datetime
+    text: str
+    images: list[CandidateImage] = Field(default_factory=list)
+
+
+class ReasonCandidate(_Record):
+    """One recalled fragment, carried with its turns so the reasoning worker needs no store access."""
+
+    fragment_id: str
+    conversation_id: str
+    start_at: datetime
+    end_at: datetime
+    #: Fused recall score and the CPU span selector's answer, the fallback when the model finds nothing.
+    score: float
+    span_message_ids: list[str]
+    turns: list[CandidateTurn]
+
+
+class ReasonRequest(_Record):
+    """Work for the ``reason`` queue: a query job after recall, with its top candidates."""
+
+    schema_: Literal["tessera.reason.v1"] = Field(default=REASON_SCHEMA, alias="schema")
+    job: QueryJob
+    rewritten_query: str
+    candidates: list[ReasonCandidate] = Field(max_length=MAX_TOP_K)
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

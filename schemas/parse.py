@@ -7,11 +7,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.models import MESSAGE_SCHEMA, QUERY_SCHEMA, MessageEvent, QueryJob
+from schemas.models import MESSAGE_SCHEMA, QUERY_SCHEMA, REASON_SCHEMA, MessageEvent, QueryJob, ReasonRequest
 
 MAX_RECORD_BYTES = 4_000_000
 
-_MODELS = {MESSAGE_SCHEMA: MessageEvent, QUERY_SCHEMA: QueryJob}
+_MODELS = {MESSAGE_SCHEMA: MessageEvent, QUERY_SCHEMA: QueryJob, REASON_SCHEMA: ReasonRequest}
 
 
 class SchemaError(ValueError):
@@ -43,7 +43,7 @@ def _loads(raw: bytes | str) -> dict[str, Any]:
     return data
 
 
-def validate(data: dict[str, Any], expected: str | None = None) -> MessageEvent | QueryJob:
+def validate(data: dict[str, Any], expected: str | None = None) -> MessageEvent | QueryJob | ReasonRequest:
     """Validate a decoded record against the model its ``schema`` names."""
     name = data.get("schema")
     if name is None:
@@ -69,3 +69,8 @@ def parse_message(raw: bytes | str | dict[str, Any]) -> MessageEvent:
 def parse_query(raw: bytes | str | dict[str, Any]) -> QueryJob:
     data = raw if isinstance(raw, dict) else _loads(raw)
     return validate(data, QUERY_SCHEMA)  # type: ignore[return-value]
+
+
+def parse_reason(raw: bytes | str | dict[str, Any]) -> ReasonRequest:
+    data = raw if isinstance(raw, dict) else _loads(raw)
+    return validate(data, REASON_SCHEMA)  # type: ignore[return-value]

@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 import numpy as np
 
 UNIT_KINDS = ("turn", "window", "fragment")
+#: Named vectors: every unit has a ``text`` vector; turns whose images were embedded also an ``image`` one.
+VECTOR_NAMES = ("text", "image")
 #: Principal that stands for "everyone in the tenant": conversations without a participants list.
 EVERYONE = "*"
 
@@ -31,6 +33,8 @@ class Unit:
     end_ts: float
     text: str
     vector: np.ndarray | None = field(default=None, repr=False)
+    #: Second named vector, of turns with embedded images (image model space); searched with ``using="image"``.
+    image_vector: np.ndarray | None = field(default=None, repr=False)
     #: Newest edit time (seconds) of the unit's messages: stores with external versioning
     #: (Elasticsearch) refuse to let an older write replace a newer one.
     version: float = 0.0
@@ -73,7 +77,8 @@ class VectorStore(Protocol):
 
     def delete(self, unit_ids: Sequence[str]) -> None: ...
 
-    def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int) -> list[Hit]: ...
+    def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int, using: str = "text") -> list[Hit]:
+        """Nearest units of ``kind`` by the named vector ``using`` (``image`` needs an image dimension)."""
 
     def count(self, tenant_id: str | None = None) -> int: ...
 

@@ -11,6 +11,7 @@ from qdrant_client import QdrantClient, models
 from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
 
 TEXT_VECTOR = "text"
+IMAGE_VECTOR = "image"
 #: Points per upsert request; large enough to amortise a round trip, small enough for gRPC limits.
 UPSERT_BATCH = 256
 _PAYLOAD_INDEXES = {
@@ -48,7 +49,7 @@ class QdrantVectorStore:
     """
 
     def __init__(self, path: str | Path | None = None, url: str | None = None, prefix: str = "tessera",
-                 dim: int = 384, api_key: str | None = None):
+                 dim: int = 384, api_key: str | None = None, image_dim: int | None = None):
         if url:
             self.client = QdrantClient(url=url, api_key=api_key)
         else:
@@ -59,8 +60,9 @@ class QdrantVectorStore:
         self.concurrent_search = self.remote
         self.collections = {kind: f"{prefix}_{kind}" for kind in UNIT_KINDS}
         self.dim = dim
-        for name in self.collections.values():
-            self._ensure_collection(name)
+        self.image_dim = image_dim
+        for kind, name in self.collections.items():
+            self._ensure_collection(name, with_image=kind == "turn" and image_dim is not None)
         self.local_journal = None if self.remote else self._tune_local_persistence()
 
     def _tune_local_persistence(self) -> str | None:
@@ -81,13 +83,18 @@ class QdrantVectorStore:
             connection.execute("PRAGMA secure_delete=ON")
         return modes.pop() if len(modes) == 1 else None
 
-    def _ensure_collection(self, name: str) -> None:
+    def _ensure_collection(self, name: str, with_image: bool) -> None:
         if self.client.collection_exists(name):
+            if with_image:
+                vectors = self.client.get_collection(name).config.params.vectors
+                if not isinstance(vectors, dict) or IMAGE_VECTOR not in vectors:
+                    raise ValueError(f"collection {name} was created without the {IMAGE_VECTOR!r} vector; index into a"
+                                     " new data dir (or Qdrant prefix) to turn on TESSERA_IMAGE_MODEL")
             return
-        self.client.create_collection(
-            name,
-            vectors_config={TEXT_VECTOR: models.VectorParams(size=self.dim, distance=models.Distance.COSINE)},
-        )
+        vectors_config = {TEXT_VECTOR: models.VectorParams(size=self.dim, distance=models.Distance.COSINE)}
+        if with_image:
+            vectors_config[IMAGE_VECTOR] = models.VectorParams(size=self.image_dim, distance=models.Distance.COSINE)
+        self.client.create_collection(name, vectors_config=vectors_config)
         if self.remote:
             for key, schema in _PAYLOAD_INDEXES.items():
                 if key == "tenant_id":
@@ -102,8 +109,12 @@ class QdrantVectorStore:
                 raise ValueError(f"unit {unit.unit_id}: vector must have shape ({self.dim},)")
             if unit.kind not in points:
                 raise ValueError(f"unit {unit.unit_id}: unknown kind {unit.kind!r}")
-            points[unit.kind].append(models.PointStruct(id=unit.unit_id, vector={TEXT_VECTOR: vector.tolist()},
-                                                        payload=unit.payload()))
+            named = {TEXT_VECTOR: vector.tolist()}
+            if unit.image_vector is not None:
+                if unit.kind != "turn" or self.image_dim is None or unit.image_vector.shape != (self.image_dim,):
+                    raise ValueError(f"unit {unit.unit_id}: image vectors go on turns, shape ({self.image_dim},)")
+                named[IMAGE_VECTOR] = unit.image_vector.tolist()
+            points[unit.kind].append(models.PointStruct(id=unit.unit_id, vector=named, payload=unit.payload()))
         for kind, batch in points.items():
             for start in range(0, len(batch), UPSERT_BATCH):
                 self.client.upsert(self.collections[kind], points=batch[start:start + UPSERT_BATCH], wait=True)
@@ -113,11 +124,13 @@ class QdrantVectorStore:
             for name in self.collections.values():
                 self.client.delete(name, points_selector=models.PointIdsList(points=list(unit_ids)), wait=True)
 
-    def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
+    def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int, using: str = TEXT_VECTOR) -> list[Hit]:
         if kind not in self.collections:
             raise ValueError(f"unknown kind {kind!r}")
+        if using == IMAGE_VECTOR and (kind != "turn" or self.image_dim is None):
+            return []
         response = self.client.query_points(
-            self.collections[kind], query=vector.tolist(), using=TEXT_VECTOR, query_filter=build_filter(flt),
+            self.collections[kind], query=vector.tolist(), using=using, query_filter=build_filter(flt),
             limit=limit, with_payload=True,
         )
         return [Hit(str(p.id), float(p.score), p.payload or {}) for p in response.points]

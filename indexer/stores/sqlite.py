@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
+from indexer.stores.base import EVERYONE, UNIT_KINDS, VECTOR_NAMES, Hit, SearchFilter, Unit
 from indexer.stores.vector_index import IndexRow, VectorIndex
 from indexer.text import keywords
 
@@ -310,8 +310,10 @@ class SqliteVectorStore(_SqliteUnits):
     #: Thread-safe: searches serialise on the store's lock and are short.
     concurrent_search = True
 
-    def __init__(self, path: str | Path, dim: int = 384):
+    def __init__(self, path: str | Path, dim: int = 384, image_dim: int | None = None):
         self.dim = dim
+        self.image_dim = image_dim
+        #: One in-memory index per unit kind (text vectors) and ``turn:image`` for image vectors.
         self._indexes: dict[str, VectorIndex] = {}
         self._seq = 0
         super().__init__(path)
@@ -319,6 +321,7 @@ class SqliteVectorStore(_SqliteUnits):
     def _create_index_tables(self) -> None:
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS unit_vectors (rowid INTEGER PRIMARY KEY, vector BLOB NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS unit_image_vectors (rowid INTEGER PRIMARY KEY, vector BLOB NOT NULL);"
             "CREATE TABLE IF NOT EXISTS vector_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,"
             " rowid INTEGER NOT NULL, live INTEGER NOT NULL);"
             "CREATE TABLE IF NOT EXISTS vector_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
@@ -327,16 +330,23 @@ class SqliteVectorStore(_SqliteUnits):
 
     def _write_index(self, rowid: int, unit: Unit) -> None:
         self._db.execute("INSERT INTO unit_vectors VALUES (?, ?)", (rowid, unit.vector.astype(np.float32).tobytes()))
+        if unit.image_vector is not None:
+            self._db.execute("INSERT INTO unit_image_vectors VALUES (?, ?)",
+                             (rowid, unit.image_vector.astype(np.float32).tobytes()))
         self._db.execute("INSERT INTO vector_log(kind, rowid, live) VALUES (?, ?, 1)", (unit.kind, rowid))
 
     def _delete_index(self, rowid: int, kind: str) -> None:
         self._db.execute("DELETE FROM unit_vectors WHERE rowid=?", (rowid,))
+        self._db.execute("DELETE FROM unit_image_vectors WHERE rowid=?", (rowid,))
         self._db.execute("INSERT INTO vector_log(kind, rowid, live) VALUES (?, ?, 0)", (kind, rowid))
 
     def upsert(self, units: Sequence[Unit]) -> None:
         for unit in units:
             if unit.vector is None or unit.vector.shape != (self.dim,):
                 raise ValueError(f"unit {unit.unit_id}: vector must have shape ({self.dim},)")
+            if unit.image_vector is not None and (unit.kind != "turn" or self.image_dim is None
+                                                  or unit.image_vector.shape != (self.image_dim,)):
+                raise ValueError(f"unit {unit.unit_id}: image vectors go on turns, shape ({self.image_dim},)")
         super().upsert(units)
 
     def compact(self) -> None:
@@ -356,8 +366,13 @@ class SqliteVectorStore(_SqliteUnits):
 
     def _load(self, where: str, args: Sequence) -> None:
         """Apply the rows ``where`` selects (alias ``u``) to the in-memory copies, in chunks."""
+        self._load_table("unit_vectors", "", self.dim, where, args)
+        if self.image_dim is not None:
+            self._load_table("unit_image_vectors", ":image", self.image_dim, where, args)
+
+    def _load_table(self, table: str, suffix: str, dim: int, where: str, args: Sequence) -> None:
         sql = ("SELECT u.rowid, u.kind, u.tenant_id, u.conversation_id, u.sender_ids, u.visible_to, u.start_ts,"
-               f" u.end_ts, v.vector FROM units u JOIN unit_vectors v ON v.rowid = u.rowid WHERE {where}")
+               f" u.end_ts, v.vector FROM units u JOIN {table} v ON v.rowid = u.rowid WHERE {where}")
         cursor = self._db.execute(sql, args)
         while chunk := cursor.fetchmany(8192):
             by_kind: dict[str, tuple[list, list]] = {}
@@ -367,13 +382,13 @@ class SqliteVectorStore(_SqliteUnits):
                                      tuple(json.loads(visible)), start, end))
                 blobs.append(blob)
             for kind, (rows, blobs) in by_kind.items():
-                matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(rows), self.dim)
-                self._index(kind).add(rows, matrix)
+                matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(rows), dim)
+                self._index(kind + suffix, dim).add(rows, matrix)
 
-    def _index(self, kind: str) -> VectorIndex:
-        if kind not in self._indexes:
-            self._indexes[kind] = VectorIndex(self.dim)
-        return self._indexes[kind]
+    def _index(self, key: str, dim: int) -> VectorIndex:
+        if key not in self._indexes:
+            self._indexes[key] = VectorIndex(dim)
+        return self._indexes[key]
 
     def _sync(self) -> None:
         """Bring the in-memory copies up to the last committed write of any process (caller holds the lock)."""
@@ -406,15 +421,16 @@ class SqliteVectorStore(_SqliteUnits):
         with self._lock:
             self._sync()
 
-    def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
-        if kind not in UNIT_KINDS:
-            raise ValueError(f"unknown kind {kind!r}")
+    def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int, using: str = "text") -> list[Hit]:
+        if kind not in UNIT_KINDS or using not in VECTOR_NAMES:
+            raise ValueError(f"unknown kind {kind!r} or vector {using!r}")
+        key = kind if using == "text" else f"{kind}:image"
         query = vector.astype(np.float32)
         norm = float(np.linalg.norm(query))
         query = query / norm if norm > 0 else query
         with self._lock:
             self._sync()
-            index = self._indexes.get(kind)
+            index = self._indexes.get(key)
             ranked = index.search(query, flt, limit) if index is not None else []
             if not ranked:
                 return []
