@@ -27,10 +27,12 @@ from schemas import (  # noqa: E402
 INGEST_BATCH = 256
 
 
-def _engine(args):
-    from ops.settings import Settings, open_engine
+def _engine(args, reasoning: bool = False):
+    """The engine of the data dir; ``reasoning`` loads the VLM in-process when one is configured."""
+    from ops.settings import Settings, open_engine, open_reasoner
 
-    return open_engine(Settings.from_env(args.data_dir))
+    settings = Settings.from_env(args.data_dir)
+    return open_engine(settings, reasoner=open_reasoner(settings) if reasoning else None)
 
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
@@ -126,7 +128,11 @@ def print_result(result: Result, engine, as_json: bool, tenant_id: str | None = 
     if result.status == "error":
         print(f"error {result.error.code}: {result.error.message}")
         return
-    print(f"query: {result.rewritten_query}")
+    print(f"query: {result.rewritten_query}" + (f"  (turns chosen by {result.reasoned_by})" if result.reasoned_by else ""))
+    if result.clarifying_question is not None:
+        question = result.clarifying_question
+        print(f"  {question.text} " + " | ".join(f"({i}) {o}" for i, o in enumerate(question.options, start=1)))
+        print("  (answer with --history 'user: <your query>' --history 'assistant: <the question>' <option>)")
     if not result.fragments:
         print("  no matching conversation")
     for rank, fragment in enumerate(result.fragments, start=1):
@@ -141,18 +147,31 @@ def print_result(result: Result, engine, as_json: bool, tenant_id: str | None = 
                 print(f"         image: {image.uri} ({image.caption or 'no caption'})")
 
 
+def _history(entries: list[str]) -> list[dict]:
+    turns = []
+    for entry in entries:
+        role, _, text = entry.partition(":")
+        if role.strip() not in ("user", "assistant") or not text.strip():
+            raise SystemExit(f"tessera query: --history {entry!r}: write 'user: TEXT' or 'assistant: TEXT'")
+        turns.append({"role": role.strip(), "text": text.strip()})
+    return turns
+
+
 def cmd_query(args) -> int:
-    engine = _engine(args)
+    engine = _engine(args, reasoning=True)
     try:
         if args.jobs:
             engine.warm_up()
             for number, raw in _lines(args.jobs):
                 print(answer(engine, raw, number).to_json(), flush=True)
             return 0
-        if not args.text:
-            print("tessera query: give TEXT or --jobs FILE", file=sys.stderr)
+        if not args.text and not args.image:
+            print("tessera query: give TEXT, --image URI or --jobs FILE", file=sys.stderr)
             return 2
-        record = {"schema": QUERY_SCHEMA, "job_id": "cli", "query": " ".join(args.text), "top_k": args.top_k}
+        record = {"schema": QUERY_SCHEMA, "job_id": "cli", "query": " ".join(args.text), "top_k": args.top_k,
+                  "reasoning": args.reasoning, "history": _history(args.history)}
+        if args.image:
+            record["image"] = {"uri": args.image}
         if args.tenant:
             record["tenant_id"] = args.tenant
         if args.user:
@@ -319,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user")
     p.add_argument("--conversation")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--image", help="search by this image (URI), alone or with TEXT; needs TESSERA_IMAGE_MODEL")
+    p.add_argument("--history", action="append", default=[], metavar="ROLE: TEXT",
+                   help="an earlier turn of the search dialogue ('user: ...' or 'assistant: ...'), oldest first")
+    p.add_argument("--reasoning", choices=("auto", "fast", "vlm"), default="auto",
+                   help="vlm: the VLM chooses the turns (TESSERA_VLM_MODEL); fast: the CPU span selector")
     p.add_argument("--json", action="store_true", help="print the result record")
     p.set_defaults(func=cmd_query)
 

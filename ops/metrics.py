@@ -52,6 +52,7 @@ REASONING_BATCH = Histogram("tessera_reasoning_batch_size_candidates", "Candidat
                             buckets=BATCH_BUCKETS)
 GPU_MEMORY = Gauge("tessera_gpu_memory_bytes", "CUDA memory allocated by the reasoning worker", ["device"],
                    multiprocess_mode="max")
+IMAGES = Counter("tessera_images_total", "Message images by outcome: embedded, or the refusal code", ["outcome"])
 BUILD = Info("tessera_build", "Version of the running Tessera")
 
 #: Query stages recorded from a result's ``timings_ms`` (the total is its own stage).
@@ -75,6 +76,10 @@ def record_ingest(report) -> None:
     MESSAGES.labels("unchanged").inc(report.unchanged)
     FRAGMENTS.labels("written").inc(report.fragments_written)
     FRAGMENTS.labels("deleted").inc(report.fragments_deleted)
+    if report.images_embedded:
+        IMAGES.labels("embedded").inc(report.images_embedded)
+    for code, n in report.image_failures.items():
+        IMAGES.labels(code).inc(n)
 
 
 def record_result(result) -> None:
@@ -98,6 +103,23 @@ class InstrumentedEmbedder:
             EMBED_SECONDS.observe(time.perf_counter() - start)
             EMBED_BATCH.observe(len(texts))
         return vectors
+
+
+class InstrumentedReasoner:
+    """Records the VLM's batch sizes and the GPU memory it holds after each request."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def answer(self, request):
+        result = self.inner.answer(request)
+        for size in self.inner.last_batches:
+            REASONING_BATCH.observe(size)
+        GPU_MEMORY.labels(str(self.inner.device)).set(self.inner.memory_bytes())
+        return result
 
 
 class InstrumentedStore:

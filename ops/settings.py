@@ -26,6 +26,15 @@ ENVIRONMENT = {
     "TESSERA_IMAGE_MAX_PIXELS": "largest image decoded, pixels (default 40 million; more is a decompression bomb)",
     "TESSERA_IMAGE_TIMEOUT_S": "connect and read timeout of an image fetch (default 3)",
     "TESSERA_S3_ENDPOINT": "http(s)://host:port serving s3://bucket/key images as /bucket/key",
+    "TESSERA_IMAGE_MODEL": "path of a CLIP or SigLIP model (transformers); set, images are fetched, embedded into the"
+    " 'image' vector of turns and searchable by a query's image or words. Unset: images count through captions",
+    "TESSERA_REWRITE_MODEL": "path of a sequence-to-sequence model (T5, BART) that rewrites history + query;"
+    " unset: the deterministic rule",
+    "TESSERA_CLARIFY": "1 (default): ambiguous queries are answered with status clarify and options; 0: never ask",
+    "TESSERA_VLM_MODEL": "path of a vision-language model (AutoModelForImageTextToText, e.g. LLaVA or Qwen2.5-VL):"
+    " the reasoning worker (queue reason) loads it; tessera query in-process too",
+    "TESSERA_VLM_DEVICE": "device of the VLM (default cuda when available, else cpu)",
+    "TESSERA_VLM_BATCH": "candidate fragments per VLM forward pass (default 8)",
     "TESSERA_METRICS_PORT": "port of /metrics and /healthz of a long-running process (consumer, worker)",
     "PROMETHEUS_MULTIPROC_DIR": "where Celery prefork children write their metrics (set by tessera stack)",
     "TESSERA_REDIS_URL": "Celery broker and result backend (default redis://127.0.0.1:6379/0)",
@@ -49,6 +58,12 @@ class Settings:
     embed_model: str | None = None
     embed_batch: int = 64
     encoder: str = "torch"
+    image_model: str | None = None
+    rewrite_model: str | None = None
+    clarify: bool = True
+    vlm_model: str | None = None
+    vlm_device: str | None = None
+    vlm_batch: int = 8
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> "Settings":
@@ -63,11 +78,33 @@ class Settings:
             embed_model=env.get("TESSERA_EMBED_MODEL") or None,
             embed_batch=int(env.get("TESSERA_EMBED_BATCH", "64")),
             encoder=env.get("TESSERA_ENCODER", "torch"),
+            image_model=env.get("TESSERA_IMAGE_MODEL") or None,
+            rewrite_model=env.get("TESSERA_REWRITE_MODEL") or None,
+            clarify=env.get("TESSERA_CLARIFY", "1") != "0",
+            vlm_model=env.get("TESSERA_VLM_MODEL") or None,
+            vlm_device=env.get("TESSERA_VLM_DEVICE") or None,
+            vlm_batch=int(env.get("TESSERA_VLM_BATCH", "8")),
         )
 
 
-def open_engine(settings: Settings, embedder=None):
-    """Build the engine the settings describe; the embedder can be shared between engines."""
+def open_reasoner(settings: Settings):
+    """The VLM reasoning stage the settings name (None without ``TESSERA_VLM_MODEL``), with its metrics."""
+    if not settings.vlm_model:
+        return None
+    from indexer.reasoning import VlmReasoner
+
+    from ops.metrics import InstrumentedReasoner
+
+    return InstrumentedReasoner(VlmReasoner(settings.vlm_model, device=settings.vlm_device,
+                                            batch_size=settings.vlm_batch))
+
+
+def open_engine(settings: Settings, embedder=None, reasoner=None):
+    """Build the engine the settings describe; the embedder can be shared between engines.
+
+    ``reasoner`` makes the engine run the VLM stage in-process (embedded mode); distributed query
+    workers leave it out and hand candidates to the ``reason`` queue instead.
+    """
     from indexer.embedder import open_embedder
     from indexer.engine import Tessera
     from indexer.state import ConversationState
@@ -90,11 +127,17 @@ def open_engine(settings: Settings, embedder=None):
         tmp = marker.with_name(f".vector-store.{os.getpid()}")
         tmp.write_text(settings.vector_store + "\n")
         os.replace(tmp, marker)
+    images = None
+    if settings.image_model:
+        from indexer.vision import ImageEmbedder, ImageIndexer
+
+        images = ImageIndexer(ImageEmbedder(settings.image_model))
+    image_dim = images.dim if images is not None else None
     if settings.vector_store == "sqlite":
-        vectors = SqliteVectorStore(data / "vectors.sqlite", dim=embedder.dim)
+        vectors = SqliteVectorStore(data / "vectors.sqlite", dim=embedder.dim, image_dim=image_dim)
     elif settings.vector_store == "qdrant":
         vectors = QdrantVectorStore(path=data / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key,
-                                    dim=embedder.dim)
+                                    dim=embedder.dim, image_dim=image_dim)
     else:
         raise ValueError(f"TESSERA_VECTOR_STORE: unknown vector store {settings.vector_store!r} (qdrant or sqlite)")
     backend = "qdrant" if settings.vector_store == "qdrant" else "sqlite-vectors"
@@ -105,5 +148,8 @@ def open_engine(settings: Settings, embedder=None):
                                      "elasticsearch")
     else:
         keywords = InstrumentedStore(SqliteBM25Store(data / "bm25.sqlite"), "sqlite-bm25")
+    from indexer.rewrite import open_rewriter
+
     return Tessera(ConversationState(data / "state.sqlite"), InstrumentedStore(vectors, backend), keywords,
-                   InstrumentedEmbedder(embedder))
+                   InstrumentedEmbedder(embedder), images=images, rewriter=open_rewriter(settings.rewrite_model),
+                   reasoner=reasoner, clarify=settings.clarify)

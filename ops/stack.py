@@ -168,6 +168,8 @@ class Stack:
         self.state_file.write_text(json.dumps(info, indent=2))
         for i in range(workers):
             self.start_worker(i, concurrency)
+        if os.environ.get("TESSERA_VLM_MODEL"):
+            self.start_reasoner()
         self.start_consumer()
         if prometheus:
             self.start_prometheus()
@@ -182,6 +184,13 @@ class Stack:
         env = {**self.env(), **self._metrics_env(f"worker-{index}")}
         pid = self._spawn(f"worker-{index}", worker_command(queues, concurrency, f"cpu{index}"), env)
         self._record(f"worker-{index}", pid)
+        return pid
+
+    def start_reasoner(self) -> int:
+        """The VLM reasoning worker: queue ``reason`` only, one task at a time, no fork (CUDA-safe)."""
+        env = {**self.env(), **self._metrics_env("worker-reason")}
+        pid = self._spawn("worker-reason", worker_command("reason", 1, "reason", pool="solo"), env)
+        self._record("worker-reason", pid)
         return pid
 
     def start_consumer(self) -> int:

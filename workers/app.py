@@ -63,6 +63,33 @@ def _serve_metrics(**_) -> None:
         serve(int(port))
 
 
+_heartbeat_stop = None
+
+
+@signals.worker_ready.connect
+def _announce_reasoner(sender=None, **_) -> None:
+    """A worker consuming ``reason`` with a VLM configured tells the query workers it is up."""
+    global _heartbeat_stop
+    queues = getattr(getattr(getattr(sender, "app", app), "amqp", None), "queues", None)
+    consumed = set(getattr(queues, "consume_from", None) or ())
+    model = os.environ.get("TESSERA_VLM_MODEL")
+    if "reason" not in consumed or not model or not os.path.exists(os.path.join(model, "config.json")):
+        return
+    import threading
+
+    from workers.runtime import heartbeat
+
+    _heartbeat_stop = threading.Event()
+    threading.Thread(target=heartbeat, args=(getattr(sender, "hostname", "reasoner"), _heartbeat_stop),
+                     name="reasoner-heartbeat", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _retire_reasoner(**_) -> None:
+    if _heartbeat_stop is not None:
+        _heartbeat_stop.set()
+
+
 @signals.worker_process_shutdown.connect
 def _child_exit(pid=None, **_) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and pid:

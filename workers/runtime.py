@@ -29,7 +29,12 @@ _ATTEMPTS_TTL_S = 7 * 24 * 3600
 
 _engine = None
 _engine_lock = threading.Lock()
+_reasoner = None
 _redis = None
+#: Set by every worker that serves the ``reason`` queue with a VLM, with this expiry; query workers
+#: hand candidates to the VLM only while it exists (``reasoning: auto``).
+REASONER_KEY = "tessera:reasoner:alive"
+REASONER_TTL_S = 15
 
 
 def engine():
@@ -41,6 +46,41 @@ def engine():
             _engine = open_engine(Settings.from_env())
             _engine.warm_up()
         return _engine
+
+
+def reasoner():
+    """The VLM of this process, loaded on first use (never in a parent before fork)."""
+    global _reasoner
+    with _engine_lock:
+        if _reasoner is None:
+            from ops.settings import Settings, open_reasoner
+
+            model = open_reasoner(Settings.from_env())
+            if model is None:
+                from indexer.reasoning import ReasoningUnavailable
+
+                raise ReasoningUnavailable("TESSERA_VLM_MODEL is not set on this worker")
+            model.warm_up()
+            _reasoner = model
+        return _reasoner
+
+
+def reasoner_alive() -> bool:
+    return bool(with_redis(lambda r: r.exists(REASONER_KEY)))
+
+
+def heartbeat(name: str, stop: threading.Event, period_s: float = REASONER_TTL_S / 3) -> None:
+    """Say "a VLM serves the reason queue" until ``stop``; the key expires on its own when the worker dies."""
+    while not stop.is_set():
+        try:
+            redis_client().set(REASONER_KEY, name, ex=REASONER_TTL_S)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+        stop.wait(period_s)
+    try:
+        redis_client().delete(REASONER_KEY)
+    except (redis.ConnectionError, redis.TimeoutError):
+        pass
 
 
 def redis_client() -> redis.Redis:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ops.metrics import record_ingest, record_result
 from workers.app import PUBLISH_RETRY, app
-from workers.runtime import TesseraTask, engine
+from workers.runtime import TesseraTask, engine, reasoner, reasoner_alive
 
 #: Conversations one embed task takes at most: bounds the transaction, keeps the encoder batch full.
 EMBED_MAX_CONVERSATIONS = 64
@@ -32,7 +32,9 @@ def embed() -> dict:
     e = engine()
     texts = e.pending_texts(EMBED_MAX_CONVERSATIONS)
     vectors = e.encode_texts(texts) if texts else None
-    report = e.index_pending(vectors, EMBED_MAX_CONVERSATIONS)
+    # Images are fetched (short timeouts, concurrently) before the write lock is taken.
+    images = e.embed_images(e.pending_image_uris(EMBED_MAX_CONVERSATIONS))
+    report = e.index_pending(vectors, EMBED_MAX_CONVERSATIONS, images)
     record_ingest(report)
     return report.__dict__
 
@@ -49,12 +51,36 @@ def delete_conversation(conversation_id: str, tenant_id: str | None = None) -> d
 
 @app.task(name="tessera.query", base=TesseraTask)
 def query(record: dict) -> dict:
-    """Answer one query job and publish the result on ``tessera.results``."""
-    from schemas import parse_query
+    """Answer one query job and publish the result, or hand its candidates to the ``reason`` queue."""
+    from schemas import ReasonRequest, parse_query
+
+    out = engine().answer(parse_query(record), vlm_available=reasoner_alive())
+    if isinstance(out, ReasonRequest):
+        reason.apply_async(args=[out.model_dump(mode="json", by_alias=True)], retry=True, retry_policy=PUBLISH_RETRY)
+        return {"job_id": out.job.job_id, "handed_to": "reason", "candidates": len(out.candidates)}
+    return _publish(out)
+
+
+@app.task(name="tessera.reason", base=TesseraTask)
+def reason(record: dict) -> dict:
+    """The VLM chooses the turns of the recalled candidates; if it cannot load, ``auto`` jobs get the CPU spans."""
+    from indexer.reasoning import ReasoningUnavailable, span_answer
+    from schemas import Result, ResultError, parse_reason
+
+    request = parse_reason(record)
+    try:
+        model = reasoner()
+    except (ReasoningUnavailable, OSError, ValueError) as exc:
+        if request.job.reasoning == "vlm":
+            return _publish(Result(job_id=request.job.job_id, status="error", error=ResultError(
+                code="reasoning_unavailable", message=f"the VLM could not be loaded: {exc}")))
+        return _publish(span_answer(request))
+    return _publish(model.answer(request))
+
+
+def _publish(result) -> dict:
     from workers.results import publish
 
-    result = engine().query(parse_query(record))
     record_result(result)
-    payload = result.model_dump(mode="json", by_alias=True)
     publish(result.job_id, result.to_json())
-    return payload
+    return result.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,89 @@
+"""Tiny random models of the real classes, built inside the tests and saved to a folder.
+
+Production code loads them through the same ``from_pretrained`` paths as real checkpoints: a LLaVA
+VLM (its processor needs no torchvision), a CLIP model and a BART rewriter, all sharing one small
+byte-level BPE tokenizer trained here (no hub access).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+_CORPUS = [
+    "the photo of the glacier we hiked up to the lake last week",
+    "Anna: did you see the sunset? Bob: yes, the picture from the beach was lovely",
+    "turn numbers 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20",
+    "Search: Conversation of May 2023: Which numbered turns answer the search? Reply with numbers or 0",
+]
+
+
+def tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def image_processor(side: int = 32):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def llava(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    processor = LlavaProcessor(image_processor=image_processor(), tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                              num_attention_heads=2, image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def clip(path: Path, projection: int = 16, seed: int = 0) -> Path:
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **common),
+                        vision_config=dict(image_size=32, patch_size=8, **common), projection_dim=projection)
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor(), tokenizer=tok).save_pretrained(path)
+    return path
+
+
+def bart(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    config = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id)
+    BartForConditionalGeneration(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
