@@ -63,7 +63,8 @@ def answer_state(text: str, n_turns: int, max_numbers: int = MAX_ANSWER_TURNS) -
         previous = int(part)
     last = parts[-1]
     if last == "":
-        return True, False
+        # After a comma another, larger turn number must still exist.
+        return previous < n_turns, False
     if not last.isdigit() or last[0] == "0":
         return False, False
     reachable = any(str(m).startswith(last) for m in range(previous + 1, n_turns + 1))

@@ -27,7 +27,7 @@ MAX_REWRITE_CHARS = 2_000
 _FILLERS = re.compile(
     r"^\s*(?:(?:no|nope|nah|not that one|not this one|not quite|wrong one|actually|hmm+|well|ok(?:ay)?|yes|yeah|i mean)"
     r"\s*[,.!:;-]*\s*)+"
-    r"|\b(?:can|could|would) you (?:please )?(?:find|show|get|look up)(?: me)?\s+"
+    r"|\b(?:(?:can|could|would) you )?(?:please )?(?:find|show|get|look up|search for|look for)(?: me)?\s+"
     r"|\b(?:i(?:'m| am) (?:looking|searching) for|i want|i need|find me|show me|do you remember|remember)\s+"
     r"|\b(?:the|that|a) (?:conversation|chat|thread|discussion|messages?) (?:where|when|in which|about|with)\s+",
     re.IGNORECASE,

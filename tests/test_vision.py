@@ -1,0 +1,116 @@
+"""Images through a tiny random CLIP loaded by the production code: fetched under the guard, embedded
+into the turns' ``image`` vector, searchable by image and by words; failures counted, captions kept."""
+
+import numpy as np
+import pytest
+
+from indexer.stores.base import SearchFilter
+from tests.conftest import message, query
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230)}
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    from tests import tiny_models
+
+    return tiny_models.clip(tmp_path_factory.mktemp("models") / "clip")
+
+
+def picture(path, colour, stripes=False):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (48, 40), COLOURS[colour])
+    if stripes:
+        draw = ImageDraw.Draw(image)
+        for x in range(0, 48, 6):
+            draw.line([(x, 0), (x, 40)], fill=(255, 255, 255), width=2)
+    image.save(path)
+    return f"file://{path}"
+
+
+@pytest.fixture(params=["qdrant", "sqlite"])
+def image_engine(request, tmp_path, embedder, clip_path, monkeypatch):
+    from ops.settings import Settings, open_engine
+
+    monkeypatch.setenv("TESSERA_IMAGE_ROOTS", str(tmp_path))
+    engine = open_engine(Settings(data_dir=tmp_path / "data", vector_store=request.param, image_model=str(clip_path)),
+                         embedder=embedder)
+    yield engine
+    engine.close()
+
+
+def events(tmp_path):
+    uris = {c: picture(tmp_path / f"{c}.png", c, stripes=c == "blue") for c in COLOURS}
+    return uris, [
+        message("c1", 1, "ann", "look at this", images=[{"uri": uris["red"], "caption": "a red tent"}]),
+        message("c1", 2, "bob", "nice colour", minutes=2),
+        message("c1", 3, "ann", "and this one", minutes=3, images=[{"uri": uris["green"], "caption": "a green lake"}]),
+        message("c1", 4, "bob", "stripes!", minutes=4, images=[{"uri": uris["blue"], "caption": "a striped shirt"}]),
+        message("c1", 5, "ann", "from the server", minutes=5,
+                images=[{"uri": "http://127.0.0.1:9/secret.png", "caption": "the metadata endpoint"}]),
+        message("c1", 6, "ann", "gone", minutes=6,
+                images=[{"uri": f"file://{tmp_path}/missing.png", "caption": "a lost kayak"}]),
+    ]
+
+
+def test_images_are_embedded_and_failures_counted(image_engine, tmp_path):
+    _, batch = events(tmp_path)
+    report = image_engine.ingest(batch)
+    assert report.images_embedded == 3
+    assert report.image_failures == {"address_refused": 1, "fetch_failed": 1}
+    # A refused image leaves its turn indexed by the caption.
+    ids = [m for f in image_engine.query(query("kayak", reasoning="fast")).fragments for m in f.message_ids]
+    assert "m006" in ids
+
+
+def test_image_vector_is_searchable(image_engine, tmp_path):
+    uris, batch = events(tmp_path)
+    image_engine.ingest(batch)
+    flt = SearchFilter(tenant_id="t1", user_id="u1")
+    for colour, message_id in (("red", "m001"), ("green", "m003"), ("blue", "m004")):
+        vector = image_engine.images.embed_query_image(uris[colour])
+        hits = image_engine.vectors.search(vector, "turn", flt, 10, "image")
+        assert hits[0].payload["message_ids"] == [message_id]
+        assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+        assert {h.payload["message_ids"][0] for h in hits} == {"m001", "m003", "m004"}, "only turns with images"
+    other_tenant = SearchFilter(tenant_id="t2", user_id="u1")
+    assert image_engine.vectors.search(vector, "turn", other_tenant, 10, "image") == []
+
+
+def test_query_by_image_and_by_image_plus_words(image_engine, tmp_path):
+    uris, batch = events(tmp_path)
+    image_engine.ingest(batch)
+    same = picture(tmp_path / "query-green.png", "green")
+    by_image = image_engine.query(query("", image={"uri": same}, reasoning="fast"))
+    assert by_image.status in ("ok", "clarify")
+    assert by_image.fragments[0].message_ids[0] == "m003" or "m003" in by_image.fragments[0].message_ids
+    both = image_engine.query(query("lake", image={"uri": same}, reasoning="fast"))
+    assert "m003" in both.fragments[0].message_ids
+
+
+def test_query_image_refused_is_an_error_with_a_code(image_engine, tmp_path):
+    result = image_engine.query(query("", image={"uri": "http://169.254.169.254/latest/meta-data"}))
+    assert result.status == "error" and result.error.code == "image_address_refused"
+
+
+def test_without_an_image_model_images_count_through_captions(make_engine, tmp_path):
+    engine = make_engine()
+    _, batch = events(tmp_path)
+    report = engine.ingest(batch)
+    assert report.images_embedded == 0 and report.image_failures == {}
+    assert "m001" in [m for f in engine.query(query("red tent", reasoning="fast")).fragments for m in f.message_ids]
+    result = engine.query(query("", image={"uri": "file:///x.png"}))
+    assert result.status == "error" and result.error.code == "image_search_unavailable"
+
+
+def test_image_embedder_spaces(clip_path):
+    from PIL import Image
+
+    from indexer.vision import ImageEmbedder
+
+    embedder = ImageEmbedder(clip_path)
+    images = embedder.encode_images([Image.new("RGB", (20, 30), c) for c in COLOURS.values()])
+    texts = embedder.encode_texts(["a red tent", "a lake"])
+    assert images.shape == (3, embedder.dim) and texts.shape == (2, embedder.dim)
+    assert np.allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
