@@ -1,0 +1,56 @@
+"""The VLM reasoning worker in the stack: query workers hand candidates to queue ``reason`` while a
+VLM worker announces itself, and fall back to the CPU span selector (``auto``) when it is gone."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import redis
+
+from consumer.produce import iter_topic
+from consumer.topics import RESULTS
+from schemas import QUERY_SCHEMA
+from tests.integration.conftest import indexed, produce, produce_queries, wait_until
+from workers.runtime import REASONER_KEY
+
+INDEX_TIMEOUT = 240
+
+
+def job(job_id: str, reasoning: str) -> bytes:
+    return json.dumps({"schema": QUERY_SCHEMA, "job_id": job_id, "tenant_id": "acme", "user_id": "dev",
+                       "query": "chickpea curry recipe", "top_k": 2, "reasoning": reasoning}).encode()
+
+
+def results(wanted: set[str]):
+    got = {r.key.decode(): json.loads(r.value) for r in iter_topic(RESULTS, 2)}
+    return got if wanted <= set(got) else None
+
+
+def test_reason_worker_in_the_stack(stack, demo_events, tmp_path, monkeypatch):
+    from tests import tiny_models
+
+    monkeypatch.setenv("TESSERA_VLM_MODEL", str(tiny_models.llava(tmp_path / "vlm")))
+    stack.start()
+    assert "worker-reason" in stack.load()["pids"]
+    r = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])
+    wait_until(lambda: r.exists(REASONER_KEY), 60, "the reasoning worker's heartbeat")
+    produce(demo_events)
+    wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "demo indexed")
+
+    produce_queries([job("vlm", "vlm"), job("auto", "auto"), job("fast", "fast")])
+    got = wait_until(lambda: results({"vlm", "auto", "fast"}), 180, "three results")
+    assert got["vlm"]["status"] == "ok" and got["vlm"]["reasoned_by"] == "vlm"
+    assert got["auto"]["reasoned_by"] == "vlm"
+    assert got["fast"]["reasoned_by"] == "cpu"
+    for fragment in got["vlm"]["fragments"]:
+        assert set(fragment["message_ids"]) <= set(fragment["context_message_ids"])
+    assert got["vlm"]["timings_ms"]["reasoning"] > 0
+
+    # Without a live reasoning worker: vlm jobs are refused with a reason, auto jobs use the CPU.
+    stack.kill("worker-reason", signal.SIGTERM)
+    wait_until(lambda: not r.exists(REASONER_KEY), 60, "the heartbeat gone")
+    produce_queries([job("vlm-down", "vlm"), job("auto-down", "auto")])
+    got = wait_until(lambda: results({"vlm-down", "auto-down"}), 120, "two more results")
+    assert got["vlm-down"]["status"] == "error" and got["vlm-down"]["error"]["code"] == "reasoning_unavailable"
+    assert got["auto-down"]["status"] == "ok" and got["auto-down"]["reasoned_by"] == "cpu"
