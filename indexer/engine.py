@@ -121,7 +121,7 @@ class Tessera:
     def __init__(self, state: ConversationState, vectors: VectorStore, keywords: KeywordStore, embedder: Embedder,
                  segmenter_config: SegmenterConfig = SegmenterConfig(), search_config: SearchConfig = SearchConfig(),
                  images: ImageIndexer | None = None, rewriter: Rewriter | None = None,
-                 reasoner: Reasoner | None = None, clarify: bool = True):
+                 reasoner: Reasoner | None = None, clarify: bool = True, time_filters: bool = True):
         self.state = state
         self.vectors = vectors
         self.keywords = keywords
@@ -134,6 +134,8 @@ class Tessera:
         #: In-process reasoning stage (embedded mode); the distributed query task hands off instead.
         self.reasoner = reasoner
         self.clarify = clarify
+        #: Time expressions of the query become filters (off: they are searched as words).
+        self.time_filters = time_filters
         self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     # ---- ingest -------------------------------------------------------------------------------------
@@ -427,7 +429,8 @@ class Tessera:
                 code="reasoning_unavailable",
                 message="reasoning 'vlm' needs a VLM reasoning worker (TESSERA_VLM_MODEL on a worker of queue 'reason')"))
         text = self.rewriter.rewrite(job.query, job.history) if job.query.strip() else ""
-        when = timeparse.parse(text, job.asked_at or datetime.now(timezone.utc))
+        when = timeparse.parse(text, job.asked_at or datetime.now(timezone.utc)) if self.time_filters \
+            else timeparse.TimeConstraint(text=text)
         search_text = when.text if not when.empty else text
         flt = self._filter(job, when)
         timings["rewrite"] = (time.perf_counter() - t0) * 1000

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -137,17 +138,19 @@ class TurnNumberConstraint:
     def __call__(self, input_ids, scores):
         import torch
 
-        mask = torch.full_like(scores, float("-inf"))
+        # One device-to-host copy of the answers so far and one host-to-device copy of the mask per
+        # step: per-row indexing on the GPU cost a sync and a launch per candidate.
+        generated = input_ids[:, self.prompt_length:].tolist()
+        allow = np.zeros(tuple(scores.shape), dtype=bool)
         eos = sorted(self.vocabulary.eos_ids)
-        for row in range(scores.shape[0]):
-            generated = input_ids[row, self.prompt_length:].tolist()
-            if any(t in self.vocabulary.eos_ids for t in generated):
+        for row, answer in enumerate(generated):
+            if any(t in self.vocabulary.eos_ids for t in answer):
                 # Finished rows only pad; keep one finite entry so the softmax stays defined.
-                mask[row, eos + ([self.pad_id] if self.pad_id is not None else [])] = 0.0
+                allow[row, eos + ([self.pad_id] if self.pad_id is not None else [])] = True
                 continue
-            allowed = self.vocabulary.allowed(self.vocabulary.text_of(generated), self.n_turns[row])
-            mask[row, allowed] = 0.0
-        return scores + mask
+            allow[row, self.vocabulary.allowed(self.vocabulary.text_of(answer), self.n_turns[row])] = True
+        mask = torch.from_numpy(allow).to(scores.device, non_blocking=True)
+        return scores.masked_fill(~mask, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ class VlmReasoner:
         self._processor = None
         self._vocabulary: AnswerVocabulary | None = None
         self._lock = threading.Lock()
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-prep")
         #: Sizes of the batches run, for the metrics wrapper.
         self.last_batches: list[int] = []
 
@@ -258,24 +262,30 @@ class VlmReasoner:
         if self._model is None:
             self.warm_up()
         out: list[Judgement] = []
-        self.last_batches = []
-        for start in range(0, len(candidates), self.batch_size):
-            batch = list(candidates[start:start + self.batch_size])
-            out.extend(self._judge_batch(query, batch))
-            self.last_batches.append(len(batch))
+        batches = [list(candidates[i:i + self.batch_size]) for i in range(0, len(candidates), self.batch_size)]
+        self.last_batches = [len(b) for b in batches]
+        # The CPU prepares batch i+1 (image fetch, decode, preprocessing) while the GPU runs batch i.
+        pending = self._prep.submit(self.inputs, query, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            prepared = pending.result()
+            pending = self._prep.submit(self.inputs, query, batches[i + 1]) if i + 1 < len(batches) else None
+            out.extend(self._judge_batch(query, batch, prepared))
         return out
 
-    def _judge_batch(self, query: str, batch: Sequence[ReasonCandidate]) -> list[Judgement]:
-        import torch
-        from transformers import LogitsProcessorList
-
+    def inputs(self, query: str, batch: Sequence[ReasonCandidate]):
+        """CPU side of a batch: fetch and decode images, build prompts, tokenise and preprocess."""
         prompts, images = [], []
         for candidate in batch:
             text, shown = self.prompt(query, candidate, self._images(candidate))
             prompts.append(text)
             images.extend(shown)
-        inputs = self._processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.device)
+        return self._processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
+
+    def _judge_batch(self, query: str, batch: Sequence[ReasonCandidate], prepared=None) -> list[Judgement]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        inputs = (prepared if prepared is not None else self.inputs(query, batch)).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
         prompt_length = inputs["input_ids"].shape[1]

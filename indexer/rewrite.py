@@ -26,10 +26,10 @@ MAX_REWRITE_CHARS = 2_000
 
 _FILLERS = re.compile(
     r"^\s*(?:(?:no|nope|nah|not that one|not this one|not quite|wrong one|actually|hmm+|well|ok(?:ay)?|yes|yeah|i mean)"
-    r"\s*[,.!:;-]*\s*)+"
-    r"|\b(?:(?:can|could|would) you )?(?:please )?(?:find|show|get|look up|search for|look for)(?: me)?\s+"
-    r"|\b(?:i(?:'m| am) (?:looking|searching) for|i want|i need|find me|show me|do you remember|remember)\s+"
-    r"|\b(?:the|that|a) (?:conversation|chat|thread|discussion|messages?) (?:where|when|in which|about|with)\s+",
+    r"\s*[,.!:;-]*\s*)*"
+    r"(?:(?:(?:can|could|would) you )?(?:please )?(?:find|show|look up|search for|look for)(?: me)?\s+"
+    r"|(?:i(?:'m| am) (?:looking|searching) for|i want|i need|do you remember)\s+)?"
+    r"(?:(?:the|that|a) (?:conversation|chat|thread|discussion|messages?) (?:where|when|in which|about|with)\s+)?",
     re.IGNORECASE,
 )
 #: "not the one with Bob", "not about work": what follows is ruled out, not searched for.
@@ -45,7 +45,7 @@ class Rewriter(Protocol):
 
 def _clean(text: str) -> str:
     text = _EXCLUSION.sub(" ", text)
-    text = _FILLERS.sub(" ", text)
+    text = _FILLERS.sub(" ", text, count=1)
     return " ".join(text.split()).strip(" ,.;:!-")
 
 

@@ -214,6 +214,12 @@ def cmd_eval(args) -> int:
     return main_eval(args.dir, args.out, progress=not args.quiet)
 
 
+def cmd_eval_dialogue(args) -> int:
+    from ops.eval_dialogue import main_dialogue
+
+    return main_dialogue(args.dir, args.out, progress=not args.quiet)
+
+
 def cmd_bench(args) -> int:
     from ops.bench import run
 
@@ -356,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="results/locomo-eval.json", help="where the JSON table goes")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+    e = evsub.add_parser("dialogue", help="rewriting, time filters and clarifying questions on LoCoMo-format DIR")
+    e.add_argument("dir")
+    e.add_argument("--out", default="results", help="folder for dialogue-eval.md and .json")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval_dialogue)
 
     from ops.bench import add_arguments
 

@@ -22,10 +22,10 @@ def _devices():
 
 @pytest.fixture(scope="module")
 def vlm_paths(tmp_path_factory):
-    from tests import tiny_models
+    from ops import random_models
 
     root = tmp_path_factory.mktemp("vlm")
-    return [tiny_models.llava(root / f"llava-{seed}", seed=seed) for seed in range(3)]
+    return [random_models.llava(root / f"llava-{seed}", seed=seed) for seed in range(3)]
 
 
 @pytest.fixture(scope="module", params=_devices())

@@ -38,9 +38,9 @@ def test_open_rewriter_defaults_to_the_rule():
 
 
 def test_seq2seq_model_from_a_local_path(tmp_path):
-    from tests import tiny_models
+    from ops import random_models
 
-    path = tiny_models.bart(tmp_path / "rewriter")
+    path = random_models.bart(tmp_path / "rewriter")
     rewriter = open_rewriter(path)
     assert isinstance(rewriter, Seq2SeqRewriter)
     history = h(("user", "the glacier photo"))

@@ -12,9 +12,9 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230)}
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    from tests import tiny_models
+    from ops import random_models
 
-    return tiny_models.clip(tmp_path_factory.mktemp("models") / "clip")
+    return random_models.clip(tmp_path_factory.mktemp("models") / "clip")
 
 
 def picture(path, colour, stripes=False):

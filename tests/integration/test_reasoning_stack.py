@@ -28,9 +28,9 @@ def results(wanted: set[str]):
 
 
 def test_reason_worker_in_the_stack(stack, demo_events, tmp_path, monkeypatch):
-    from tests import tiny_models
+    from ops import random_models
 
-    monkeypatch.setenv("TESSERA_VLM_MODEL", str(tiny_models.llava(tmp_path / "vlm")))
+    monkeypatch.setenv("TESSERA_VLM_MODEL", str(random_models.llava(tmp_path / "vlm")))
     stack.start()
     assert "worker-reason" in stack.load()["pids"]
     r = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])

@@ -1,8 +1,9 @@
-"""Tiny random models of the real classes, built inside the tests and saved to a folder.
+"""Random-weight models of the real classes, for the tests (tiny) and the reasoning benchmark (real size).
 
-Production code loads them through the same ``from_pretrained`` paths as real checkpoints: a LLaVA
-VLM (its processor needs no torchvision), a CLIP model and a BART rewriter, all sharing one small
-byte-level BPE tokenizer trained here (no hub access).
+No weights can be downloaded here, so tests build these, save them to a folder and production code
+loads them through the same ``from_pretrained`` paths as real checkpoints: a LLaVA VLM (its processor
+needs no torchvision), a CLIP model and a BART rewriter, all sharing a byte-level BPE tokenizer
+trained on a few sentences (no hub access).
 """
 
 from __future__ import annotations
@@ -38,23 +39,44 @@ def image_processor(side: int = 32):
     return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
-def llava(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+#: LLaVA-1.5-7B's shapes: CLIP ViT-L/14 at 336 px (576 image tokens) and a Llama-7B decoder.
+LLAVA_7B = dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14),
+                text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32))
+LLAVA_TINY = dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8),
+                  text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2))
+
+
+def llava(path: Path, seed: int = 0, shape: dict = LLAVA_TINY, vocab_size: int | None = None,
+          device: str = "cpu") -> Path:
+    """A LLaVA model of ``shape`` with random weights (bf16 when built on CUDA), saved with its processor."""
     import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 
     torch.manual_seed(seed)
     tok = tokenizer()
-    processor = LlavaProcessor(image_processor=image_processor(), tokenizer=tok, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=2, image_size=32, patch_size=8)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    v = shape["vision"]
+    processor = LlavaProcessor(image_processor=image_processor(v["image_size"]), tokenizer=tok,
+                               patch_size=v["patch_size"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(**v)
+    text = LlamaConfig(vocab_size=vocab_size or len(tok), max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape["text"])
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-2)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
