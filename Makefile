@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test eval bench bench-ingest bench-pipeline schemas clean
+.PHONY: install system-deps demo test eval eval-dialogue bench bench-ingest bench-pipeline bench-reasoning schemas clean
 
 install: $(STAMP) system-deps
 
@@ -32,6 +32,13 @@ test: $(STAMP) system-deps
 
 eval: $(STAMP)
 	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --out results/locomo-eval.json
+
+eval-dialogue: $(STAMP)
+	$(VENV)/bin/tessera eval dialogue ../shared/datasets/locomo-dev --out results
+
+# VLM rerank speed per batch size; on a GPU machine use --shape 7b (LLaVA-1.5-7B shapes, random weights).
+bench-reasoning: $(STAMP)
+	$(PY) -m ops.bench_reasoning --shape $(or $(SHAPE),tiny) --out results
 
 # The benchmark report (results/bench/report.md and PNG plots); BENCH_ARGS adds e.g. --sizes 10000 100000 1000000.
 bench: $(STAMP) system-deps

@@ -412,9 +412,12 @@ class Tessera:
         ts = self.searcher.locate(when.anchor, self._embed_query(when.anchor), flt)
         if ts is None:
             return flt
+        slack = timeparse.ANCHOR_SLACK.total_seconds()
         if when.anchor_side == "before":
-            return dataclasses.replace(flt, sent_before=min(ts, flt.sent_before) if flt.sent_before else ts)
-        return dataclasses.replace(flt, sent_after=max(ts, flt.sent_after) if flt.sent_after else ts)
+            bound = ts + slack
+            return dataclasses.replace(flt, sent_before=min(bound, flt.sent_before) if flt.sent_before else bound)
+        bound = ts - slack
+        return dataclasses.replace(flt, sent_after=max(bound, flt.sent_after) if flt.sent_after else bound)
 
     def answer(self, job: QueryJob, vlm_available: bool = False) -> Result | ReasonRequest:
         """Rewrite, recall, fuse and select spans; returns the result, or the reasoning stage's work.
@@ -455,6 +458,11 @@ class Tessera:
         timings["embed"] = (time.perf_counter() - t1) * 1000
         t2 = time.perf_counter()
         lists = self.searcher.recall(search_text, vector, flt, image_queries)
+        if not when.empty and not any(lists.values()):
+            # The words named a time with nothing in it ("in June" of a year without chats): search
+            # without what the words added, keeping the job's own filters.
+            flt = self._filter(job, timeparse.TimeConstraint())
+            lists = self.searcher.recall(text, self._embed_query(text) if text.strip() else None, flt, image_queries)
         timings["recall"] = (time.perf_counter() - t2) * 1000
         t3 = time.perf_counter()
         named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(search_text))))

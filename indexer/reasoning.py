@@ -28,8 +28,8 @@ from indexer.segmenter import ImageInfo, Turn
 from indexer.text import render_turn, snippet
 from schemas import ReasonCandidate, ReasonRequest, Result, ResultFragment, ResultImage
 
-#: Candidates per forward pass; chosen by measurement on the GPU (see the reasoning benchmark).
-DEFAULT_BATCH_SIZE = 8
+#: Candidates per forward pass: best of 1-20 for a top-20 rerank of LLaVA-7B shapes on an H100 (ops.bench_reasoning).
+DEFAULT_BATCH_SIZE = 10
 #: Images shown to the model per candidate (span images first); the rest go by caption.
 MAX_IMAGES_PER_CANDIDATE = 4
 #: Turns named in one answer at most (a fine-grained answer is short).

@@ -7,7 +7,9 @@ they have become a filter. "before/after <something that is not a date>" comes b
 phrase; the engine dates the anchor by searching for it (the date of the best matching turn).
 
 Filters are on ``sent_at``, which is when people talk about an event, and people talk about an event
-after it happens: the end of every range is widened by ``REPORTING_GRACE``.
+after it happens ("we went to a convention last month"): the end of a range is widened by as much as
+the range is long, between ``MIN_GRACE`` and ``MAX_GRACE``. Vague words ("recently", "lately") and a
+bare season ("plans for the summer") are left as words: as hard filters they lost more than they won.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-#: People mention an event in the days after it; a range's end is pushed out by this much.
-REPORTING_GRACE = timedelta(days=7)
+#: People mention an event after it, the later the coarser the time they name: a day is talked about
+#: within a week, a month within the next month.
+MIN_GRACE = timedelta(days=7)
+MAX_GRACE = timedelta(days=31)
+#: An anchor ("after the trip") bounds the search a day beyond the turn that names it: the answer is
+#: often told in the same breath.
+ANCHOR_SLACK = timedelta(days=1)
 
 MONTHS = {name: i + 1 for i, name in enumerate(
     ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
@@ -44,16 +51,16 @@ _DATE_PATTERNS = [
     ("month_year", rf"\b{_MONTH},?\s+{_YEAR}\b"),
     ("month", rf"\b(?P<lead>in|on|of|since|before|after|until|till|during|from|by|early|late|mid)\s+{_MONTH}\b"),
     ("year", rf"\b(?P<lead>in|of|since|before|after|until|during|from)\s+{_YEAR}\b"),
-    ("season", r"\b(?:the\s+|this\s+|last\s+)?(?P<season>spring|summer|autumn|fall|winter)(?:\s+(?:of\s+)?(?P<year>(?:19|20)\d\d))?\b"),
+    ("season", r"\b(?:in|during|over|this|last)\s+(?:the\s+)?(?P<season>spring|summer|autumn|fall|winter)(?:\s+(?:of\s+)?(?P<year>(?:19|20)\d\d))?\b"),
     ("relative_day", r"\b(?P<word>yesterday|today|tonight|last\s+night|the\s+day\s+before\s+yesterday)\b"),
     ("relative_period", r"\b(?P<which>this|last|past|previous)\s+(?P<unit>week|weekend|month|year)\b"),
     ("ago", rf"\b{_NUM}\s+(?P<unit>day|week|month|year)s?\s+ago\b"),
-    ("recent", r"\b(?P<word>recently|the\s+other\s+day|lately)\b"),
 ]
 _DATE_RES = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _DATE_PATTERNS]
 _PREPOSITION = re.compile(r"\b(?P<prep>before|after|since|until|till|between|during|in|on|from)\s*$", re.IGNORECASE)
-_ANCHOR = re.compile(r"\b(?P<prep>before|after)\s+(?P<phrase>(?:the|my|his|her|their|our|your|a|an)\s+[\w'-]+(?:\s+[\w'-]+){0,2})",
+_ANCHOR = re.compile(r"\b(?P<prep>before|after)\s+(?P<phrase>(?:the|my|his|her|their|our|your|a|an)\s+[\w'-]+(?:\s+[\w'-]+){0,3})",
                      re.IGNORECASE)
+_ANCHOR_TAIL = {"to", "of", "the", "a", "an", "at", "in", "on", "for", "from", "my", "his", "her", "their"}
 _ANCHOR_STOP = {"and", "or", "but", "when", "where", "that", "which", "who", "with", "what", "did", "was", "is"}
 
 
@@ -165,10 +172,11 @@ def _range(kind: str, m: re.Match, now: datetime) -> TimeRange | None:
         centre = now - _number(g["n"]) * unit
         half = max(unit / 2, timedelta(days=1))
         return TimeRange(centre - half, centre + half)
-    if kind == "recent":
-        days = 7 if "other" in g["word"].lower() else 30
-        return TimeRange(now - timedelta(days=days), now + timedelta(seconds=1))
     return None
+
+
+def grace(span: TimeRange) -> timedelta:
+    return min(MAX_GRACE, max(MIN_GRACE, span.end - span.start))
 
 
 def parse(text: str, now: datetime) -> TimeConstraint:
@@ -201,18 +209,17 @@ def parse(text: str, now: datetime) -> TimeConstraint:
             continue
         joined = re.search(r"\band\s*$", text[:m.start()], re.IGNORECASE) if between is not None else None
         if joined is not None:
-            lo, hi = between.start, span_range.end + REPORTING_GRACE
+            lo, hi = between.start, span_range.end + grace(span_range)
             start, between = joined.start(), None
-        elif word == "before":
-            lo, hi = None, span_range.start
+        elif word in ("before", "until", "till"):
+            # "before May": something that happened then may be told up to the grace later.
+            lo, hi = None, span_range.end + grace(span_range)
         elif word in ("after",):
             lo, hi = span_range.end, None
         elif word == "since":
             lo, hi = span_range.start, None
-        elif word in ("until", "till"):
-            lo, hi = None, span_range.end
         else:
-            lo, hi = span_range.start, span_range.end + REPORTING_GRACE
+            lo, hi = span_range.start, span_range.end + grace(span_range)
         after = lo if after is None or (lo is not None and lo > after) else after
         before = hi if before is None or (hi is not None and hi < before) else before
         cut.append((start, m.end()))
@@ -229,6 +236,8 @@ def parse(text: str, now: datetime) -> TimeConstraint:
             kept.append(w)
             if w[-1] in "?.,!;:":
                 break
+        while len(kept) > 2 and kept[-1].lower().strip("?.,!;:") in _ANCHOR_TAIL:
+            kept.pop()
         if len(kept) < 2:
             continue
         anchor, side = " ".join(kept).rstrip("?.,!"), m.group("prep").lower()

@@ -21,14 +21,13 @@ import json
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm
 
 from indexer.text import STOPWORDS, words
-from ops.evaluate import EVAL_TOP_K, BUDGETS, score
+from ops.evaluate import BUDGETS, EVAL_TOP_K, asked_after, score
 from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
 from schemas import QUERY_SCHEMA, QueryJob, Result
 
@@ -83,11 +82,9 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
         raise SystemExit(f"no LoCoMo conversations (*.json) in {directory}")
     by_key = {(t.conversation_id, t.message_id): t for t in turns}
     people: dict[str, set[str]] = {}
-    last: dict = {}
     for t in turns:
         people.setdefault(t.conversation_id, set()).add(t.speaker)
-        last[t.conversation_id] = max(last.get(t.conversation_id, t.sent_at), t.sent_at)
-    asked = {c: ts + timedelta(days=1) for c, ts in last.items()}
+    asked = asked_after(turns)
     work = Path(tempfile.mkdtemp(prefix="tessera-dialogue-"))
     engine = open_engine(Settings(data_dir=work, vector_store="sqlite", clarify=False))
     events = to_events(turns)

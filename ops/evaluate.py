@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,6 +48,14 @@ def score(questions: Sequence[Question], rankings: Sequence[Ranked]) -> dict[str
     out["mrr"] = float(np.mean(rr))
     out["conv_hit@1"] = float(np.mean(hit))
     return out
+
+def asked_after(turns: Sequence[LocomoTurn]) -> dict:
+    """When each conversation's questions are asked: a day after its last turn ("in June" is the last June)."""
+    last: dict = {}
+    for t in turns:
+        last[t.conversation_id] = max(last.get(t.conversation_id, t.sent_at), t.sent_at)
+    return {c: ts + timedelta(days=1) for c, ts in last.items()}
+
 
 def indexed_texts(turns: Sequence[LocomoTurn]) -> list[str]:
     """Exactly the text Tessera indexes for each turn (speaker, words, caption)."""
@@ -143,13 +152,14 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
 
     baselines = _Baselines(turns, embedder)
     qvectors = embedder.encode([q.text for q in questions])
+    asked = asked_after(turns)
     system: list[Ranked] = []
     peer: dict[str, list[Ranked]] = defaultdict(list)
     latencies = []
     for i, q in enumerate(tqdm(questions, desc="questions", disable=not progress, file=sys.stderr)):
         job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"q{i}", "tenant_id": TENANT,
                                        "user_id": "evaluator", "query": q.text, "top_k": EVAL_TOP_K,
-                                       "reasoning": "fast"})
+                                       "reasoning": "fast", "asked_at": asked[q.conversation_id].isoformat()})
         t = time.perf_counter()
         result = engine.query(job)
         latencies.append((time.perf_counter() - t) * 1000)

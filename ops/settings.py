@@ -34,7 +34,7 @@ ENVIRONMENT = {
     "TESSERA_VLM_MODEL": "path of a vision-language model (AutoModelForImageTextToText, e.g. LLaVA or Qwen2.5-VL):"
     " the reasoning worker (queue reason) loads it; tessera query in-process too",
     "TESSERA_VLM_DEVICE": "device of the VLM (default cuda when available, else cpu)",
-    "TESSERA_VLM_BATCH": "candidate fragments per VLM forward pass (default 8)",
+    "TESSERA_VLM_BATCH": "candidate fragments per VLM forward pass (default 10, chosen by ops.bench_reasoning)",
     "TESSERA_METRICS_PORT": "port of /metrics and /healthz of a long-running process (consumer, worker)",
     "PROMETHEUS_MULTIPROC_DIR": "where Celery prefork children write their metrics (set by tessera stack)",
     "TESSERA_REDIS_URL": "Celery broker and result backend (default redis://127.0.0.1:6379/0)",
@@ -63,7 +63,7 @@ class Settings:
     clarify: bool = True
     vlm_model: str | None = None
     vlm_device: str | None = None
-    vlm_batch: int = 8
+    vlm_batch: int = 10
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> "Settings":
@@ -83,7 +83,7 @@ class Settings:
             clarify=env.get("TESSERA_CLARIFY", "1") != "0",
             vlm_model=env.get("TESSERA_VLM_MODEL") or None,
             vlm_device=env.get("TESSERA_VLM_DEVICE") or None,
-            vlm_batch=int(env.get("TESSERA_VLM_BATCH", "8")),
+            vlm_batch=int(env.get("TESSERA_VLM_BATCH", "10")),
         )
 
 

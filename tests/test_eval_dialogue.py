@@ -1,0 +1,36 @@
+"""The rules behind the dialogue figures: how questions become two turns, how the simulated user answers."""
+
+from datetime import datetime, timezone
+
+from ops.eval_dialogue import pick_option, split_question
+from ops.locomo import LocomoTurn, Question
+
+
+def test_split_question_makes_a_vague_and_a_refining_turn():
+    first, second = split_question("When did Caroline go to the LGBTQ support group?")
+    assert first == "When did Caroline go to the LGBTQ"
+    assert second == "no, the one about support group?"
+    assert split_question("When?") is None
+
+
+def test_simulated_user_picks_the_option_consistent_with_the_evidence():
+    when = datetime(2023, 5, 8, 13, tzinfo=timezone.utc)
+    turn = LocomoTurn("26", 1, "D1:3", "Caroline", "I went to a support group", "a rainbow flag", when)
+    q = Question("26", "When did Caroline go?", frozenset({"D1:3"}), 2)
+    turns = {("26", "D1:3"): turn}
+    people = {"26": {"Caroline", "Melanie"}}
+    assert pick_option(["in June 2023", "in May 2023"], q, turns, people) == "in May 2023"
+    assert pick_option(["with Jon and Gina", "with Caroline and Melanie"], q, turns, people) == "with Caroline and Melanie"
+    assert pick_option(["the photo of a cat", "the photo of a rainbow flag"], q, turns, people) == \
+        "the photo of a rainbow flag"
+    assert pick_option(["about hiking", "about support"], q, turns, people) == "about support"
+    assert pick_option(["in June 2023", "about hiking"], q, turns, people) is None
+
+
+def test_reasoning_benchmark_runs_on_a_tiny_model(tmp_path):
+    from ops.bench_reasoning import run
+
+    report = run("tiny", 3, [1, 3], 1, tmp_path)
+    assert [r["batch_size"] for r in report["rows"]] == [1, 3]
+    assert all(r["candidates_per_s"] > 0 for r in report["rows"])
+    assert (tmp_path / "reasoning-bench.md").exists()
