@@ -17,7 +17,7 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 from indexer import ids, timeparse
-from indexer.clarify import SpanView, answered_clarification, clarify
+from indexer.clarify import CONSIDER, SpanView, answered_clarification, clarify
 from indexer.embedder import Embedder
 from indexer.images import ImageError
 from indexer.rewrite import Rewriter, RuleRewriter
@@ -480,7 +480,8 @@ class Tessera:
                      for span in spans[:job.top_k]]
         question = None
         if self.clarify and not job.filters.conversation_id and not answered_clarification([t.role for t in job.history]):
-            views = [self._view(span, records[span.fragment_id], turns[span.fragment_id]) for span in spans[:job.top_k]]
+            views = [self._view(span, records[span.fragment_id], turns[span.fragment_id])
+                     for span in spans[:min(job.top_k, CONSIDER)]]
             found = clarify(search_text, views)
             if found is not None:
                 question = ClarifyingQuestion(text=found.text, options=list(found.options))
