@@ -480,7 +480,7 @@ class Tessera:
                      for span in spans[:job.top_k]]
         question = None
         if self.clarify and not job.filters.conversation_id and not answered_clarification([t.role for t in job.history]):
-            views = [self._view(span, records[span.fragment_id], turns[span.fragment_id])
+            views = [self._view(span, records[span.fragment_id], turns[span.fragment_id], job.user_id)
                      for span in spans[:min(job.top_k, CONSIDER)]]
             found = clarify(search_text, views)
             if found is not None:
@@ -501,12 +501,13 @@ class Tessera:
         return Result(job_id=job.job_id, status="error", error=ResultError(code=code, message=message))
 
     @staticmethod
-    def _view(span: Span, record: FragmentRecord, turns: dict[str, Turn]) -> SpanView:
+    def _view(span: Span, record: FragmentRecord, turns: dict[str, Turn], user_id: str) -> SpanView:
+        """What the asking user could recognise: the other people, the date, the images, the words."""
         members = [turns[m] for m in record.message_ids if m in turns]
         chosen = [turns[m] for m in span.message_ids if m in turns]
         return SpanView(
             conversation_id=span.conversation_id, start_at=record.start_at, score=span.score,
-            people=tuple(sorted({t.sender_name or t.sender_id for t in members})),
+            people=tuple(sorted({t.sender_name or t.sender_id for t in members if t.sender_id != user_id})),
             captions=tuple(i.caption for t in chosen for i in t.images if i.caption),
             text=" ".join(t.text for t in chosen))
 
