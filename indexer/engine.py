@@ -259,8 +259,7 @@ class Tessera:
                         report.image_failures[code] = report.image_failures.get(code, 0) + 1
             for (tenant_id, conversation_id, turn), text in zip(waiting, texts):
                 vector = known[text] if text in known else fresh[text]
-                image_vector = turn_image_vector([i.uri for i in turn.images], images.vectors) \
-                    if self.images is not None else None
+                image_vector = turn_image_vector([i.uri for i in turn.images], images.vectors)
                 self.state.set_vector(tenant_id, conversation_id, turn.message_id, vector, image_vector)
             report.encoded += len(missing)
             for tenant_id, conversation_id, change in pending:
@@ -428,9 +427,8 @@ class Tessera:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         if job.reasoning == "vlm" and not vlm_available:
-            return Result(job_id=job.job_id, status="error", error=ResultError(
-                code="reasoning_unavailable",
-                message="reasoning 'vlm' needs a VLM reasoning worker (TESSERA_VLM_MODEL on a worker of queue 'reason')"))
+            return self._error(job, "reasoning_unavailable",
+                               "reasoning 'vlm' needs a VLM reasoning worker (TESSERA_VLM_MODEL on a worker of queue 'reason')")
         text = self.rewriter.rewrite(job.query, job.history) if job.query.strip() else ""
         when = timeparse.parse(text, job.asked_at or datetime.now(timezone.utc)) if self.time_filters \
             else timeparse.TimeConstraint(text=text)
@@ -474,13 +472,19 @@ class Tessera:
         records = self.state.fragments_by_id(fragment_ids)
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
         spans = self.searcher.spans(candidates, {fid: r.message_ids for fid, r in records.items()}, depth)
-        turns = {span.fragment_id: self.state.turns_by_id(job.tenant_id, span.conversation_id,
-                                                           records[span.fragment_id].message_ids) for span in spans}
-        fragments = [self._result_fragment(span, records[span.fragment_id], turns[span.fragment_id])
-                     for span in spans[:job.top_k]]
+        # Whole fragments are read only for what needs their context (the clarifying check, the VLM);
+        # a result fragment needs the turns of its span, or reuses the whole fragment already read.
+        whole: dict[str, dict[str, Turn]] = {}
+
+        def context(span: Span) -> dict[str, Turn]:
+            if span.fragment_id not in whole:
+                whole[span.fragment_id] = self.state.turns_by_id(job.tenant_id, span.conversation_id,
+                                                                 records[span.fragment_id].message_ids)
+            return whole[span.fragment_id]
+
         question = None
         if self.clarify and not job.filters.conversation_id and not answered_clarification([t.role for t in job.history]):
-            views = [self._view(span, records[span.fragment_id], turns[span.fragment_id], job.user_id)
+            views = [self._view(span, records[span.fragment_id], context(span), job.user_id)
                      for span in spans[:min(job.top_k, CONSIDER)]]
             found = clarify(search_text, views)
             if found is not None:
@@ -488,7 +492,10 @@ class Tessera:
         if reason and question is None:
             timings["fusion"] += (time.perf_counter() - t4) * 1000
             return ReasonRequest(job=job, rewritten_query=text, timings_ms=timings, candidates=[
-                self._candidate(span, records[span.fragment_id], turns[span.fragment_id]) for span in spans])
+                self._candidate(span, records[span.fragment_id], context(span)) for span in spans])
+        fragments = [self._result_fragment(span, records[span.fragment_id], whole.get(span.fragment_id) or
+                                           self.state.turns_by_id(job.tenant_id, span.conversation_id, span.message_ids))
+                     for span in spans[:job.top_k]]
         # The CPU span selector is the reasoning stage when no VLM worker takes it.
         timings["reasoning"] = (time.perf_counter() - t4) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000

@@ -125,7 +125,3 @@ class Seq2SeqRewriter:
 def open_rewriter(model_path: str | Path | None = None) -> Rewriter:
     """The model at ``model_path`` (``TESSERA_REWRITE_MODEL``), else the deterministic rule."""
     return Seq2SeqRewriter(model_path) if model_path else RuleRewriter()
-
-
-def rewrite(query: str, history: Sequence[HistoryTurn] = ()) -> str:
-    return rule_rewrite(query, history)

@@ -45,7 +45,7 @@ _NUM = r"(?P<n>\d+|" + "|".join(sorted(_NUMBERS, key=len, reverse=True)) + r")"
 #: Date expressions, most specific first. A bare month needs a preposition before it ("in May"), so
 #: "may" the verb and "march" the verb are never dates.
 _DATE_PATTERNS = [
-    ("iso", rf"\b(?P<year>(?:19|20)\d\d)-(?P<month>[01]\d)-(?P<day>[0-3]\d)\b"),
+    ("iso", r"\b(?P<year>(?:19|20)\d\d)-(?P<month>[01]\d)-(?P<day>[0-3]\d)\b"),
     ("day_month_year", rf"\b(?:the\s+)?{_DAY}\s+(?:of\s+)?{_MONTH}(?:,?\s+{_YEAR})?\b"),
     ("month_day_year", rf"\b{_MONTH}\s+{_DAY}(?:,?\s+{_YEAR})?\b(?!\s*(?:am|pm|:))"),
     ("month_year", rf"\b{_MONTH},?\s+{_YEAR}\b"),

@@ -130,8 +130,7 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
                     key=lambda t: t.sent_at)
         dated = f"{q.text.rstrip('?')} in {first.sent_at:%B %Y}?"
         with_filters = run(q.text, q, i)
-        fired += int(with_filters.rewritten_query is not None and
-                     _had_time(engine, q.text, asked[q.conversation_id]))
+        fired += int(_had_time(engine, q.text, asked[q.conversation_id]))
         rows["as asked, no filters"].append(ranked(run(q.text, q, i, time_filters=False)))
         rows["as asked, time filters"].append(ranked(with_filters))
         rows["month added, no filters"].append(ranked(run(dated, q, i, time_filters=False)))

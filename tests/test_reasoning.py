@@ -4,12 +4,12 @@ code: decoding always yields valid turn numbers, images reach the model, the mod
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from indexer.reasoning import MAX_ANSWER_TURNS, AnswerVocabulary, VlmReasoner, answer_state, parse_answer
 from schemas import QUERY_SCHEMA, QueryJob, ReasonRequest
-from tests.conftest import dialogue, message, query
+from tests.conftest import dialogue, query
 
 T = datetime(2023, 5, 1, 12, tzinfo=timezone.utc)
 

@@ -53,6 +53,15 @@ class Unit:
         }
 
 
+def check_vectors(unit: Unit, dim: int, image_dim: int | None) -> None:
+    """The shapes every vector store requires: a text vector of ``dim``, an image vector only on turns."""
+    if unit.vector is None or unit.vector.shape != (dim,):
+        raise ValueError(f"unit {unit.unit_id}: vector must have shape ({dim},)")
+    if unit.image_vector is not None and (unit.kind != "turn" or image_dim is None
+                                          or unit.image_vector.shape != (image_dim,)):
+        raise ValueError(f"unit {unit.unit_id}: image vectors go on turns, shape ({image_dim},)")
+
+
 @dataclass(frozen=True)
 class SearchFilter:
     """What the asking user may see and what the query narrows to; ``tenant_id`` and ``user_id`` always apply."""

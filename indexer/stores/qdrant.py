@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
+from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit, check_vectors
 
 TEXT_VECTOR = "text"
 IMAGE_VECTOR = "image"
@@ -104,15 +104,11 @@ class QdrantVectorStore:
     def upsert(self, units: Sequence[Unit]) -> None:
         points: dict[str, list[models.PointStruct]] = {kind: [] for kind in UNIT_KINDS}
         for unit in units:
-            vector = unit.vector
-            if vector is None or vector.shape != (self.dim,):
-                raise ValueError(f"unit {unit.unit_id}: vector must have shape ({self.dim},)")
+            check_vectors(unit, self.dim, self.image_dim)
             if unit.kind not in points:
                 raise ValueError(f"unit {unit.unit_id}: unknown kind {unit.kind!r}")
-            named = {TEXT_VECTOR: vector.tolist()}
+            named = {TEXT_VECTOR: unit.vector.tolist()}
             if unit.image_vector is not None:
-                if unit.kind != "turn" or self.image_dim is None or unit.image_vector.shape != (self.image_dim,):
-                    raise ValueError(f"unit {unit.unit_id}: image vectors go on turns, shape ({self.image_dim},)")
                 named[IMAGE_VECTOR] = unit.image_vector.tolist()
             points[unit.kind].append(models.PointStruct(id=unit.unit_id, vector=named, payload=unit.payload()))
         for kind, batch in points.items():

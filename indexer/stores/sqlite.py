@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from indexer.stores.base import EVERYONE, UNIT_KINDS, VECTOR_NAMES, Hit, SearchFilter, Unit
+from indexer.stores.base import EVERYONE, UNIT_KINDS, VECTOR_NAMES, Hit, SearchFilter, Unit, check_vectors
 from indexer.stores.vector_index import IndexRow, VectorIndex
 from indexer.text import keywords
 
@@ -342,11 +342,7 @@ class SqliteVectorStore(_SqliteUnits):
 
     def upsert(self, units: Sequence[Unit]) -> None:
         for unit in units:
-            if unit.vector is None or unit.vector.shape != (self.dim,):
-                raise ValueError(f"unit {unit.unit_id}: vector must have shape ({self.dim},)")
-            if unit.image_vector is not None and (unit.kind != "turn" or self.image_dim is None
-                                                  or unit.image_vector.shape != (self.image_dim,)):
-                raise ValueError(f"unit {unit.unit_id}: image vectors go on turns, shape ({self.image_dim},)")
+            check_vectors(unit, self.dim, self.image_dim)
         super().upsert(units)
 
     def compact(self) -> None:
