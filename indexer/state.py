@@ -9,6 +9,7 @@ between the two replays the batch instead of losing it.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ CREATE TABLE IF NOT EXISTS messages (
     tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL,
     sender_id TEXT NOT NULL, sender_name TEXT, sent_at TEXT NOT NULL, sent_ts REAL NOT NULL,
     text TEXT NOT NULL, images TEXT NOT NULL, reply_to TEXT, vector BLOB, version REAL NOT NULL DEFAULT 0,
+    image_vector BLOB,
     PRIMARY KEY (tenant_id, conversation_id, message_id)
 );
 CREATE INDEX IF NOT EXISTS messages_order ON messages(tenant_id, conversation_id, sent_ts, message_id);
@@ -88,14 +90,21 @@ class ConversationState:
     def __init__(self, path: str | Path):
         self._db = connect(path)
         self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
-        if "version" not in columns:
-            # Data dirs written before edit versions existed.
-            self._db.execute("ALTER TABLE messages ADD COLUMN version REAL NOT NULL DEFAULT 0")
-        if "image_vector" not in columns:
-            # The mean vector of a turn's embedded images (image model configured); added after v0.1.
-            self._db.execute("ALTER TABLE messages ADD COLUMN image_vector BLOB")
+        # Data dirs written before edit versions, and before image vectors (the mean vector of a turn's
+        # embedded images), lack these columns.
+        self._add_column("version", "REAL NOT NULL DEFAULT 0")
+        self._add_column("image_vector", "BLOB")
         self.lock = threading.RLock()
+
+    def _add_column(self, name: str, declaration: str) -> None:
+        """Migrate an old data dir; several processes may open it at once, and one of them wins."""
+        if name in {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}:
+            return
+        try:
+            self._db.execute(f"ALTER TABLE messages ADD COLUMN {name} {declaration}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column name" not in str(exc):
+                raise
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
