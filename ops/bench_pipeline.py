@@ -65,11 +65,13 @@ def run(directory: str, timeout_s: float = 900, rate: float | None = None) -> di
         from kafka import KafkaProducer
 
         from consumer.topics import MESSAGES, bootstrap
+        from schemas.routing import message_key
 
         producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=5)
         warm = json.loads(lines[0])
         warm.update(tenant_id="warm-up", event_id="warm-up")
-        producer.send(MESSAGES, key=b"warm-up", value=json.dumps(warm).encode()).get(timeout=60)
+        producer.send(MESSAGES, key=message_key("warm-up", warm["conversation_id"]),
+                      value=json.dumps(warm).encode()).get(timeout=60)
         bm25 = stack.data_dir / "bm25.sqlite"
         deadline = time.monotonic() + 300
         while not searchable(bm25):
@@ -88,7 +90,7 @@ def run(directory: str, timeout_s: float = 900, rate: float | None = None) -> di
                         time.sleep(delay)
                 key = f"{e.conversation_id}/{e.message_id}"
                 produced_at[key] = time.perf_counter()
-                producer.send(MESSAGES, key=e.conversation_id.encode(), value=line.encode())
+                producer.send(MESSAGES, key=message_key(e.tenant_id, e.conversation_id), value=line.encode())
                 if rate:
                     producer.flush()
             producer.flush()

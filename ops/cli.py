@@ -241,6 +241,21 @@ def cmd_delete(args) -> int:
     return 0
 
 
+def cmd_reindex(args) -> int:
+    """Rebuild both indexes from the conversation state; an interrupted run resumes where it stopped."""
+    from tqdm import tqdm
+
+    engine = _engine(args)
+    try:
+        with tqdm(desc="reindex", unit="conversation", file=sys.stderr, disable=args.quiet) as bar:
+            report = engine.reindex(reencode=args.reencode, progress=bar.update)
+    finally:
+        engine.close()
+    print(f"reindexed: {report.fragments_written} fragments written, {report.encoded} texts encoded",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_consume(args) -> int:
     """Run a consumer per topic, each in its own thread; SIGTERM stops both, each commits and leaves."""
     import logging
@@ -406,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=1)
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("reindex", help="rebuild the vector and BM25 indexes from the conversation state (resumable)")
+    p.add_argument("--reencode", action="store_true", help="encode every turn again (after an encoder change)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reindex)
 
     p = sub.add_parser("delete", help="delete a conversation, or everything a user sent (forget me)")
     p.add_argument("--tenant", required=True)

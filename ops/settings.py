@@ -9,6 +9,8 @@ from pathlib import Path
 #: Every environment variable Tessera reads, with its meaning (the deployment files refer to these).
 ENVIRONMENT = {
     "TESSERA_DATA_DIR": "embedded state, Qdrant local files, BM25 index, logs (default ./.tessera)",
+    "TESSERA_STATE_URL": "postgresql://user:pass@host:5432/db: the conversation state in PostgreSQL, shared by every"
+    " worker (a fleet needs it); unset: SQLite in the data dir (embedded, one machine)",
     "TESSERA_VECTOR_STORE": "qdrant (default: Qdrant local mode, or the server at TESSERA_QDRANT_URL) or sqlite"
     " (embedded, shared safely by several processes: what the local stack's workers use)",
     "TESSERA_QDRANT_URL": "Qdrant server URL; unset means Qdrant local mode under the data dir",
@@ -50,6 +52,7 @@ ENVIRONMENT = {
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
+    state_url: str | None = None
     vector_store: str = "qdrant"
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
@@ -70,6 +73,7 @@ class Settings:
         env = os.environ
         return cls(
             data_dir=Path(data_dir or env.get("TESSERA_DATA_DIR") or ".tessera"),
+            state_url=env.get("TESSERA_STATE_URL") or None,
             vector_store=env.get("TESSERA_VECTOR_STORE", "qdrant"),
             qdrant_url=env.get("TESSERA_QDRANT_URL") or None,
             qdrant_api_key=env.get("TESSERA_QDRANT_API_KEY") or None,
@@ -107,7 +111,7 @@ def open_engine(settings: Settings, embedder=None, reasoner=None):
     """
     from indexer.embedder import open_embedder
     from indexer.engine import Tessera
-    from indexer.state import ConversationState
+    from indexer.state import open_state
     from indexer.stores.qdrant import QdrantVectorStore
     from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore
 
@@ -150,6 +154,6 @@ def open_engine(settings: Settings, embedder=None, reasoner=None):
         keywords = InstrumentedStore(SqliteBM25Store(data / "bm25.sqlite"), "sqlite-bm25")
     from indexer.rewrite import open_rewriter
 
-    return Tessera(ConversationState(data / "state.sqlite"), InstrumentedStore(vectors, backend), keywords,
+    return Tessera(open_state(settings.state_url, data), InstrumentedStore(vectors, backend), keywords,
                    InstrumentedEmbedder(embedder), images=images, rewriter=open_rewriter(settings.rewrite_model),
                    reasoner=reasoner, clarify=settings.clarify)

@@ -118,7 +118,7 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
         t0 = time.perf_counter()
         producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=20)
         for line in tqdm(lines, desc="produce", file=sys.stderr):
-            producer.send(MESSAGES, key=_key_of(line, "conversation_id"), value=line)
+            producer.send(MESSAGES, key=_key_of(line, MESSAGES), value=line)
         producer.flush()
         producer.close()
         produced_s = time.perf_counter() - t0
@@ -195,11 +195,19 @@ def _iter(topic: str):
     return iter_topic(topic, 3.0)
 
 
-def index_progress(data_dir: Path) -> dict:
-    """Messages, fragments and pending marks of a data dir, read from another process's files."""
+def index_progress(data_dir: Path, state_url: str | None = None) -> dict:
+    """Messages, fragments and pending marks of a state, read beside the processes writing it."""
     import sqlite3
 
     empty = {"messages": 0, "fragments": 0, "pending": 0}
+    if state_url:
+        import psycopg
+
+        try:
+            with psycopg.connect(state_url, connect_timeout=10) as conn:
+                return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in empty}
+        except psycopg.errors.UndefinedTable:
+            return empty
     path = data_dir / "state.sqlite"
     if not path.exists():
         return empty

@@ -125,7 +125,7 @@ def _conversation(engine, pool: Pool, layout: Layout, c: int, rng: np.random.Gen
     tenant, conversation = layout.tenant(c), f"conv-{c:07d}"
     participants = layout.participants(c)
     people = participants or [f"user-{u:03d}" for u in rng.choice(layout.users, 2, replace=False)]
-    engine.state.set_participants(tenant, conversation, participants)
+    engine.state.offer_participants(tenant, conversation, participants, (0.0, "synthetic"))
     n = TURNS_PER_FRAGMENT * FRAGMENTS_PER_CONVERSATION
     start = int(rng.integers(len(pool.texts)))
     picks = [(start + k) % len(pool.texts) for k in range(n)]

@@ -71,16 +71,25 @@ class MessageEvent(_Record):
     message_id: Identifier
     sender_id: Identifier
     sender_name: CleanText | None = Field(default=None, max_length=200)
-    participants: list[Identifier] | None = Field(default=None, max_length=MAX_PARTICIPANTS)
+    #: Who may see the conversation. Absent: everyone in the tenant. Never empty (refused: an empty
+    #: list must not silently mean "everyone"). The list in effect is the one of the conversation's
+    #: highest-versioned event that carries one.
+    participants: list[Identifier] | None = Field(default=None, min_length=1, max_length=MAX_PARTICIPANTS)
     sent_at: AwareDatetime
-    #: When this version of the message was written (an edit); an event older than the version
-    #: already applied is ignored, so a late old edit never overwrites a newer one. Defaults to sent_at.
+    #: When this version of the message was written (an edit or a delete). A message's version is
+    #: ``edited_at``, else ``sent_at``; the highest version wins (ties: the higher ``event_id``), so a
+    #: late old edit never overwrites a newer one. A delete wins over every version.
     edited_at: AwareDatetime | None = None
     text: CleanText = Field(default="", max_length=MAX_TEXT_CHARS)
     images: list[ImageRef] = Field(default_factory=list, max_length=MAX_IMAGES)
     reply_to: Identifier | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def version(self) -> float:
+        """The message version this event carries: ``edited_at``, else ``sent_at`` (seconds)."""
+        return (self.edited_at or self.sent_at).timestamp()
 
 
 class HistoryTurn(_Record):

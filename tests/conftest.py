@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from datetime import datetime, timedelta, timezone
 
@@ -24,15 +25,49 @@ def embedder():
     return e
 
 
-@pytest.fixture(params=["qdrant", "sqlite"])
-def make_engine(request, tmp_path, embedder):
-    """Engines on both embedded vector stores: every engine test runs on each."""
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session; each user of it gets databases of its own."""
+    from ops.postgres import LocalPostgres
+
+    server = LocalPostgres().start()
+    yield server
+    server.stop()
+
+
+_DATABASES = itertools.count()
+
+
+@pytest.fixture
+def new_state_url(request):
+    """A function giving the URL of a fresh, empty state: a new PostgreSQL database, or None (SQLite)."""
+
+    def make(backend: str) -> str | None:
+        if backend == "sqlite":
+            return None
+        return request.getfixturevalue("postgres_server").create_database(f"state{next(_DATABASES)}")
+
+    return make
+
+
+#: (vector store, state backend) pairs every engine test runs on.
+ENGINE_BACKENDS = [("qdrant", "sqlite"), ("sqlite", "sqlite"), ("sqlite", "postgres")]
+
+
+@pytest.fixture(params=ENGINE_BACKENDS, ids=["-".join(p) for p in ENGINE_BACKENDS])
+def make_engine(request, tmp_path, embedder, new_state_url):
+    """Engines on both embedded vector stores and both state backends."""
     from ops.settings import Settings, open_engine
 
+    vector_store, state = request.param
     engines = []
 
-    def make(name: str = "data"):
-        engine = open_engine(Settings(data_dir=tmp_path / name, vector_store=request.param), embedder=embedder)
+    def make(name: str = "data", state_url: str | None = "new"):
+        if state_url == "new":
+            state_url = new_state_url(state)
+        engine = open_engine(Settings(data_dir=tmp_path / name, vector_store=vector_store, state_url=state_url),
+                             embedder=embedder)
+        engine.state_url = state_url
         engines.append(engine)
         return engine
 

@@ -78,11 +78,98 @@ def test_queries_are_structured_and_filtered():
     assert mapping["tenant_id"]["type"] == "keyword" and mapping["text"]["type"] == "text"
 
 
+class VersionedClient:
+    """A bulk endpoint that follows Elasticsearch's documented external versioning.
+
+    ``version_type: external`` is refused (409 ``version_conflict_engine_exception``) unless the new
+    version is greater than the stored one, ``external_gte`` unless greater or equal; versions must be
+    non-negative (400 ``action_request_validation_exception``). A delete removes the document; its
+    version is remembered (``index.gc_deletes``) so an older write after it conflicts too. Deleting a
+    missing document answers 404.
+    """
+
+    def __init__(self):
+        self.indices = _Indices()
+        self.docs: dict[tuple[str, str], dict] = {}
+        self.versions: dict[tuple[str, str], int] = {}
+        self.actions: list[dict] = []
+
+    def bulk(self, operations, refresh):
+        items, i = [], 0
+        while i < len(operations):
+            (op, meta), = operations[i].items()
+            self.actions.append(meta)
+            key = (meta["_index"], meta["_id"])
+            version, vtype = meta.get("version"), meta.get("version_type")
+            status, error = 200, None
+            if version is not None and version < 0:
+                status, error = 400, {"type": "action_request_validation_exception"}
+            elif version is not None and key in self.versions and (
+                    self.versions[key] >= version if vtype == "external" else self.versions[key] > version):
+                status, error = 409, {"type": "version_conflict_engine_exception"}
+            elif op == "index":
+                status = 200 if key in self.docs else 201
+                self.docs[key] = operations[i + 1]
+                if version is not None:
+                    self.versions[key] = version
+            elif key in self.docs:
+                del self.docs[key]
+            else:
+                status = 404
+            items.append({op: {"_id": meta["_id"], "status": status, **({"error": error} if error else {})}})
+            i += 2 if op == "index" else 1
+        return {"errors": any(x[next(iter(x))]["status"] >= 300 for x in items), "items": items}
+
+    def texts(self) -> list[str]:
+        return [doc["text"] for doc in self.docs.values()]
+
+
 def test_writes_carry_external_versions_and_tolerate_newer_ones():
-    client = RecordingClient([[201, 409]])
+    client = VersionedClient()
     store = ElasticsearchBM25Store("http://unused", client=client)
-    a, b = unit("a", "x", 0), unit("b", "y", 1)
-    a.version, b.version = 12.5, 3.0
-    store.upsert([a, b])
-    actions = [op["index"] for op in client.bulks[0] if "index" in op]
-    assert [(x["version"], x["version_type"]) for x in actions] == [(12500, "external_gte"), (3000, "external_gte")]
+    a, b = unit("a", "new text", 0), unit("a", "old text", 0)
+    a.version, b.version = 7, 3
+    store.upsert([a])
+    store.upsert([b])
+    assert client.texts() == ["new text"], "the older write loses, and that is not an error"
+    assert [(x["version"], x["version_type"]) for x in client.actions] == [(7, "external_gte"), (3, "external_gte")]
+
+
+def test_a_conflict_that_is_not_about_versions_is_an_error():
+    client = RecordingClient([[409]])
+    with pytest.raises(BulkItemsFailed):
+        ElasticsearchBM25Store("http://unused", client=client).upsert([unit("a", "x", 0)])
+
+
+def _engine_on(client, tmp_path, embedder):
+    from indexer.engine import Tessera
+    from indexer.stores.sqlite import SqliteVectorStore
+    from ops.settings import Settings, open_engine
+
+    base = open_engine(Settings(data_dir=tmp_path, vector_store="sqlite"), embedder=embedder)
+    base.keywords.close()
+    return Tessera(base.state, SqliteVectorStore(tmp_path / "v2.sqlite", dim=embedder.dim),
+                   ElasticsearchBM25Store("http://unused", client=client), embedder)
+
+
+def test_deleting_the_newest_message_of_a_fragment_leaves_no_deleted_text(tmp_path, embedder):
+    from tests.conftest import dialogue, message
+
+    client = VersionedClient()
+    engine = _engine_on(client, tmp_path, embedder)
+    engine.ingest(dialogue())
+    assert any("replaced the laptop battery" in t for t in client.texts())
+    engine.ingest([message("c1", 11, "ann", "", op="delete", event_suffix="-del")])
+    assert not any("replaced the laptop battery" in t for t in client.texts())
+
+
+def test_messages_sent_before_1970_index_with_valid_versions(tmp_path, embedder):
+    from datetime import datetime, timezone
+
+    from tests.conftest import message
+
+    client = VersionedClient()
+    engine = _engine_on(client, tmp_path, embedder)
+    old = message("c1", 1, "ann", "the moon landing is next summer")
+    engine.ingest([old.model_copy(update={"sent_at": datetime(1968, 7, 1, tzinfo=timezone.utc)})])
+    assert any("moon landing" in t for t in client.texts())

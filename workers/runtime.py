@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 
+import psycopg
 import redis
 from celery import Task
 
@@ -119,7 +120,7 @@ class TesseraTask(Task):
     backoff; one that still fails is dead-lettered with its arguments, never dropped.
     """
 
-    autoretry_for = (sqlite3.OperationalError, redis.ConnectionError, redis.TimeoutError)
+    autoretry_for = (sqlite3.OperationalError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
     retry_backoff = 1
     retry_backoff_max = 60
     max_retries = 8

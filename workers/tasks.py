@@ -40,13 +40,9 @@ def embed() -> dict:
 
 
 @app.task(name="tessera.delete_conversation", base=TesseraTask)
-def delete_conversation(conversation_id: str, tenant_id: str | None = None) -> dict:
-    e = engine()
-    tenants = [tenant_id] if tenant_id else e.state.tenants_of_conversation(conversation_id)
-    deleted = 0
-    for tenant in tenants:
-        deleted += e.delete_conversation(tenant, conversation_id).deleted
-    return {"deleted": deleted, "tenants": tenants}
+def delete_conversation(conversation_id: str, tenant_id: str) -> dict:
+    """Erase one conversation of one tenant; a delete never fans out across tenants."""
+    return {"deleted": engine().delete_conversation(tenant_id, conversation_id).deleted, "tenant": tenant_id}
 
 
 @app.task(name="tessera.query", base=TesseraTask)

@@ -35,9 +35,9 @@ class Unit:
     vector: np.ndarray | None = field(default=None, repr=False)
     #: Second named vector, of turns with embedded images (image model space); searched with ``using="image"``.
     image_vector: np.ndarray | None = field(default=None, repr=False)
-    #: Newest edit time (seconds) of the unit's messages: stores with external versioning
-    #: (Elasticsearch) refuse to let an older write replace a newer one.
-    version: float = 0.0
+    #: The state's write sequence when the unit was built (only grows): stores with external
+    #: versioning (Elasticsearch) refuse to let an older write replace a newer one.
+    version: int = 0
 
     def payload(self) -> dict:
         return {

@@ -30,6 +30,11 @@ class BulkItemsFailed(RuntimeError):
         self.items = items
 
 
+def _error_type(item: dict) -> str | None:
+    error = item.get("error")
+    return error.get("type") if isinstance(error, dict) else None
+
+
 def index_template(prefix: str) -> dict:
     keyword = {"type": "keyword"}
     return {
@@ -101,8 +106,8 @@ class ElasticsearchBM25Store:
                     status = result.get("status", 500)
                     if status < 300 or (status == 404 and "delete" in action):
                         continue
-                    if status == 409 and "index" in action:
-                        # Version conflict: a newer version of the unit is already indexed.
+                    if status == 409 and "index" in action and _error_type(result) == "version_conflict_engine_exception":
+                        # The stored unit carries a higher version: a later rewrite is already indexed.
                         continue
                     if status == 429 or status >= 500:
                         retry.append((action, source))
@@ -121,9 +126,10 @@ class ElasticsearchBM25Store:
         for u in units:
             if u.kind not in self.indexes:
                 raise ValueError(f"unit {u.unit_id}: unknown kind {u.kind!r}")
-            # external_gte: rewriting a unit at the same version is fine, an older one is refused.
+            # The version is the state's write sequence (it only grows); external_gte: a retry of the
+            # same write is fine, an older one is refused.
             actions.append(({"index": {"_index": self.indexes[u.kind], "_id": u.unit_id,
-                                       "version": int(u.version * 1000), "version_type": "external_gte"}},
+                                       "version": int(u.version), "version_type": "external_gte"}},
                             {"text": u.text, **u.payload()}))
         if actions:
             self._bulk(actions)

@@ -59,7 +59,7 @@ def demo_events(tmp_path_factory) -> list[bytes]:
     return [line for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def produce(lines: list[bytes], topic: str = MESSAGES, key_field: str = "conversation_id") -> None:
+def produce(lines: list[bytes], topic: str = MESSAGES) -> None:
     from kafka import KafkaProducer
 
     from consumer.produce import _key_of, ensure_topics
@@ -68,13 +68,13 @@ def produce(lines: list[bytes], topic: str = MESSAGES, key_field: str = "convers
     ensure_topics()
     producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=5)
     for line in lines:
-        producer.send(topic, key=_key_of(line, key_field), value=line)
+        producer.send(topic, key=_key_of(line, topic), value=line)
     producer.flush()
     producer.close()
 
 
 def produce_queries(lines: list[bytes]) -> None:
-    produce(lines, QUERIES, "job_id")
+    produce(lines, QUERIES)
 
 
 def indexed(data_dir: Path, messages: int):
@@ -93,10 +93,7 @@ def reference_engine(tmp_path: Path, lines: list[bytes], embedder):
 
 def snapshot(engine) -> dict:
     """What the stores hold, comparable across engines: fragments per conversation and unit counts."""
-    db = engine.state._db
-    fragments = sorted((r[0], r[1], r[2], r[3]) for r in db.execute(
-        "SELECT tenant_id, conversation_id, fragment_id, message_ids FROM fragments"))
-    return {"fragments": fragments, "vectors": engine.vectors.count(), "keywords": engine.keywords.count()}
+    return {"fragments": engine.state.all_fragments(), "vectors": engine.vectors.count(), "keywords": engine.keywords.count()}
 
 
 def open_stack_engine(stack: Stack, embedder):

@@ -83,14 +83,23 @@ def test_query_jobs_come_back_on_the_results_topic(stack, demo_events):
     assert got["job-ok"]["fragments"][0]["conversation_id"] == "acme-dm-chloe-dev"
     assert got["job-bad"]["status"] == "error" and got["job-bad"]["error"]["code"] == "missing_field"
 
-    # A tombstone keyed by the conversation id deletes the conversation.
+    # A tombstone keyed by tenant|conversation erases that conversation of that tenant only; one
+    # keyed by the conversation alone is dead-lettered, never fanned out over the tenants.
     from kafka import KafkaProducer
 
     from consumer.topics import bootstrap
 
     producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all")
     producer.send(MESSAGES, key=b"acme-dm-chloe-dev", value=None).get(timeout=30)
+    producer.send(MESSAGES, key=b"acme|acme-dm-chloe-dev", value=None).get(timeout=30)
     producer.close()
+
+    def refused_tombstone():
+        return [dict((k, v.decode()) for k, v in r.headers) for r in iter_topic(dlq(MESSAGES), 2)
+                if r.key == b"acme-dm-chloe-dev"]
+
+    refused = wait_until(refused_tombstone, 60, "the tenant-less tombstone dead-lettered")
+    assert refused[0]["tessera.code"] == "tombstone_without_tenant" and refused[0]["tessera.field"] == "key"
     wait_until(lambda: index_progress(stack.data_dir)["messages"] == len(demo_events) - conversation_size(
         demo_events, "acme-dm-chloe-dev"), 120, "the conversation deleted")
 

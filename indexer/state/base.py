@@ -1,0 +1,132 @@
+"""The conversation state every worker shares: turns, versions, tombstones, fragments, participants.
+
+The state is the truth the stores are derived from (``tessera reindex`` rebuilds them from it). Two
+backends implement one protocol: SQLite in the data dir (embedded default) and PostgreSQL (fleet).
+
+Updates commute: the engine applies a set of events to the state in any order, any number of times,
+and ends in the same state, because every write is decided by a *stamp* compared with the one stored:
+``(version, event_id)``, where a message's version is ``edited_at``, else ``sent_at`` (seconds), and
+the event id breaks ties. A delete leaves a tombstone that no upsert of that message id undoes.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+from indexer.segmenter import Turn
+
+SortKey = tuple[float, str]
+#: What decides between two writes of one message or one participant list: (version, event_id).
+Stamp = tuple[float, str]
+ConversationKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class FragmentRecord:
+    fragment_id: str
+    tenant_id: str
+    conversation_id: str
+    message_ids: tuple[str, ...]
+    start_at: datetime
+    end_at: datetime
+
+    @property
+    def start_key(self) -> SortKey:
+        return (self.start_at.timestamp(), self.message_ids[0])
+
+
+class ConversationState(Protocol):
+    """What the engine reads and writes; every write happens inside ``transaction()``."""
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Everything inside commits together or not at all."""
+
+    def lock_conversations(self, keys: Iterable[ConversationKey]) -> None:
+        """Wait for exclusive use of these conversations until the transaction ends (sorted: no deadlock)."""
+
+    def try_lock_conversation(self, tenant_id: str, conversation_id: str) -> bool:
+        """Take a conversation if no other transaction holds it; never waits."""
+
+    def next_version(self) -> int:
+        """A number larger than any returned before, in any process: the version of index writes."""
+
+    def participants(self, tenant_id: str, conversation_id: str) -> list[str] | None: ...
+
+    def offer_participants(self, tenant_id: str, conversation_id: str, participants: list[str] | None,
+                           stamp: Stamp) -> bool:
+        """Record the conversation; keep ``participants`` if its stamp beats the stored list's.
+
+        Returns True when the list in effect changed (visibility of every unit changes with it).
+        """
+
+    def erased_before(self, tenant_id: str, conversation_id: str) -> float | None:
+        """Messages sent at or before this time belong to an erased conversation and stay erased."""
+
+    def stamp(self, tenant_id: str, conversation_id: str, message_id: str) -> Stamp | None: ...
+
+    def tombstoned(self, tenant_id: str, conversation_id: str, message_id: str) -> bool: ...
+
+    def put_tombstone(self, tenant_id: str, conversation_id: str, message_id: str, stamp: Stamp) -> None: ...
+
+    def get_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> Turn | None: ...
+
+    def put_turn(self, tenant_id: str, conversation_id: str, turn: Turn, reply_to: str | None,
+                 stamp: Stamp = (0.0, "")) -> None: ...
+
+    def delete_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> None: ...
+
+    def set_vector(self, tenant_id: str, conversation_id: str, message_id: str, vector: np.ndarray,
+                   image_vector: np.ndarray | None = None) -> None: ...
+
+    def clear_vectors(self, tenant_id: str, conversation_id: str) -> None: ...
+
+    def turns(self, tenant_id: str, conversation_id: str, from_key: SortKey | None = None) -> list[Turn]: ...
+
+    def turns_by_id(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> dict[str, Turn]: ...
+
+    def turns_without_vector(self, tenant_id: str, conversation_id: str) -> list[Turn]: ...
+
+    def conversations_of_sender(self, tenant_id: str, sender_id: str) -> list[str]: ...
+
+    def message_ids_of_sender(self, tenant_id: str, conversation_id: str, sender_id: str) -> list[str]: ...
+
+    def forget_sender_tokens(self, tenant_id: str, sender_id: str) -> None: ...
+
+    def senders_named(self, tenant_id: str, tokens: Sequence[str]) -> set[str]: ...
+
+    def merge_pending(self, tenant_id: str, conversation_id: str, change: dict, merge) -> None: ...
+
+    def pending(self, limit: int | None = None,
+                only: Sequence[ConversationKey] | None = None) -> list[tuple[str, str, dict]]: ...
+
+    def clear_pending(self, tenant_id: str, conversation_id: str) -> None: ...
+
+    def fragments(self, tenant_id: str, conversation_id: str) -> list[FragmentRecord]: ...
+
+    def fragments_by_id(self, fragment_ids: Sequence[str]) -> dict[str, FragmentRecord]: ...
+
+    def put_fragment(self, fragment: FragmentRecord) -> None: ...
+
+    def delete_fragment(self, fragment_id: str) -> None: ...
+
+    def erase_conversation(self, tenant_id: str, conversation_id: str, before: float) -> None:
+        """Drop every turn, fragment and mark; keep tombstones of its message ids and ``before``."""
+
+    def conversations(self, after: ConversationKey | None = None, limit: int = 100) -> list[ConversationKey]:
+        """Live conversations in (tenant, conversation) order, after ``after``: reindexing walks them."""
+
+    def get_cursor(self, name: str) -> ConversationKey | None: ...
+
+    def set_cursor(self, name: str, key: ConversationKey | None) -> None: ...
+
+    def checkpoint(self) -> None:
+        """Make erasures physical in the backend's own files."""
+
+    def counts(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,296 @@
+"""The conversation state in SQL, shared by the SQLite and PostgreSQL backends.
+
+Statements are written once with ``?`` placeholders and the upsert syntax both databases speak
+(``INSERT ... ON CONFLICT``); a backend supplies the connection handling, the locks, the version
+sequence and its DDL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Sequence
+
+import numpy as np
+
+from indexer.segmenter import ImageInfo, Turn
+from indexer.state.base import ConversationKey, FragmentRecord, SortKey, Stamp
+from indexer.text import name_tokens
+
+TURN_COLUMNS = "message_id, sender_id, sender_name, sent_at, text, images, vector, image_vector"
+#: Tables of one conversation's derived rows (tombstones and the conversation row stay on erasure).
+CONVERSATION_TABLES = ("messages", "fragments", "pending")
+
+
+def _turn_from_row(row) -> Turn:
+    message_id, sender_id, sender_name, sent_at, text, images, vector, image_vector = row
+    return Turn(
+        message_id=message_id, sender_id=sender_id, sender_name=sender_name,
+        sent_at=datetime.fromisoformat(sent_at), text=text,
+        images=tuple(ImageInfo(i["uri"], i.get("caption")) for i in json.loads(images)),
+        vector=np.frombuffer(vector, dtype=np.float32) if vector is not None else None,
+        image_vector=np.frombuffer(image_vector, dtype=np.float32) if image_vector is not None else None,
+    )
+
+
+def images_json(images: Sequence[ImageInfo]) -> str:
+    return json.dumps([{"uri": i.uri, "caption": i.caption} for i in images])
+
+
+def _blob(vector: np.ndarray | None) -> bytes | None:
+    return vector.astype(np.float32).tobytes() if vector is not None else None
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqlState:
+    """Statements over a backend's ``_execute(sql, args) -> cursor`` (``?`` placeholders)."""
+
+    def _execute(self, sql: str, args: Sequence = ()):
+        raise NotImplementedError
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
+        for row in rows:
+            self._execute(sql, row)
+
+    def _one(self, sql: str, args: Sequence = ()):
+        return self._execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: Sequence = ()) -> list:
+        return list(self._execute(sql, args).fetchall())
+
+    # ---- conversations ------------------------------------------------------------------------------
+
+    def participants(self, tenant_id: str, conversation_id: str) -> list[str] | None:
+        row = self._one("SELECT participants FROM conversations WHERE tenant_id=? AND conversation_id=?",
+                        (tenant_id, conversation_id))
+        return json.loads(row[0]) if row and row[0] is not None else None
+
+    def offer_participants(self, tenant_id: str, conversation_id: str, participants: list[str] | None,
+                           stamp: Stamp) -> bool:
+        row = self._one("SELECT participants, participants_version, participants_event FROM conversations"
+                        " WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))
+        if row is None:
+            self._execute(
+                "INSERT INTO conversations (tenant_id, conversation_id, participants, participants_version,"
+                " participants_event) VALUES (?,?,?,?,?) ON CONFLICT (tenant_id, conversation_id) DO NOTHING",
+                (tenant_id, conversation_id, *self._list_args(participants, stamp)))
+            return participants is not None
+        if participants is None:
+            return False
+        if row[0] is not None and (row[1], row[2]) >= stamp:
+            return False
+        self._execute("UPDATE conversations SET participants=?, participants_version=?, participants_event=?"
+                      " WHERE tenant_id=? AND conversation_id=?",
+                      (*self._list_args(participants, stamp), tenant_id, conversation_id))
+        return row[0] is None or json.loads(row[0]) != sorted(set(participants))
+
+    @staticmethod
+    def _list_args(participants: list[str] | None, stamp: Stamp) -> tuple:
+        if participants is None:
+            return (None, None, None)
+        return (json.dumps(sorted(set(participants))), stamp[0], stamp[1])
+
+    def erased_before(self, tenant_id: str, conversation_id: str) -> float | None:
+        row = self._one("SELECT erased_before FROM conversations WHERE tenant_id=? AND conversation_id=?",
+                        (tenant_id, conversation_id))
+        return row[0] if row else None
+
+    def conversations(self, after: ConversationKey | None = None, limit: int = 100) -> list[ConversationKey]:
+        sql = "SELECT DISTINCT tenant_id, conversation_id FROM messages"
+        args: list = []
+        if after is not None:
+            sql += " WHERE tenant_id > ? OR (tenant_id = ? AND conversation_id > ?)"
+            args = [after[0], after[0], after[1]]
+        sql += " ORDER BY tenant_id, conversation_id LIMIT ?"
+        return [(r[0], r[1]) for r in self._all(sql, [*args, limit])]
+
+    # ---- messages -----------------------------------------------------------------------------------
+
+    def stamp(self, tenant_id: str, conversation_id: str, message_id: str) -> Stamp | None:
+        row = self._one("SELECT version, event_id FROM messages WHERE tenant_id=? AND conversation_id=?"
+                        " AND message_id=?", (tenant_id, conversation_id, message_id))
+        return (row[0], row[1] or "") if row else None
+
+    def tombstoned(self, tenant_id: str, conversation_id: str, message_id: str) -> bool:
+        return self._one("SELECT 1 FROM tombstones WHERE tenant_id=? AND conversation_id=? AND message_id=?",
+                         (tenant_id, conversation_id, message_id)) is not None
+
+    def put_tombstone(self, tenant_id: str, conversation_id: str, message_id: str, stamp: Stamp) -> None:
+        self._execute("INSERT INTO tombstones (tenant_id, conversation_id, message_id, version, event_id)"
+                      " VALUES (?,?,?,?,?) ON CONFLICT (tenant_id, conversation_id, message_id) DO NOTHING",
+                      (tenant_id, conversation_id, message_id, stamp[0], stamp[1]))
+
+    def get_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> Turn | None:
+        row = self._one(f"SELECT {TURN_COLUMNS} FROM messages WHERE tenant_id=? AND conversation_id=?"
+                        " AND message_id=?", (tenant_id, conversation_id, message_id))
+        return _turn_from_row(row) if row else None
+
+    def put_turn(self, tenant_id: str, conversation_id: str, turn: Turn, reply_to: str | None,
+                 stamp: Stamp = (0.0, "")) -> None:
+        self._execute(
+            "INSERT INTO messages (tenant_id, conversation_id, message_id, sender_id, sender_name, sent_at,"
+            " sent_ts, text, images, reply_to, vector, version, image_vector, event_id)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (tenant_id, conversation_id, message_id) DO UPDATE SET"
+            " sender_id=excluded.sender_id, sender_name=excluded.sender_name, sent_at=excluded.sent_at,"
+            " sent_ts=excluded.sent_ts, text=excluded.text, images=excluded.images, reply_to=excluded.reply_to,"
+            " vector=excluded.vector, version=excluded.version, image_vector=excluded.image_vector,"
+            " event_id=excluded.event_id",
+            (tenant_id, conversation_id, turn.message_id, turn.sender_id, turn.sender_name,
+             turn.sent_at.isoformat(), turn.sent_at.timestamp(), turn.text, images_json(turn.images), reply_to,
+             _blob(turn.vector), stamp[0], _blob(turn.image_vector), stamp[1]),
+        )
+        self._executemany(
+            "INSERT INTO sender_tokens (tenant_id, token, sender_id) VALUES (?,?,?) ON CONFLICT DO NOTHING",
+            [(tenant_id, tok, turn.sender_id) for tok in name_tokens(turn.sender_name)])
+
+    def delete_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> None:
+        self._execute("DELETE FROM messages WHERE tenant_id=? AND conversation_id=? AND message_id=?",
+                      (tenant_id, conversation_id, message_id))
+
+    def set_vector(self, tenant_id: str, conversation_id: str, message_id: str, vector: np.ndarray,
+                   image_vector: np.ndarray | None = None) -> None:
+        self._execute("UPDATE messages SET vector=?, image_vector=? WHERE tenant_id=? AND conversation_id=?"
+                      " AND message_id=?", (_blob(vector), _blob(image_vector), tenant_id, conversation_id, message_id))
+
+    def clear_vectors(self, tenant_id: str, conversation_id: str) -> None:
+        self._execute("UPDATE messages SET vector=NULL, image_vector=NULL WHERE tenant_id=? AND conversation_id=?",
+                      (tenant_id, conversation_id))
+
+    def turns(self, tenant_id: str, conversation_id: str, from_key: SortKey | None = None) -> list[Turn]:
+        sql = f"SELECT {TURN_COLUMNS} FROM messages WHERE tenant_id=? AND conversation_id=?"
+        args: list = [tenant_id, conversation_id]
+        if from_key is not None:
+            sql += " AND (sent_ts > ? OR (sent_ts = ? AND message_id >= ?))"
+            args += [from_key[0], from_key[0], from_key[1]]
+        sql += " ORDER BY sent_ts, message_id"
+        return [_turn_from_row(r) for r in self._all(sql, args)]
+
+    def turns_by_id(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> dict[str, Turn]:
+        if not message_ids:
+            return {}
+        rows = self._all(f"SELECT {TURN_COLUMNS} FROM messages WHERE tenant_id=? AND conversation_id=?"
+                         f" AND message_id IN ({_marks(len(message_ids))})",
+                         [tenant_id, conversation_id, *message_ids])
+        return {r[0]: _turn_from_row(r) for r in rows}
+
+    def turns_without_vector(self, tenant_id: str, conversation_id: str) -> list[Turn]:
+        rows = self._all(f"SELECT {TURN_COLUMNS} FROM messages WHERE tenant_id=? AND conversation_id=?"
+                         " AND vector IS NULL ORDER BY sent_ts, message_id", (tenant_id, conversation_id))
+        return [_turn_from_row(r) for r in rows]
+
+    def conversations_of_sender(self, tenant_id: str, sender_id: str) -> list[str]:
+        return [r[0] for r in self._all("SELECT DISTINCT conversation_id FROM messages WHERE tenant_id=?"
+                                        " AND sender_id=? ORDER BY conversation_id", (tenant_id, sender_id))]
+
+    def message_ids_of_sender(self, tenant_id: str, conversation_id: str, sender_id: str) -> list[str]:
+        return [r[0] for r in self._all("SELECT message_id FROM messages WHERE tenant_id=? AND conversation_id=?"
+                                        " AND sender_id=?", (tenant_id, conversation_id, sender_id))]
+
+    def forget_sender_tokens(self, tenant_id: str, sender_id: str) -> None:
+        self._execute("DELETE FROM sender_tokens WHERE tenant_id=? AND sender_id=?", (tenant_id, sender_id))
+
+    def senders_named(self, tenant_id: str, tokens: Sequence[str]) -> set[str]:
+        """Senders of the tenant whose name contains one of ``tokens``."""
+        if not tokens:
+            return set()
+        return {r[0] for r in self._all(f"SELECT sender_id FROM sender_tokens WHERE tenant_id=?"
+                                        f" AND token IN ({_marks(len(tokens))})", [tenant_id, *tokens])}
+
+    # ---- pending marks ------------------------------------------------------------------------------
+
+    def merge_pending(self, tenant_id: str, conversation_id: str, change: dict, merge) -> None:
+        """Mark a conversation for indexing, folding ``change`` into a mark already there."""
+        row = self._one("SELECT change FROM pending WHERE tenant_id=? AND conversation_id=?",
+                        (tenant_id, conversation_id))
+        if row is not None:
+            change = merge(json.loads(row[0]), change)
+        self._execute("INSERT INTO pending (tenant_id, conversation_id, change, since) VALUES (?,?,?,?)"
+                      " ON CONFLICT (tenant_id, conversation_id) DO UPDATE SET change=excluded.change",
+                      (tenant_id, conversation_id, json.dumps(change), time.time()))
+
+    def pending(self, limit: int | None = None,
+                only: Sequence[ConversationKey] | None = None) -> list[tuple[str, str, dict]]:
+        """Marked conversations, oldest mark first (``only``: of these conversations)."""
+        if only is not None:
+            found = []
+            for tenant_id, conversation_id in only:
+                row = self._one("SELECT change FROM pending WHERE tenant_id=? AND conversation_id=?",
+                                (tenant_id, conversation_id))
+                if row is not None:
+                    found.append((tenant_id, conversation_id, json.loads(row[0])))
+            return found
+        rows = self._all("SELECT tenant_id, conversation_id, change FROM pending"
+                         " ORDER BY since, tenant_id, conversation_id" + (" LIMIT ?" if limit else ""),
+                         (limit,) if limit else ())
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def clear_pending(self, tenant_id: str, conversation_id: str) -> None:
+        self._execute("DELETE FROM pending WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))
+
+    # ---- fragments ----------------------------------------------------------------------------------
+
+    def fragments(self, tenant_id: str, conversation_id: str) -> list[FragmentRecord]:
+        rows = self._all("SELECT fragment_id, message_ids, start_at, end_at FROM fragments WHERE tenant_id=?"
+                         " AND conversation_id=? ORDER BY start_ts, start_message_id", (tenant_id, conversation_id))
+        return [FragmentRecord(r[0], tenant_id, conversation_id, tuple(json.loads(r[1])),
+                               datetime.fromisoformat(r[2]), datetime.fromisoformat(r[3])) for r in rows]
+
+    def fragments_by_id(self, fragment_ids: Sequence[str]) -> dict[str, FragmentRecord]:
+        if not fragment_ids:
+            return {}
+        rows = self._all("SELECT fragment_id, tenant_id, conversation_id, message_ids, start_at, end_at FROM fragments"
+                         f" WHERE fragment_id IN ({_marks(len(fragment_ids))})", list(fragment_ids))
+        return {r[0]: FragmentRecord(r[0], r[1], r[2], tuple(json.loads(r[3])), datetime.fromisoformat(r[4]),
+                                     datetime.fromisoformat(r[5])) for r in rows}
+
+    def all_fragments(self) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        """(tenant, conversation, fragment id, message ids) of every fragment, sorted: for comparisons."""
+        return sorted((r[0], r[1], r[2], tuple(json.loads(r[3]))) for r in self._all(
+            "SELECT tenant_id, conversation_id, fragment_id, message_ids FROM fragments"))
+
+    def put_fragment(self, fragment: FragmentRecord) -> None:
+        self._execute(
+            "INSERT INTO fragments (fragment_id, tenant_id, conversation_id, start_ts, start_message_id, message_ids,"
+            " start_at, end_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (fragment_id) DO UPDATE SET"
+            " start_ts=excluded.start_ts, start_message_id=excluded.start_message_id,"
+            " message_ids=excluded.message_ids, start_at=excluded.start_at, end_at=excluded.end_at",
+            (fragment.fragment_id, fragment.tenant_id, fragment.conversation_id, fragment.start_at.timestamp(),
+             fragment.message_ids[0], json.dumps(list(fragment.message_ids)), fragment.start_at.isoformat(),
+             fragment.end_at.isoformat()),
+        )
+
+    def delete_fragment(self, fragment_id: str) -> None:
+        self._execute("DELETE FROM fragments WHERE fragment_id=?", (fragment_id,))
+
+    def erase_conversation(self, tenant_id: str, conversation_id: str, before: float) -> None:
+        for (message_id,) in self._all("SELECT message_id FROM messages WHERE tenant_id=? AND conversation_id=?",
+                                       (tenant_id, conversation_id)):
+            self.put_tombstone(tenant_id, conversation_id, message_id, (before, "erased"))
+        for table in CONVERSATION_TABLES:
+            self._execute(f"DELETE FROM {table} WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))
+        self._execute(
+            "INSERT INTO conversations (tenant_id, conversation_id, erased_before) VALUES (?,?,?)"
+            " ON CONFLICT (tenant_id, conversation_id) DO UPDATE SET erased_before=excluded.erased_before",
+            (tenant_id, conversation_id, before))
+
+    # ---- bookkeeping --------------------------------------------------------------------------------
+
+    def get_cursor(self, name: str) -> ConversationKey | None:
+        row = self._one("SELECT tenant_id, conversation_id FROM cursors WHERE name=?", (name,))
+        return (row[0], row[1]) if row else None
+
+    def set_cursor(self, name: str, key: ConversationKey | None) -> None:
+        if key is None:
+            self._execute("DELETE FROM cursors WHERE name=?", (name,))
+        else:
+            self._execute("INSERT INTO cursors (name, tenant_id, conversation_id) VALUES (?,?,?) ON CONFLICT (name)"
+                          " DO UPDATE SET tenant_id=excluded.tenant_id, conversation_id=excluded.conversation_id",
+                          (name, *key))
+
+    def counts(self) -> dict[str, int]:
+        return {t: self._one(f"SELECT count(*) FROM {t}")[0]
+                for t in ("conversations", "messages", "fragments", "pending", "tombstones")}
