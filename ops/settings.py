@@ -9,6 +9,8 @@ from pathlib import Path
 #: Every environment variable Tessera reads, with its meaning (the deployment files refer to these).
 ENVIRONMENT = {
     "TESSERA_DATA_DIR": "embedded state, Qdrant local files, BM25 index, logs (default ./.tessera)",
+    "TESSERA_INDEX_DIR": "where the embedded vector and BM25 stores live (default: the data dir); several"
+    " processes may share one, standing in for Qdrant and Elasticsearch servers",
     "TESSERA_STATE_URL": "postgresql://user:pass@host:5432/db: the conversation state in PostgreSQL, shared by every"
     " worker (a fleet needs it); unset: SQLite in the data dir (embedded, one machine)",
     "TESSERA_VECTOR_STORE": "qdrant (default: Qdrant local mode, or the server at TESSERA_QDRANT_URL) or sqlite"
@@ -53,6 +55,7 @@ ENVIRONMENT = {
 class Settings:
     data_dir: Path
     state_url: str | None = None
+    index_dir: Path | None = None
     vector_store: str = "qdrant"
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
@@ -74,6 +77,7 @@ class Settings:
         return cls(
             data_dir=Path(data_dir or env.get("TESSERA_DATA_DIR") or ".tessera"),
             state_url=env.get("TESSERA_STATE_URL") or None,
+            index_dir=Path(env["TESSERA_INDEX_DIR"]) if env.get("TESSERA_INDEX_DIR") else None,
             vector_store=env.get("TESSERA_VECTOR_STORE", "qdrant"),
             qdrant_url=env.get("TESSERA_QDRANT_URL") or None,
             qdrant_api_key=env.get("TESSERA_QDRANT_API_KEY") or None,
@@ -120,11 +124,13 @@ def open_engine(settings: Settings, embedder=None, reasoner=None):
     embedder = embedder or open_embedder(settings.encoder, settings.embed_model, batch_size=settings.embed_batch)
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    marker = data / "vector-store"
+    index = Path(settings.index_dir) if settings.index_dir else data
+    index.mkdir(parents=True, exist_ok=True)
+    marker = index / "vector-store"
     if marker.exists():
         recorded = marker.read_text().strip()
         if recorded != settings.vector_store:
-            raise ValueError(f"{data} was indexed with vector store {recorded!r}, "
+            raise ValueError(f"{index} was indexed with vector store {recorded!r}, "
                              f"not {settings.vector_store!r} (TESSERA_VECTOR_STORE)")
     else:
         # Several worker processes open the same data dir at once: readers never see a half-written marker.
@@ -138,9 +144,9 @@ def open_engine(settings: Settings, embedder=None, reasoner=None):
         images = ImageIndexer(ImageEmbedder(settings.image_model))
     image_dim = images.dim if images is not None else None
     if settings.vector_store == "sqlite":
-        vectors = SqliteVectorStore(data / "vectors.sqlite", dim=embedder.dim, image_dim=image_dim)
+        vectors = SqliteVectorStore(index / "vectors.sqlite", dim=embedder.dim, image_dim=image_dim)
     elif settings.vector_store == "qdrant":
-        vectors = QdrantVectorStore(path=data / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key,
+        vectors = QdrantVectorStore(path=index / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key,
                                     dim=embedder.dim, image_dim=image_dim)
     else:
         raise ValueError(f"TESSERA_VECTOR_STORE: unknown vector store {settings.vector_store!r} (qdrant or sqlite)")
@@ -151,7 +157,7 @@ def open_engine(settings: Settings, embedder=None, reasoner=None):
         keywords = InstrumentedStore(ElasticsearchBM25Store(settings.es_url, api_key=settings.es_api_key),
                                      "elasticsearch")
     else:
-        keywords = InstrumentedStore(SqliteBM25Store(data / "bm25.sqlite"), "sqlite-bm25")
+        keywords = InstrumentedStore(SqliteBM25Store(index / "bm25.sqlite"), "sqlite-bm25")
     from indexer.rewrite import open_rewriter
 
     return Tessera(open_state(settings.state_url, data), InstrumentedStore(vectors, backend), keywords,

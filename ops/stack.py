@@ -90,12 +90,19 @@ class Stack:
 
     def env(self, info: dict | None = None) -> dict[str, str]:
         info = info or self.load()
-        return {
+        env = {
             "TESSERA_DATA_DIR": str(self.data_dir),
             "TESSERA_REDIS_URL": f"redis://127.0.0.1:{info['redis_port']}/0",
             "TESSERA_KAFKA_BOOTSTRAP": f"127.0.0.1:{info['kafka_port']}",
             "TESSERA_VECTOR_STORE": "sqlite",
         }
+        if info.get("state_url"):
+            env["TESSERA_STATE_URL"] = info["state_url"]
+        return env
+
+    def worker_data_dir(self, index: int) -> Path:
+        """A worker's own data dir (``worker_dirs``): with the state in PostgreSQL it needs nothing there."""
+        return self.dir / "workers" / f"worker-{index}"
 
     def _metrics_env(self, name: str) -> dict[str, str]:
         """A metrics port per process, and a clean multiprocess directory for prefork workers."""
@@ -148,12 +155,19 @@ class Stack:
                                    cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         return process.pid
 
-    def up(self, workers: int = 1, concurrency: int = 1, prometheus: bool = True) -> dict:
+    def up(self, workers: int = 1, concurrency: int = 1, prometheus: bool = True, worker_dirs: bool = False) -> dict:
+        """Start everything; the state goes to ``TESSERA_STATE_URL`` when set, else SQLite in the data dir.
+
+        ``worker_dirs`` gives each worker an empty data dir of its own, the shared stores staying in
+        the stack's data dir (``TESSERA_INDEX_DIR``) in place of Qdrant and Elasticsearch servers:
+        what a fleet of machines looks like, on one machine.
+        """
         if self.status()["running"]:
             raise RuntimeError(f"a stack already runs under {self.dir}; `tessera stack down` first")
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.dir / "redis").mkdir(exist_ok=True)
-        info = {"redis_port": free_port(DEFAULT_REDIS_PORT), "kafka_port": free_port(DEFAULT_KAFKA_PORT), "pids": {}}
+        info = {"redis_port": free_port(DEFAULT_REDIS_PORT), "kafka_port": free_port(DEFAULT_KAFKA_PORT), "pids": {},
+                "state_url": os.environ.get("TESSERA_STATE_URL") or None, "worker_dirs": worker_dirs}
         env = self.env(info)
         info["pids"]["redis"] = self._spawn("redis", redis_command(info["redis_port"], self.dir / "redis"), env)
         info["pids"]["broker"] = self._spawn("broker", tansu_command(info["kafka_port"]), env)
@@ -182,6 +196,8 @@ class Stack:
 
     def start_worker(self, index: int, concurrency: int = 1, queues: str = "ingest,embed,query") -> int:
         env = {**self.env(), **self._metrics_env(f"worker-{index}")}
+        if self.load().get("worker_dirs"):
+            env.update(TESSERA_DATA_DIR=str(self.worker_data_dir(index)), TESSERA_INDEX_DIR=str(self.data_dir))
         pid = self._spawn(f"worker-{index}", worker_command(queues, concurrency, f"cpu{index}"), env)
         self._record(f"worker-{index}", pid)
         return pid

@@ -10,8 +10,8 @@ from ops.settings import ENVIRONMENT
 DEPLOY = Path(__file__).resolve().parent.parent / "ops" / "deploy"
 SETTING = re.compile(r"\b((?:TESSERA|PROMETHEUS)_[A-Z_]+)\b")
 #: What every deployment must set: where the services are.
-CORE = {"TESSERA_KAFKA_BOOTSTRAP", "TESSERA_REDIS_URL", "TESSERA_QDRANT_URL", "TESSERA_ES_URL",
-        "TESSERA_METRICS_PORT"}
+CORE = {"TESSERA_KAFKA_BOOTSTRAP", "TESSERA_REDIS_URL", "TESSERA_STATE_URL", "TESSERA_QDRANT_URL",
+        "TESSERA_ES_URL", "TESSERA_METRICS_PORT"}
 
 
 def test_files_parse():
@@ -19,8 +19,16 @@ def test_files_parse():
     assert {"kafka", "redis", "qdrant", "elasticsearch", "prometheus", "grafana", "consumer", "worker-cpu",
             "worker-gpu"} <= set(compose["services"])
     assert compose["services"]["worker-gpu"]["command"][:3] == ["worker", "--queues", "reason"]
-    kinds = [doc["kind"] for doc in yaml.safe_load_all((DEPLOY / "k8s" / "tessera.yaml").read_text())]
-    assert kinds.count("Deployment") == 3 and "ConfigMap" in kinds
+    assert "postgres" in compose["services"]
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "tessera.yaml").read_text()))
+    kinds = [doc["kind"] for doc in docs]
+    assert kinds.count("Deployment") == 3 and "ConfigMap" in kinds and "Secret" in kinds
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            volumes = doc["spec"]["template"]["spec"].get("volumes", [])
+            assert all(v["name"] != "data" for v in volumes), "no pod keeps the state on its own disk"
+    for name in ("consumer", "worker-cpu"):
+        assert not compose["services"][name].get("volumes"), f"{name} keeps nothing on its own disk"
     yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
 
 

@@ -40,8 +40,10 @@ def stack(tmp_path, monkeypatch):
     s = Stack(tmp_path / "stack-data")
     s.started = False
 
-    def up(workers: int = 1, concurrency: int = 1):
-        s.up(workers=workers, concurrency=concurrency)
+    def up(workers: int = 1, concurrency: int = 1, state_url: str | None = None, worker_dirs: bool = False):
+        if state_url:
+            monkeypatch.setenv("TESSERA_STATE_URL", state_url)
+        s.up(workers=workers, concurrency=concurrency, worker_dirs=worker_dirs)
         s.started = True
         for key, value in s.env().items():
             monkeypatch.setenv(key, value)
@@ -77,8 +79,8 @@ def produce_queries(lines: list[bytes]) -> None:
     produce(lines, QUERIES)
 
 
-def indexed(data_dir: Path, messages: int):
-    counts = index_progress(data_dir)
+def indexed(data_dir: Path, messages: int, state_url: str | None = None):
+    counts = index_progress(data_dir, state_url)
     return counts if counts["messages"] == messages and counts["pending"] == 0 and counts["fragments"] else None
 
 
@@ -96,8 +98,9 @@ def snapshot(engine) -> dict:
     return {"fragments": engine.state.all_fragments(), "vectors": engine.vectors.count(), "keywords": engine.keywords.count()}
 
 
-def open_stack_engine(stack: Stack, embedder):
-    return open_engine(Settings(data_dir=stack.data_dir, vector_store="sqlite"), embedder=embedder)
+def open_stack_engine(stack: Stack, embedder, state_url: str | None = None):
+    return open_engine(Settings(data_dir=stack.data_dir, vector_store="sqlite", state_url=state_url),
+                       embedder=embedder)
 
 
 def copies(lines: list[bytes], n: int) -> list[bytes]:

@@ -84,3 +84,33 @@ def test_graceful_worker_shutdown_mid_ingest_loses_nothing(stack, demo_events, e
     assert indexed(stack.data_dir, len(events)) is None
     stack.start_worker(0)
     _same_as_one_process(stack, events, embedder, tmp_path)
+
+
+def test_a_fleet_with_shared_state_and_a_worker_wiped_mid_ingest(stack, demo_events, embedder, tmp_path,
+                                                                   postgres_server):
+    """Three workers, each with its own empty data dir, the state in PostgreSQL, the stores shared.
+
+    One worker is killed mid-ingest and comes back with its data dir wiped: the final index equals
+    the one-process index of the same events, because no worker kept anything the others need.
+    """
+    import shutil
+
+    state_url = postgres_server.create_database("fleet")
+    stack.start(workers=3, state_url=state_url, worker_dirs=True)
+    events = copies(demo_events, 4)
+    produce(events)
+    wait_until(lambda: (lambda c: c if c["messages"] and c["pending"] else None)(
+        index_progress(stack.data_dir, state_url)), 120, "indexing under way")
+    stack.kill("worker-1", signal.SIGKILL)
+    assert indexed(stack.data_dir, len(events), state_url) is None
+    shutil.rmtree(stack.worker_data_dir(1), ignore_errors=True)
+    stack.start_worker(1)
+    wait_until(lambda: indexed(stack.data_dir, len(events), state_url), INDEX_TIMEOUT, "recovery")
+    assert not (stack.data_dir / "state.sqlite").exists(), "no process kept state in a local file"
+    reference = reference_engine(tmp_path, events, embedder)
+    fleet = open_stack_engine(stack, embedder, state_url)
+    try:
+        assert snapshot(fleet) == snapshot(reference)
+    finally:
+        fleet.close()
+        reference.close()
