@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test eval eval-dialogue bench bench-ingest bench-pipeline bench-reasoning schemas clean
+.PHONY: install system-deps demo test eval eval-dialogue bench bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
 
 install: $(STAMP) system-deps
 
@@ -48,6 +48,10 @@ bench: $(STAMP) system-deps
 
 bench-ingest: $(STAMP)
 	$(PY) -m ops.bench_ingest ../shared/datasets/locomo-dev --out results/ingest-bench.json
+
+# The conversation state on PostgreSQL next to SQLite (ingest throughput, query latency at 100k fragments).
+bench-state: $(STAMP) system-deps
+	$(PY) -m ops.bench_state --out results/bench
 
 bench-pipeline: $(STAMP) system-deps
 	$(PY) -m ops.bench_pipeline ../shared/datasets/locomo-dev --out results/pipeline-bench.json

@@ -380,6 +380,10 @@ def markdown(report: dict, plots: list[str]) -> str:
         lines += ["", f"Sustained run at {largest['fragments']:,} fragments ({largest['store']}):"
                   f" RSS {rss[0]:.0f} MiB after the first queries, {max(rss[half:]):.0f} MiB at most in the second half,"
                   f" {rss[-1]:.0f} MiB at the end ({largest['queries']} queries).", ""]
+    if report.get("state"):
+        from ops.bench_state import markdown as state_markdown
+
+        lines += ["## Conversation state: PostgreSQL next to SQLite", "", state_markdown(report["state"])]
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     return "\n".join(lines)
@@ -397,6 +401,10 @@ def run(args) -> dict:
         report["encoders"] = _encoder_recall(args.locomo, args.encoders)
     if args.stack:
         report["stack"] = _stack(args.locomo)
+    if args.state_fragments:
+        from ops.bench_state import run as state_run
+
+        report["state"] = state_run(args.locomo, args.state_fragments, min(args.queries, 300))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     report["scale"] = []
     for n in args.sizes:
@@ -425,6 +433,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-turns", type=int, default=300)
     parser.add_argument("--stack", action="store_true", help="also run the Kafka + Celery pipeline")
     parser.add_argument("--skip-ingest", action="store_true")
+    parser.add_argument("--state-fragments", type=int, default=100_000,
+                        help="corpus size of the PostgreSQL-vs-SQLite state comparison (0: skip it)")
 
 
 def main(argv: list[str] | None = None) -> None:
