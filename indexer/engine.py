@@ -23,7 +23,7 @@ from indexer.images import ImageError
 from indexer.rewrite import Rewriter, RuleRewriter
 from indexer.search import HybridSearcher, SearchConfig, Span
 from indexer.segmenter import ImageInfo, SegmenterConfig, Turn, segment
-from indexer.state import ConversationState, FragmentRecord, SortKey
+from indexer.state import ConversationState, FragmentRecord, SortKey, Stamp
 from indexer.stores.base import EVERYONE, KeywordStore, SearchFilter, Unit, VectorStore
 from indexer.text import render_turn, snippet, words
 from indexer.vision import ImageBatch, ImageIndexer, turn_image_vector
@@ -169,61 +169,82 @@ class Tessera:
         a tombstone no upsert undoes, and a participant list counts only if its stamp is the newest.
         The marks are durable: a crash before ``index_pending`` leaves them for the next call.
         """
-        events = list(events)
+        by_conversation: dict[tuple[str, str], list[MessageEvent]] = {}
+        for event in events:
+            by_conversation.setdefault((event.tenant_id, event.conversation_id), []).append(event)
         report = IngestReport()
-        changes: dict[tuple[str, str], _ConversationChange] = {}
         with self.state.transaction():
-            self.state.lock_conversations({(e.tenant_id, e.conversation_id) for e in events})
-            for event in events:
-                conv = (event.tenant_id, event.conversation_id)
-                change = changes.setdefault(conv, _ConversationChange())
-                stamp = (event.version, event.event_id)
-                if self.state.offer_participants(*conv, event.participants, stamp):
-                    # Visibility is part of every unit's payload: rewrite the whole conversation.
-                    change.full = True
-                erased = self.state.erased_before(*conv)
-                if self.state.tombstoned(*conv, event.message_id) or (
-                        erased is not None and event.sent_at.timestamp() <= erased):
-                    report.unchanged += 1
-                    continue
-                old = self.state.get_turn(*conv, event.message_id)
-                if event.op == "delete":
-                    self.state.put_tombstone(*conv, event.message_id, stamp)
-                    if old is None:
-                        report.unchanged += 1
-                        continue
-                    self.state.delete_turn(*conv, event.message_id)
-                    change.touch(_key(old))
-                    change.removed_messages.add(event.message_id)
-                    change.changed_messages.discard(event.message_id)
-                    report.deleted += 1
-                    continue
-                stored = self.state.stamp(*conv, event.message_id)
-                if stored is not None and stored >= stamp:
-                    if stored == stamp:
-                        report.unchanged += 1
-                    else:
-                        report.stale += 1
-                    continue
-                turn = turn_of_event(event)
-                if old is not None and old == turn:
-                    # The same content under a newer stamp (a re-sent edit): the stamp moves, the vectors stay.
-                    self.state.put_turn(*conv, dataclasses.replace(turn, vector=old.vector,
-                                                                   image_vector=old.image_vector),
-                                        event.reply_to, stamp)
-                    report.unchanged += 1
-                    continue
-                self.state.put_turn(*conv, turn, event.reply_to, stamp)
-                change.touch(_key(turn))
-                if old is not None:
-                    change.touch(_key(old))
-                change.changed_messages.add(event.message_id)
-                change.removed_messages.discard(event.message_id)
-                report.upserted += 1
-            for (tenant_id, conversation_id), change in changes.items():
+            self.state.lock_conversations(by_conversation)
+            for conv, batch in by_conversation.items():
+                change = self._apply_conversation(conv, batch, report)
                 if change.earliest is not None or change.full:
-                    self.state.merge_pending(tenant_id, conversation_id, change.to_dict(), _ConversationChange.merge)
+                    self.state.merge_pending(*conv, change.to_dict(), _ConversationChange.merge)
         return report
+
+    def _apply_conversation(self, conv: tuple[str, str], events: list[MessageEvent],
+                            report: IngestReport) -> _ConversationChange:
+        """Fold one conversation's events into its stored rows: three reads, then the writes in bulk."""
+        change = _ConversationChange()
+        meta = self.state.conversation(*conv)
+        listed, list_stamp = (meta.participants, meta.participants_stamp) if meta else (None, None)
+        for e in events:
+            if e.participants is not None and (list_stamp is None or (e.version, e.event_id) > list_stamp):
+                listed, list_stamp = sorted(set(e.participants)), (e.version, e.event_id)
+        if meta is None or list_stamp != meta.participants_stamp:
+            self.state.set_participants(*conv, listed, list_stamp)
+            # Visibility is part of every unit's payload: rewrite the whole conversation.
+            change.full = meta is not None and listed != meta.participants
+        erased = meta.erased_before if meta else None
+        message_ids = list(dict.fromkeys(e.message_id for e in events))
+        stored = self.state.stored_turns(*conv, message_ids)
+        dead = self.state.tombstones(*conv, message_ids)
+        current = dict(stored)
+        new_tombstones: dict[str, Stamp] = {}
+        for e in events:
+            stamp = (e.version, e.event_id)
+            if e.message_id in dead or (erased is not None and e.sent_at.timestamp() <= erased):
+                report.unchanged += 1
+                continue
+            if e.op == "delete":
+                dead.add(e.message_id)
+                new_tombstones[e.message_id] = stamp
+                if current.pop(e.message_id, None) is None:
+                    report.unchanged += 1
+                else:
+                    report.deleted += 1
+                continue
+            previous = current.get(e.message_id)
+            if previous is not None and previous[0] >= stamp:
+                if previous[0] == stamp:
+                    report.unchanged += 1
+                else:
+                    report.stale += 1
+                continue
+            turn = turn_of_event(e)
+            if previous is not None and previous[1] == turn:
+                # The same content under a newer stamp (a re-sent edit): the stamp moves, the vectors stay.
+                turn = dataclasses.replace(turn, vector=previous[1].vector, image_vector=previous[1].image_vector)
+                report.unchanged += 1
+            else:
+                report.upserted += 1
+            current[e.message_id] = (stamp, turn, e.reply_to)
+        removed = [m for m in stored if m not in current]
+        written = [m for m in current if m not in stored or current[m][0] != stored[m][0]]
+        self.state.put_tombstones(*conv, sorted(new_tombstones.items()))
+        self.state.delete_turns(*conv, removed)
+        self.state.put_turns(*conv, [(current[m][1], current[m][2], current[m][0]) for m in written])
+        for m in removed:
+            change.touch(_key(stored[m][1]))
+            change.removed_messages.add(m)
+        for m in written:
+            turn = current[m][1]
+            if m in stored and stored[m][1] == turn:
+                continue
+            change.touch(_key(turn))
+            if m in stored:
+                change.touch(_key(stored[m][1]))
+            change.changed_messages.add(m)
+        return change
 
     def pending_texts(self, max_conversations: int | None = None) -> list[str]:
         """Texts of turns waiting for a vector, for encoding outside the write lock."""
@@ -281,10 +302,13 @@ class Tessera:
                     if uri in images.failures:
                         code = images.failures[uri]
                         report.image_failures[code] = report.image_failures.get(code, 0) + 1
+            encoded: dict[tuple[str, str], list] = {}
             for (tenant_id, conversation_id, turn), text in zip(waiting, texts):
                 vector = known[text] if text in known else fresh[text]
                 image_vector = turn_image_vector([i.uri for i in turn.images], images.vectors)
-                self.state.set_vector(tenant_id, conversation_id, turn.message_id, vector, image_vector)
+                encoded.setdefault((tenant_id, conversation_id), []).append((turn.message_id, vector, image_vector))
+            for conv, rows in encoded.items():
+                self.state.set_vectors(*conv, rows)
             report.encoded += len(missing)
             for tenant_id, conversation_id, change in pending:
                 report.add(self._resegment(tenant_id, conversation_id, _ConversationChange.from_dict(change)))
@@ -307,6 +331,7 @@ class Tessera:
         groups = segment(turns, render_turn, self.segmenter_config)
         old_by_id = {f.fragment_id: f for f in affected_old}
         units: list[Unit] = []
+        written: list[FragmentRecord] = []
         new_ids = set()
         # One number per rewrite, larger than any before: a store with external versions (Elasticsearch)
         # keeps the newest write of each unit whatever order the writes reach it in.
@@ -321,14 +346,14 @@ class Tessera:
             if (not change.full and previous == record
                     and not change.changed_messages.intersection(record.message_ids)):
                 continue
-            self.state.put_fragment(record)
+            written.append(record)
             units.extend(self.fragment_units(record, members, visible_to, version))
             report.fragments_written += 1
         stale = [f.fragment_id for f in affected_old if f.fragment_id not in new_ids]
         gone = [ids.turn_unit_id(tenant_id, conversation_id, m, kind)
                 for m in change.removed_messages for kind in ("turn", "window")]
-        for fragment_id in stale:
-            self.state.delete_fragment(fragment_id)
+        self.state.put_fragments(written)
+        self.state.delete_fragments(stale)
         removed = stale + gone
         if removed:
             self.vectors.delete(removed)
@@ -410,11 +435,10 @@ class Tessera:
                 removed += [ids.turn_unit_id(tenant_id, conversation_id, m, "window") for m in sorted(neighbours)]
                 self.vectors.delete(removed)
                 self.keywords.delete(removed)
-                for f in holding:
-                    self.state.delete_fragment(f.fragment_id)
-                for message_id in message_ids:
-                    self.state.put_tombstone(tenant_id, conversation_id, message_id, (time.time(), "forgotten"))
-                    self.state.delete_turn(tenant_id, conversation_id, message_id)
+                self.state.delete_fragments([f.fragment_id for f in holding])
+                now = time.time()
+                self.state.put_tombstones(tenant_id, conversation_id, [(m, (now, "forgotten")) for m in sorted(message_ids)])
+                self.state.delete_turns(tenant_id, conversation_id, sorted(message_ids))
                 report.deleted += len(message_ids)
                 report.fragments_deleted += len(holding)
                 change = _ConversationChange(full=True, removed_messages=message_ids)

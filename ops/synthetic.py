@@ -125,7 +125,7 @@ def _conversation(engine, pool: Pool, layout: Layout, c: int, rng: np.random.Gen
     tenant, conversation = layout.tenant(c), f"conv-{c:07d}"
     participants = layout.participants(c)
     people = participants or [f"user-{u:03d}" for u in rng.choice(layout.users, 2, replace=False)]
-    engine.state.offer_participants(tenant, conversation, participants, (0.0, "synthetic"))
+    engine.state.set_participants(tenant, conversation, participants, (0.0, "synthetic") if participants else None)
     n = TURNS_PER_FRAGMENT * FRAGMENTS_PER_CONVERSATION
     start = int(rng.integers(len(pool.texts)))
     picks = [(start + k) % len(pool.texts) for k in range(n)]
@@ -140,12 +140,12 @@ def _conversation(engine, pool: Pool, layout: Layout, c: int, rng: np.random.Gen
             sender = people[i % len(people)]
             turn = Turn(message_id=f"m{i:03d}", sender_id=sender, sender_name=pool.speakers[picks[i]],
                         sent_at=at, text=pool.texts[picks[i]], vector=noisy[i])
-            engine.state.put_turn(tenant, conversation, turn, None)
             members.append(turn)
             at += timedelta(minutes=2)
+        engine.state.put_turns(tenant, conversation, [(t, None, (0.0, "synthetic")) for t in members])
         record = FragmentRecord(ids.fragment_id(tenant, conversation, members[0].message_id), tenant, conversation,
                                 tuple(t.message_id for t in members), members[0].sent_at, members[-1].sent_at)
-        engine.state.put_fragment(record)
+        engine.state.put_fragments([record])
         units.extend(engine.fragment_units(record, members, participants or [EVERYONE]))
         at += timedelta(hours=1)
     return units

@@ -78,8 +78,7 @@ def _state(engine) -> dict:
     return {
         "turns": {conv: [(t.message_id, t.sender_id, t.text) for t in state.turns(*conv)] for conv in convs},
         "participants": {conv: state.participants(*conv) for conv in convs},
-        "tombstoned": sorted((t, c, f"m{n:03d}") for t, c in convs for n in range(1, 7)
-                             if state.tombstoned(t, c, f"m{n:03d}")),
+        "tombstoned": {conv: sorted(state.tombstones(*conv, [f"m{n:03d}" for n in range(1, 7)])) for conv in convs},
         "fragments": state.all_fragments(),
         "vectors": engine.vectors.count(),
         "keywords": engine.keywords.count(),

@@ -40,6 +40,15 @@ class FragmentRecord:
         return (self.start_at.timestamp(), self.message_ids[0])
 
 
+@dataclass(frozen=True)
+class ConversationMeta:
+    participants: list[str] | None
+    #: The stamp of the event whose list is in effect (None while no event carried one).
+    participants_stamp: Stamp | None
+    #: Messages sent at or before this time belong to an erased conversation and stay erased.
+    erased_before: float | None
+
+
 class ConversationState(Protocol):
     """What the engine reads and writes; every write happens inside ``transaction()``."""
 
@@ -57,31 +66,33 @@ class ConversationState(Protocol):
 
     def participants(self, tenant_id: str, conversation_id: str) -> list[str] | None: ...
 
-    def offer_participants(self, tenant_id: str, conversation_id: str, participants: list[str] | None,
-                           stamp: Stamp) -> bool:
-        """Record the conversation; keep ``participants`` if its stamp beats the stored list's.
+    def conversation(self, tenant_id: str, conversation_id: str) -> ConversationMeta | None:
+        """The conversation's participant list with its stamp, and its erasure time; None if unknown."""
 
-        Returns True when the list in effect changed (visibility of every unit changes with it).
-        """
+    def set_participants(self, tenant_id: str, conversation_id: str, participants: list[str] | None,
+                         stamp: Stamp | None) -> None:
+        """Record the conversation with this list (None: visible to the tenant) and the stamp that chose it."""
 
-    def erased_before(self, tenant_id: str, conversation_id: str) -> float | None:
-        """Messages sent at or before this time belong to an erased conversation and stay erased."""
+    def stored_turns(self, tenant_id: str, conversation_id: str,
+                     message_ids: Sequence[str]) -> dict[str, tuple[Stamp, Turn]]:
+        """The stored turns among ``message_ids``, with the stamp of the event that wrote each."""
 
-    def stamp(self, tenant_id: str, conversation_id: str, message_id: str) -> Stamp | None: ...
+    def tombstones(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> set[str]:
+        """Which of ``message_ids`` were deleted (for good)."""
 
-    def tombstoned(self, tenant_id: str, conversation_id: str, message_id: str) -> bool: ...
-
-    def put_tombstone(self, tenant_id: str, conversation_id: str, message_id: str, stamp: Stamp) -> None: ...
+    def put_tombstones(self, tenant_id: str, conversation_id: str, stamps: Sequence[tuple[str, Stamp]]) -> None: ...
 
     def get_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> Turn | None: ...
 
-    def put_turn(self, tenant_id: str, conversation_id: str, turn: Turn, reply_to: str | None,
-                 stamp: Stamp = (0.0, "")) -> None: ...
+    def put_turns(self, tenant_id: str, conversation_id: str,
+                  turns: Sequence[tuple[Turn, str | None, Stamp]]) -> None:
+        """Write (turn, reply_to, stamp) rows, vectors included when the turn carries them."""
 
-    def delete_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> None: ...
+    def delete_turns(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> None: ...
 
-    def set_vector(self, tenant_id: str, conversation_id: str, message_id: str, vector: np.ndarray,
-                   image_vector: np.ndarray | None = None) -> None: ...
+    def set_vectors(self, tenant_id: str, conversation_id: str,
+                    vectors: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
+        """(message id, text vector, image vector or None) of turns that waited for them."""
 
     def clear_vectors(self, tenant_id: str, conversation_id: str) -> None: ...
 
@@ -110,9 +121,9 @@ class ConversationState(Protocol):
 
     def fragments_by_id(self, fragment_ids: Sequence[str]) -> dict[str, FragmentRecord]: ...
 
-    def put_fragment(self, fragment: FragmentRecord) -> None: ...
+    def put_fragments(self, fragments: Sequence[FragmentRecord]) -> None: ...
 
-    def delete_fragment(self, fragment_id: str) -> None: ...
+    def delete_fragments(self, fragment_ids: Sequence[str]) -> None: ...
 
     def erase_conversation(self, tenant_id: str, conversation_id: str, before: float) -> None:
         """Drop every turn, fragment and mark; keep tombstones of its message ids and ``before``."""

@@ -15,8 +15,10 @@ import threading
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
+
 from indexer.state.base import ConversationKey
-from indexer.state.sql import SqlState
+from indexer.state.sql import SqlState, blob
 
 #: Numbered migrations; a database records the ones applied in ``schema_migrations``.
 MIGRATIONS: list[str] = [
@@ -101,6 +103,7 @@ class PostgresState(SqlState):
             return _Rows(cursor.fetchall() if cursor.description else [])
 
     def _executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
+        """Pipelined by psycopg: one round trip for the batch, not one per row."""
         if not rows:
             return
         conn = getattr(self._local, "conn", None)
@@ -108,6 +111,18 @@ class PostgresState(SqlState):
             raise RuntimeError("writes to the state happen inside transaction()")
         with conn.cursor() as cursor:
             cursor.executemany(sql.replace("?", "%s"), rows)
+
+    def set_vectors(self, tenant_id: str, conversation_id: str,
+                    vectors: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
+        """One statement for the whole batch: row-by-row updates cost a round trip and an index pass each."""
+        if not vectors:
+            return
+        self._execute(
+            "UPDATE messages m SET vector = d.vector, image_vector = d.image_vector"
+            " FROM unnest(?::text[], ?::bytea[], ?::bytea[]) AS d(message_id, vector, image_vector)"
+            " WHERE m.tenant_id = ? AND m.conversation_id = ? AND m.message_id = d.message_id",
+            ([m for m, _, _ in vectors], [blob(v) for _, v, _ in vectors], [blob(i) for _, _, i in vectors],
+             tenant_id, conversation_id))
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

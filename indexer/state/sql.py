@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from indexer.segmenter import ImageInfo, Turn
-from indexer.state.base import ConversationKey, FragmentRecord, SortKey, Stamp
+from indexer.state.base import ConversationKey, ConversationMeta, FragmentRecord, SortKey, Stamp
 from indexer.text import name_tokens
 
 TURN_COLUMNS = "message_id, sender_id, sender_name, sent_at, text, images, vector, image_vector"
@@ -38,7 +38,7 @@ def images_json(images: Sequence[ImageInfo]) -> str:
     return json.dumps([{"uri": i.uri, "caption": i.caption} for i in images])
 
 
-def _blob(vector: np.ndarray | None) -> bytes | None:
+def blob(vector: np.ndarray | None) -> bytes | None:
     return vector.astype(np.float32).tobytes() if vector is not None else None
 
 
@@ -53,8 +53,7 @@ class SqlState:
         raise NotImplementedError
 
     def _executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
-        for row in rows:
-            self._execute(sql, row)
+        raise NotImplementedError
 
     def _one(self, sql: str, args: Sequence = ()):
         return self._execute(sql, args).fetchone()
@@ -69,35 +68,23 @@ class SqlState:
                         (tenant_id, conversation_id))
         return json.loads(row[0]) if row and row[0] is not None else None
 
-    def offer_participants(self, tenant_id: str, conversation_id: str, participants: list[str] | None,
-                           stamp: Stamp) -> bool:
-        row = self._one("SELECT participants, participants_version, participants_event FROM conversations"
-                        " WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))
+    def conversation(self, tenant_id: str, conversation_id: str) -> ConversationMeta | None:
+        row = self._one("SELECT participants, participants_version, participants_event, erased_before"
+                        " FROM conversations WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))
         if row is None:
-            self._execute(
-                "INSERT INTO conversations (tenant_id, conversation_id, participants, participants_version,"
-                " participants_event) VALUES (?,?,?,?,?) ON CONFLICT (tenant_id, conversation_id) DO NOTHING",
-                (tenant_id, conversation_id, *self._list_args(participants, stamp)))
-            return participants is not None
-        if participants is None:
-            return False
-        if row[0] is not None and (row[1], row[2]) >= stamp:
-            return False
-        self._execute("UPDATE conversations SET participants=?, participants_version=?, participants_event=?"
-                      " WHERE tenant_id=? AND conversation_id=?",
-                      (*self._list_args(participants, stamp), tenant_id, conversation_id))
-        return row[0] is None or json.loads(row[0]) != sorted(set(participants))
+            return None
+        listed = row[0] is not None
+        return ConversationMeta(json.loads(row[0]) if listed else None, (row[1], row[2]) if listed else None, row[3])
 
-    @staticmethod
-    def _list_args(participants: list[str] | None, stamp: Stamp) -> tuple:
-        if participants is None:
-            return (None, None, None)
-        return (json.dumps(sorted(set(participants))), stamp[0], stamp[1])
-
-    def erased_before(self, tenant_id: str, conversation_id: str) -> float | None:
-        row = self._one("SELECT erased_before FROM conversations WHERE tenant_id=? AND conversation_id=?",
-                        (tenant_id, conversation_id))
-        return row[0] if row else None
+    def set_participants(self, tenant_id: str, conversation_id: str, participants: list[str] | None,
+                         stamp: Stamp | None) -> None:
+        values = (json.dumps(sorted(set(participants))), stamp[0], stamp[1]) if participants is not None \
+            else (None, None, None)
+        self._execute(
+            "INSERT INTO conversations (tenant_id, conversation_id, participants, participants_version,"
+            " participants_event) VALUES (?,?,?,?,?) ON CONFLICT (tenant_id, conversation_id) DO UPDATE SET"
+            " participants=excluded.participants, participants_version=excluded.participants_version,"
+            " participants_event=excluded.participants_event", (tenant_id, conversation_id, *values))
 
     def conversations(self, after: ConversationKey | None = None, limit: int = 100) -> list[ConversationKey]:
         sql = "SELECT DISTINCT tenant_id, conversation_id FROM messages"
@@ -110,28 +97,35 @@ class SqlState:
 
     # ---- messages -----------------------------------------------------------------------------------
 
-    def stamp(self, tenant_id: str, conversation_id: str, message_id: str) -> Stamp | None:
-        row = self._one("SELECT version, event_id FROM messages WHERE tenant_id=? AND conversation_id=?"
-                        " AND message_id=?", (tenant_id, conversation_id, message_id))
-        return (row[0], row[1] or "") if row else None
+    def stored_turns(self, tenant_id: str, conversation_id: str,
+                     message_ids: Sequence[str]) -> dict[str, tuple[Stamp, Turn]]:
+        if not message_ids:
+            return {}
+        rows = self._all(f"SELECT {TURN_COLUMNS}, version, event_id FROM messages WHERE tenant_id=?"
+                         f" AND conversation_id=? AND message_id IN ({_marks(len(message_ids))})",
+                         [tenant_id, conversation_id, *message_ids])
+        return {r[0]: ((r[8], r[9] or ""), _turn_from_row(r[:8])) for r in rows}
 
-    def tombstoned(self, tenant_id: str, conversation_id: str, message_id: str) -> bool:
-        return self._one("SELECT 1 FROM tombstones WHERE tenant_id=? AND conversation_id=? AND message_id=?",
-                         (tenant_id, conversation_id, message_id)) is not None
+    def tombstones(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> set[str]:
+        if not message_ids:
+            return set()
+        return {r[0] for r in self._all(f"SELECT message_id FROM tombstones WHERE tenant_id=? AND conversation_id=?"
+                                        f" AND message_id IN ({_marks(len(message_ids))})",
+                                        [tenant_id, conversation_id, *message_ids])}
 
-    def put_tombstone(self, tenant_id: str, conversation_id: str, message_id: str, stamp: Stamp) -> None:
-        self._execute("INSERT INTO tombstones (tenant_id, conversation_id, message_id, version, event_id)"
-                      " VALUES (?,?,?,?,?) ON CONFLICT (tenant_id, conversation_id, message_id) DO NOTHING",
-                      (tenant_id, conversation_id, message_id, stamp[0], stamp[1]))
+    def put_tombstones(self, tenant_id: str, conversation_id: str, stamps: Sequence[tuple[str, Stamp]]) -> None:
+        self._executemany("INSERT INTO tombstones (tenant_id, conversation_id, message_id, version, event_id)"
+                          " VALUES (?,?,?,?,?) ON CONFLICT (tenant_id, conversation_id, message_id) DO NOTHING",
+                          [(tenant_id, conversation_id, m, st[0], st[1]) for m, st in stamps])
 
     def get_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> Turn | None:
         row = self._one(f"SELECT {TURN_COLUMNS} FROM messages WHERE tenant_id=? AND conversation_id=?"
                         " AND message_id=?", (tenant_id, conversation_id, message_id))
         return _turn_from_row(row) if row else None
 
-    def put_turn(self, tenant_id: str, conversation_id: str, turn: Turn, reply_to: str | None,
-                 stamp: Stamp = (0.0, "")) -> None:
-        self._execute(
+    def put_turns(self, tenant_id: str, conversation_id: str,
+                  turns: Sequence[tuple[Turn, str | None, Stamp]]) -> None:
+        self._executemany(
             "INSERT INTO messages (tenant_id, conversation_id, message_id, sender_id, sender_name, sent_at,"
             " sent_ts, text, images, reply_to, vector, version, image_vector, event_id)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (tenant_id, conversation_id, message_id) DO UPDATE SET"
@@ -139,22 +133,23 @@ class SqlState:
             " sent_ts=excluded.sent_ts, text=excluded.text, images=excluded.images, reply_to=excluded.reply_to,"
             " vector=excluded.vector, version=excluded.version, image_vector=excluded.image_vector,"
             " event_id=excluded.event_id",
-            (tenant_id, conversation_id, turn.message_id, turn.sender_id, turn.sender_name,
-             turn.sent_at.isoformat(), turn.sent_at.timestamp(), turn.text, images_json(turn.images), reply_to,
-             _blob(turn.vector), stamp[0], _blob(turn.image_vector), stamp[1]),
+            [(tenant_id, conversation_id, turn.message_id, turn.sender_id, turn.sender_name,
+              turn.sent_at.isoformat(), turn.sent_at.timestamp(), turn.text, images_json(turn.images), reply_to,
+              blob(turn.vector), stamp[0], blob(turn.image_vector), stamp[1]) for turn, reply_to, stamp in turns],
         )
-        self._executemany(
-            "INSERT INTO sender_tokens (tenant_id, token, sender_id) VALUES (?,?,?) ON CONFLICT DO NOTHING",
-            [(tenant_id, tok, turn.sender_id) for tok in name_tokens(turn.sender_name)])
+        tokens = {(tenant_id, tok, turn.sender_id) for turn, _, _ in turns for tok in name_tokens(turn.sender_name)}
+        self._executemany("INSERT INTO sender_tokens (tenant_id, token, sender_id) VALUES (?,?,?)"
+                          " ON CONFLICT DO NOTHING", sorted(tokens))
 
-    def delete_turn(self, tenant_id: str, conversation_id: str, message_id: str) -> None:
-        self._execute("DELETE FROM messages WHERE tenant_id=? AND conversation_id=? AND message_id=?",
-                      (tenant_id, conversation_id, message_id))
+    def delete_turns(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> None:
+        self._executemany("DELETE FROM messages WHERE tenant_id=? AND conversation_id=? AND message_id=?",
+                          [(tenant_id, conversation_id, m) for m in message_ids])
 
-    def set_vector(self, tenant_id: str, conversation_id: str, message_id: str, vector: np.ndarray,
-                   image_vector: np.ndarray | None = None) -> None:
-        self._execute("UPDATE messages SET vector=?, image_vector=? WHERE tenant_id=? AND conversation_id=?"
-                      " AND message_id=?", (_blob(vector), _blob(image_vector), tenant_id, conversation_id, message_id))
+    def set_vectors(self, tenant_id: str, conversation_id: str,
+                    vectors: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
+        self._executemany("UPDATE messages SET vector=?, image_vector=? WHERE tenant_id=? AND conversation_id=?"
+                          " AND message_id=?", [(blob(v), blob(i), tenant_id, conversation_id, m)
+                                                for m, v, i in vectors])
 
     def clear_vectors(self, tenant_id: str, conversation_id: str) -> None:
         self._execute("UPDATE messages SET vector=NULL, image_vector=NULL WHERE tenant_id=? AND conversation_id=?",
@@ -252,24 +247,22 @@ class SqlState:
         return sorted((r[0], r[1], r[2], tuple(json.loads(r[3]))) for r in self._all(
             "SELECT tenant_id, conversation_id, fragment_id, message_ids FROM fragments"))
 
-    def put_fragment(self, fragment: FragmentRecord) -> None:
-        self._execute(
+    def put_fragments(self, fragments: Sequence[FragmentRecord]) -> None:
+        self._executemany(
             "INSERT INTO fragments (fragment_id, tenant_id, conversation_id, start_ts, start_message_id, message_ids,"
             " start_at, end_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (fragment_id) DO UPDATE SET"
             " start_ts=excluded.start_ts, start_message_id=excluded.start_message_id,"
             " message_ids=excluded.message_ids, start_at=excluded.start_at, end_at=excluded.end_at",
-            (fragment.fragment_id, fragment.tenant_id, fragment.conversation_id, fragment.start_at.timestamp(),
-             fragment.message_ids[0], json.dumps(list(fragment.message_ids)), fragment.start_at.isoformat(),
-             fragment.end_at.isoformat()),
+            [(f.fragment_id, f.tenant_id, f.conversation_id, f.start_at.timestamp(), f.message_ids[0],
+              json.dumps(list(f.message_ids)), f.start_at.isoformat(), f.end_at.isoformat()) for f in fragments],
         )
 
-    def delete_fragment(self, fragment_id: str) -> None:
-        self._execute("DELETE FROM fragments WHERE fragment_id=?", (fragment_id,))
+    def delete_fragments(self, fragment_ids: Sequence[str]) -> None:
+        self._executemany("DELETE FROM fragments WHERE fragment_id=?", [(f,) for f in fragment_ids])
 
     def erase_conversation(self, tenant_id: str, conversation_id: str, before: float) -> None:
-        for (message_id,) in self._all("SELECT message_id FROM messages WHERE tenant_id=? AND conversation_id=?",
-                                       (tenant_id, conversation_id)):
-            self.put_tombstone(tenant_id, conversation_id, message_id, (before, "erased"))
+        self.put_tombstones(tenant_id, conversation_id, [(r[0], (before, "erased")) for r in self._all(
+            "SELECT message_id FROM messages WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))])
         for table in CONVERSATION_TABLES:
             self._execute(f"DELETE FROM {table} WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))
         self._execute(
