@@ -74,7 +74,9 @@ class SqlState:
         if row is None:
             return None
         listed = row[0] is not None
-        return ConversationMeta(json.loads(row[0]) if listed else None, (row[1], row[2]) if listed else None, row[3])
+        # A list written before stamps existed counts as the oldest possible one.
+        stamp = (row[1] or 0.0, row[2] or "") if listed else None
+        return ConversationMeta(json.loads(row[0]) if listed else None, stamp, row[3])
 
     def set_participants(self, tenant_id: str, conversation_id: str, participants: list[str] | None,
                          stamp: Stamp | None) -> None:

@@ -1,0 +1,205 @@
+"""One conformance suite for every conversation-state backend: SQLite (embedded) and PostgreSQL.
+
+What the engine relies on: transactions that commit together or not at all, the stamp and tombstone
+records, pending marks, a version sequence that only grows across processes, per-conversation locks
+that exclude another writer (and a try that never waits), resumable cursors, and erasure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+
+from indexer.segmenter import Turn
+from indexer.state import FragmentRecord, open_state
+
+T = datetime(2026, 5, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_state(request, tmp_path, new_state_url):
+    """``make()`` opens a new state; ``make(same=True)`` another handle on the last one (another process)."""
+    opened, where = [], {}
+
+    def make(same: bool = False):
+        if not same:
+            where["url"] = new_state_url(request.param)
+            where["dir"] = tmp_path / f"s{len(opened)}"
+        state = open_state(where["url"], where["dir"])
+        opened.append(state)
+        return state
+
+    yield make
+    for state in opened:
+        state.close()
+
+
+def turn(mid: str, text: str, minute: int = 0, vector: bool = False) -> Turn:
+    return Turn(mid, "ann", T.replace(minute=minute), text, "Ann",
+                vector=np.ones(4, dtype=np.float32) if vector else None)
+
+
+def test_a_failed_transaction_leaves_nothing(make_state):
+    state = make_state()
+    with pytest.raises(RuntimeError):
+        with state.transaction():
+            state.put_turns("t", "c", [(turn("m1", "hello"), None, (1.0, "e1"))])
+            raise RuntimeError("boom")
+    assert state.get_turn("t", "c", "m1") is None
+    with state.transaction():
+        state.put_turns("t", "c", [(turn("m1", "hello"), None, (1.0, "e1"))])
+    assert make_state(same=True).get_turn("t", "c", "m1").text == "hello", "committed for every reader"
+
+
+def test_turns_stamps_tombstones_and_vectors(make_state):
+    state = make_state()
+    with state.transaction():
+        state.put_turns("t", "c", [(turn("m1", "one", 1), "m0", (5.0, "e1")), (turn("m2", "two", 2), None, (6.0, "e2"))])
+        state.put_tombstones("t", "c", [("m3", (7.0, "e3"))])
+        state.put_tombstones("t", "c", [("m3", (9.0, "e4"))])
+        state.set_vectors("t", "c", [("m1", np.full(4, 0.5, dtype=np.float32), None)])
+    stored = state.stored_turns("t", "c", ["m1", "m2", "m9"])
+    assert {m: s for m, (s, _) in stored.items()} == {"m1": (5.0, "e1"), "m2": (6.0, "e2")}
+    assert state.tombstones("t", "c", ["m1", "m3"]) == {"m3"}
+    assert state.tombstones("t2", "c", ["m3"]) == set(), "tombstones belong to one tenant"
+    assert [t.message_id for t in state.turns_without_vector("t", "c")] == ["m2"]
+    assert np.allclose(state.turns_by_id("t", "c", ["m1"])["m1"].vector, 0.5)
+    assert [t.message_id for t in state.turns("t", "c", (T.replace(minute=2).timestamp(), "m2"))] == ["m2"]
+    with state.transaction():
+        state.delete_turns("t", "c", ["m1"])
+        state.clear_vectors("t", "c")
+    assert state.get_turn("t", "c", "m1") is None and state.senders_named("t", ["ann"]) == {"ann"}
+
+
+def test_participants_and_erasure(make_state):
+    state = make_state()
+    assert state.conversation("t", "c") is None
+    with state.transaction():
+        state.set_participants("t", "c", ["bob", "ann", "bob"], (3.0, "e"))
+    meta = state.conversation("t", "c")
+    assert meta.participants == ["ann", "bob"] and meta.participants_stamp == (3.0, "e") and meta.erased_before is None
+    with state.transaction():
+        state.put_turns("t", "c", [(turn("m1", "one"), None, (1.0, "e1"))])
+        state.put_fragments([FragmentRecord("f1", "t", "c", ("m1",), T, T)])
+        state.merge_pending("t", "c", {"full": True}, lambda a, b: b)
+        state.erase_conversation("t", "c", 100.0)
+    assert state.turns("t", "c") == [] and state.fragments("t", "c") == [] and state.pending() == []
+    assert state.tombstones("t", "c", ["m1"]) == {"m1"}
+    assert state.conversation("t", "c").erased_before == 100.0
+
+
+def test_pending_marks_merge_and_come_oldest_first(make_state):
+    state = make_state()
+    with state.transaction():
+        state.merge_pending("t", "b", {"n": [1]}, lambda a, b: {"n": a["n"] + b["n"]})
+    time.sleep(0.01)
+    with state.transaction():
+        state.merge_pending("t", "a", {"n": [2]}, lambda a, b: {"n": a["n"] + b["n"]})
+        state.merge_pending("t", "b", {"n": [3]}, lambda a, b: {"n": a["n"] + b["n"]})
+    assert state.pending() == [("t", "b", {"n": [1, 3]}), ("t", "a", {"n": [2]})]
+    assert state.pending(limit=1) == [("t", "b", {"n": [1, 3]})]
+    assert state.pending(only=[("t", "a"), ("t", "zz")]) == [("t", "a", {"n": [2]})]
+    with state.transaction():
+        state.clear_pending("t", "b")
+    assert [p[1] for p in state.pending()] == ["a"]
+
+
+def test_versions_only_grow_across_handles(make_state):
+    first = make_state()
+    second = make_state(same=True)
+    seen = []
+    for state in (first, second, first, second):
+        with state.transaction():
+            seen.append(state.next_version())
+    assert seen == sorted(seen) and len(set(seen)) == 4 and seen[0] >= 1
+
+
+def test_a_conversation_lock_excludes_other_writers_and_a_try_never_waits(make_state):
+    holder = make_state()
+    other = make_state(same=True)
+    if type(holder).__name__ == "SqliteState":
+        pytest.skip("SQLite: a transaction holds the whole file's write lock (covered by the engine tests)")
+    locked, release, order = threading.Event(), threading.Event(), []
+
+    def hold():
+        with holder.transaction():
+            holder.lock_conversations([("t", "c")])
+            locked.set()
+            release.wait(10)
+            order.append("holder done")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert locked.wait(10)
+    with other.transaction():
+        assert other.try_lock_conversation("t", "c") is False
+        assert other.try_lock_conversation("t", "another") is True
+    def wait_for_lock():
+        with other.transaction():
+            other.lock_conversations([("t", "c")])
+            order.append("other locked")
+
+    waiter = threading.Thread(target=wait_for_lock)
+    waiter.start()
+    time.sleep(0.3)
+    assert order == [], "the second writer waits while the first holds the conversation"
+    release.set()
+    thread.join(10)
+    waiter.join(10)
+    assert order == ["holder done", "other locked"]
+
+
+def test_cursors_and_conversation_walk(make_state):
+    state = make_state()
+    with state.transaction():
+        for conv in ("b", "a", "c"):
+            state.put_turns("t", conv, [(turn("m1", "x"), None, (1.0, "e"))])
+        state.set_cursor("reindex", ("t", "a"))
+    assert state.get_cursor("reindex") == ("t", "a")
+    assert state.conversations(("t", "a"), 10) == [("t", "b"), ("t", "c")]
+    assert state.conversations(None, 2) == [("t", "a"), ("t", "b")]
+    with state.transaction():
+        state.set_cursor("reindex", None)
+    assert state.get_cursor("reindex") is None
+
+
+def test_opening_an_existing_state_again_migrates_nothing_and_keeps_everything(make_state):
+    state = make_state()
+    with state.transaction():
+        state.put_turns("t", "c", [(turn("m1", "kept"), None, (1.0, "e"))])
+    again = make_state(same=True)
+    assert again.get_turn("t", "c", "m1").text == "kept"
+    assert again.counts()["messages"] == 1
+
+
+def test_a_sqlite_state_from_before_stamps_and_tombstones_is_migrated(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "state.sqlite")
+    old.executescript("""
+        CREATE TABLE conversations (tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, participants TEXT,
+            PRIMARY KEY (tenant_id, conversation_id));
+        CREATE TABLE messages (tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL,
+            sender_id TEXT NOT NULL, sender_name TEXT, sent_at TEXT NOT NULL, sent_ts REAL NOT NULL,
+            text TEXT NOT NULL, images TEXT NOT NULL, reply_to TEXT, vector BLOB,
+            PRIMARY KEY (tenant_id, conversation_id, message_id));
+        INSERT INTO conversations VALUES ('t', 'c', '["ann"]');
+        INSERT INTO messages VALUES ('t', 'c', 'm1', 'ann', 'Ann', '2026-05-01T00:00:00+00:00', 0, 'old', '[]',
+            NULL, NULL);
+    """)
+    old.close()
+    state = open_state(None, tmp_path)
+    try:
+        assert state.get_turn("t", "c", "m1").text == "old"
+        assert state.stored_turns("t", "c", ["m1"])["m1"][0] == (0.0, "")
+        assert state.conversation("t", "c").participants == ["ann"]
+        assert state.conversation("t", "c").participants_stamp == (0.0, "")
+        with state.transaction():
+            state.put_tombstones("t", "c", [("m2", (1.0, "e"))])
+            assert state.next_version() == 1
+    finally:
+        state.close()
