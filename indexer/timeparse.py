@@ -194,7 +194,13 @@ def parse(text: str, now: datetime) -> TimeConstraint:
             if not any(m.start() < other.end() and other.start() < m.end() for _, other in matches):
                 matches.append((kind, m))
     for kind, m in sorted(matches, key=lambda km: km[1].start()):
-        span_range = _range(kind, m, now)
+        try:
+            span_range = _range(kind, m, now)
+            if span_range is not None:
+                grace(span_range) + span_range.end
+        except (OverflowError, ValueError):
+            # "3000 years ago" lies outside the calendar datetime can hold: the words stay words.
+            span_range = None
         if span_range is None:
             continue
         prep = _PREPOSITION.search(text[:m.start()])

@@ -86,3 +86,15 @@ def test_a_time_with_nothing_in_it_falls_back_to_the_words(make_engine):
     engine.ingest([message("c1", 1, "ann", "the glacier hike was long")])
     result = engine.query(query("glacier hike in June 1999", reasoning="fast"))
     assert [m for f in result.fragments for m in f.message_ids] == ["m001"]
+
+
+def test_a_time_beyond_the_calendar_is_words_not_a_crash():
+    from datetime import datetime, timezone
+
+    from indexer.timeparse import parse
+
+    now = datetime(2026, 5, 1, tzinfo=timezone.utc)
+    for text in ("what did we say 3000 years ago", "the plan from 999999 days ago", "200000 weeks ago"):
+        got = parse(text, now)
+        assert got.sent_after is None and got.sent_before is None
+        assert "ago" in got.text
