@@ -19,9 +19,10 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Offse
 
 from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq, group_of
 from ops.metrics import (
-    CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH,
+    CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH, UNKNOWN_FIELDS,
 )
-from schemas import Result, ResultError, SchemaError, parse_message, parse_query
+from schemas import Result, ResultError, SchemaError, forward, parse_message, parse_query, unknown_fields
+from schemas.parse import loads
 from schemas.routing import parse_message_key
 from workers.app import PUBLISH_RETRY, QUEUES
 
@@ -132,22 +133,33 @@ class TesseraConsumer:
                     self._tombstone(record)
                     continue
                 try:
-                    event = parse_message(record.value)
+                    data = loads(record.value)
+                    event = parse_message(data)
                 except SchemaError as exc:
                     self._dead_letter(record, exc)
                     continue
-                good.append({"offset": record.offset, "event": event.model_dump(mode="json", by_alias=True)})
+                self._count_unknown(tp.topic, data, event)
+                good.append({"offset": record.offset, "event": forward(event)})
             else:
                 try:
-                    job = parse_query(record.value if record.value is not None else b"null")
+                    data = loads(record.value if record.value is not None else b"null")
+                    job = parse_query(data)
                 except SchemaError as exc:
                     self._dead_letter(record, exc)
                     self._answer_error(record, exc)
                     continue
-                self._send("tessera.query", [job.model_dump(mode="json", by_alias=True)],
-                           task_id=f"query:{job.job_id}")
+                self._count_unknown(tp.topic, data, job)
+                self._send("tessera.query", [forward(job)], task_id=f"query:{job.job_id}")
         self._flush_messages(tp, good)
         self._done[tp] = records[-1].offset + 1
+
+    @staticmethod
+    def _count_unknown(topic: str, data: dict, record) -> None:
+        """Fields of a newer producer are ignored, and counted so that a rollout stays visible."""
+        names = unknown_fields(data, record)
+        if names:
+            UNKNOWN_FIELDS.labels(topic).inc(len(names))
+            log.debug("%s: ignored fields %s", topic, names[:10])
 
     def _flush_messages(self, tp: TopicPartition, good: list[dict]) -> None:
         if not good:

@@ -28,6 +28,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 EVENTS_CONSUMED = Counter("tessera_events_consumed_total", "Records read from Kafka", ["topic"])
 EVENTS_REJECTED = Counter("tessera_events_rejected_total", "Records that failed validation", ["topic", "reason"])
+UNKNOWN_FIELDS = Counter("tessera_unknown_fields_total", "Fields a newer producer sent that this reader ignores"
+                         " (names in the consumer's log; not a label, producers choose them)", ["topic"])
 EVENTS_DEAD_LETTERED = Counter("tessera_events_dead_lettered_total", "Records sent to a dead-letter topic", ["topic"])
 CONSUMER_LAG = Gauge("tessera_consumer_lag_records", "Records behind the partition end", ["topic", "partition"],
                      multiprocess_mode="max")

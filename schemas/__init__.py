@@ -21,7 +21,7 @@ from schemas.models import (
     ResultFragment,
     ResultImage,
 )
-from schemas.parse import SchemaError, parse_message, parse_query, parse_reason, validate
+from schemas.parse import SchemaError, forward, parse_message, parse_query, parse_reason, unknown_fields, validate
 
 __all__ = [
     "MESSAGE_SCHEMA",
@@ -44,8 +44,10 @@ __all__ = [
     "ResultFragment",
     "ResultImage",
     "SchemaError",
+    "forward",
     "parse_message",
     "parse_query",
     "parse_reason",
+    "unknown_fields",
     "validate",
 ]

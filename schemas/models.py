@@ -42,7 +42,9 @@ CleanText = Annotated[str, AfterValidator(_no_control_chars)]
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+    """Readers ignore fields they do not know (a newer producer's additions); ``unknown_fields`` names them."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=False)
 
 
 class ImageRef(_Record):
@@ -84,7 +86,7 @@ class MessageEvent(_Record):
     images: list[ImageRef] = Field(default_factory=list, max_length=MAX_IMAGES)
     reply_to: Identifier | None = None
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     @property
     def version(self) -> float:
@@ -125,7 +127,7 @@ class QueryJob(_Record):
     #: When the user asked (additive to v1): "last week" and "yesterday" count back from it. Default: now.
     asked_at: AwareDatetime | None = None
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     @field_validator("query")
     @classmethod
@@ -176,7 +178,7 @@ class Result(_Record):
     error: ResultError | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
@@ -217,4 +219,4 @@ class ReasonRequest(_Record):
     candidates: list[ReasonCandidate] = Field(max_length=MAX_TOP_K)
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)

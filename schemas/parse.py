@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas.models import MESSAGE_SCHEMA, QUERY_SCHEMA, REASON_SCHEMA, MessageEvent, QueryJob, ReasonRequest
 
@@ -24,7 +24,7 @@ class SchemaError(ValueError):
         self.detail = message
 
 
-def _loads(raw: bytes | str) -> dict[str, Any]:
+def loads(raw: bytes | str) -> dict[str, Any]:
     if isinstance(raw, bytes):
         if len(raw) > MAX_RECORD_BYTES:
             raise SchemaError("too_large", f"record is {len(raw)} bytes, limit {MAX_RECORD_BYTES}")
@@ -62,15 +62,26 @@ def validate(data: dict[str, Any], expected: str | None = None) -> MessageEvent 
 
 
 def parse_message(raw: bytes | str | dict[str, Any]) -> MessageEvent:
-    data = raw if isinstance(raw, dict) else _loads(raw)
+    data = raw if isinstance(raw, dict) else loads(raw)
     return validate(data, MESSAGE_SCHEMA)  # type: ignore[return-value]
 
 
 def parse_query(raw: bytes | str | dict[str, Any]) -> QueryJob:
-    data = raw if isinstance(raw, dict) else _loads(raw)
+    data = raw if isinstance(raw, dict) else loads(raw)
     return validate(data, QUERY_SCHEMA)  # type: ignore[return-value]
 
 
 def parse_reason(raw: bytes | str | dict[str, Any]) -> ReasonRequest:
-    data = raw if isinstance(raw, dict) else _loads(raw)
+    data = raw if isinstance(raw, dict) else loads(raw)
     return validate(data, REASON_SCHEMA)  # type: ignore[return-value]
+
+
+def unknown_fields(data: dict[str, Any], record: BaseModel) -> list[str]:
+    """Top-level fields of ``data`` the model of ``record`` does not know: counted, then ignored."""
+    known = {f.alias or name for name, f in type(record).model_fields.items()} | set(type(record).model_fields)
+    return sorted(k for k in data if k not in known)
+
+
+def forward(record: BaseModel) -> dict[str, Any]:
+    """A record as a writer sends it: only the fields that are set, so older readers see no nulls."""
+    return record.model_dump(mode="json", by_alias=True, exclude_none=True)
