@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,6 +37,18 @@ from schemas import (
 QUERY_CACHE_SIZE = 1024
 #: Fragments handed to the VLM reasoning stage, whatever the job's top_k (it reranks them).
 REASON_CANDIDATES = 20
+#: Failed indexing attempts after which a conversation is parked instead of being picked first again.
+MAX_INDEX_ATTEMPTS = 5
+#: Exception names of unreachable or overloaded backends (psycopg, sqlite3, elasticsearch, qdrant):
+#: the task retries as a whole, no conversation is blamed.
+TRANSIENT_ERRORS = {"OperationalError", "ConnectionTimeout", "ConnectionError", "TransportError",
+                    "ResponseHandlingException", "ServiceUnavailable", "PoolTimeout"}
+
+log = logging.getLogger("tessera.engine")
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in TRANSIENT_ERRORS
 
 
 class Reasoner(Protocol):
@@ -55,6 +68,10 @@ class IngestReport:
     #: Events older than the version already applied (late edits), ignored.
     stale: int = 0
     images_embedded: int = 0
+    #: Conversations whose indexing failed for a reason of their own (retried by later tasks) ...
+    index_failures: int = 0
+    #: ... and those of them set aside after MAX_INDEX_ATTEMPTS (``tessera dead-letters``).
+    parked: int = 0
     #: Images that could not be fetched or decoded, by refusal code; their turns index the caption.
     image_failures: dict[str, int] = field(default_factory=dict)
 
@@ -311,9 +328,34 @@ class Tessera:
                 self.state.set_vectors(*conv, rows)
             report.encoded += len(missing)
             for tenant_id, conversation_id, change in pending:
-                report.add(self._resegment(tenant_id, conversation_id, _ConversationChange.from_dict(change)))
-                self.state.clear_pending(tenant_id, conversation_id)
+                try:
+                    with self.state.savepoint():
+                        report.add(self._resegment(tenant_id, conversation_id, _ConversationChange.from_dict(change)))
+                        self.state.clear_pending(tenant_id, conversation_id)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    # This conversation's fault (a document a store refuses): the others go on.
+                    reason = f"{type(exc).__name__}: {exc}"
+                    attempts = self.state.record_failure(tenant_id, conversation_id, reason, MAX_INDEX_ATTEMPTS)
+                    report.index_failures += 1
+                    report.parked += attempts >= MAX_INDEX_ATTEMPTS
+                    log.warning("indexing %s/%s failed (attempt %d of %d): %s", tenant_id, conversation_id,
+                                attempts, MAX_INDEX_ATTEMPTS, reason)
         return report
+
+    def replay_parked(self, tenant_id: str, conversation_id: str) -> bool:
+        """Index a parked conversation again (after the cause was fixed); True when it is indexed now."""
+        with self.state.transaction():
+            if not self.state.unpark(tenant_id, conversation_id):
+                return False
+        self.index_pending(only=[(tenant_id, conversation_id)])
+        return not self.state.pending(only=[(tenant_id, conversation_id)]) and not any(
+            (p.tenant_id, p.conversation_id) == (tenant_id, conversation_id) for p in self.state.parked())
+
+    def drop_parked(self, tenant_id: str, conversation_id: str) -> bool:
+        with self.state.transaction():
+            return self.state.drop_parked(tenant_id, conversation_id)
 
     def _resegment(self, tenant_id: str, conversation_id: str, change: _ConversationChange) -> IngestReport:
         """Re-run segmentation from the first fragment the change can touch and sync the stores."""

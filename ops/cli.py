@@ -256,6 +256,55 @@ def cmd_reindex(args) -> int:
     return 0
 
 
+def cmd_dead_letters(args) -> int:
+    """Parked conversations (state) and dead tasks (Redis): list them, replay them, or drop them."""
+    if args.tasks:
+        return _dead_tasks(args)
+    engine = _engine(args)
+    try:
+        if args.action == "list":
+            for p in engine.state.parked():
+                print(json.dumps({"tenant_id": p.tenant_id, "conversation_id": p.conversation_id,
+                                  "attempts": p.attempts, "reason": p.reason, "parked_at": p.parked_at}))
+            return 0
+        if not (args.tenant and args.conversation):
+            print("replay and drop name a parked conversation: --tenant T --conversation C", file=sys.stderr)
+            return 2
+        if args.action == "replay":
+            ok = engine.replay_parked(args.tenant, args.conversation)
+            print(f"{args.tenant}/{args.conversation}: {'indexed' if ok else 'not indexed (see dead-letters list)'}",
+                  file=sys.stderr)
+        else:
+            ok = engine.drop_parked(args.tenant, args.conversation)
+            print(f"{args.tenant}/{args.conversation}: {'dropped' if ok else 'was not parked'}", file=sys.stderr)
+        return 0 if ok else 1
+    finally:
+        engine.close()
+
+
+def _dead_tasks(args) -> int:
+    """Tasks in ``tessera:tasks:dead``: replay sends each again under a new id, drop removes them."""
+    import redis
+
+    from workers.app import app, redis_url
+    from workers.runtime import DEAD_LETTER_KEY
+
+    client = redis.Redis.from_url(redis_url())
+    records = [json.loads(r) for r in client.lrange(DEAD_LETTER_KEY, 0, -1)]
+    if args.action == "list":
+        for record in records:
+            print(json.dumps(record))
+        return 0
+    for raw_record in client.lrange(DEAD_LETTER_KEY, 0, -1):
+        record = json.loads(raw_record)
+        if args.action == "replay":
+            app.send_task(record["task"], args=record.get("args") or [], kwargs=record.get("kwargs") or {},
+                          queue=record.get("queue"))
+        client.lrem(DEAD_LETTER_KEY, 1, raw_record)
+    print(f"{len(records)} dead tasks {'replayed' if args.action == 'replay' else 'dropped'}", file=sys.stderr)
+    return 0
+
+
 def cmd_consume(args) -> int:
     """Run a consumer per topic, each in its own thread; SIGTERM stops both, each commits and leaves."""
     import logging
@@ -426,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reencode", action="store_true", help="encode every turn again (after an encoder change)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("dead-letters", help="conversations parked after repeated indexing failures, or dead tasks")
+    p.add_argument("action", choices=["list", "replay", "drop"])
+    p.add_argument("--tenant")
+    p.add_argument("--conversation")
+    p.add_argument("--tasks", action="store_true", help="the Redis list of dead tasks instead of parked conversations")
+    p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser("delete", help="delete a conversation, or everything a user sent (forget me)")
     p.add_argument("--tenant", required=True)

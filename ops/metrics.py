@@ -28,6 +28,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 EVENTS_CONSUMED = Counter("tessera_events_consumed_total", "Records read from Kafka", ["topic"])
 EVENTS_REJECTED = Counter("tessera_events_rejected_total", "Records that failed validation", ["topic", "reason"])
+INDEX_FAILURES = Counter("tessera_index_failures_total",
+                         "Failed indexing attempts of one conversation (the others of the batch went on)")
+PARKED = Counter("tessera_conversations_parked_total",
+                 "Conversations set aside after repeated indexing failures (tessera dead-letters)")
 UNKNOWN_FIELDS = Counter("tessera_unknown_fields_total", "Fields a newer producer sent that this reader ignores"
                          " (names in the consumer's log; not a label, producers choose them)", ["topic"])
 EVENTS_DEAD_LETTERED = Counter("tessera_events_dead_lettered_total", "Records sent to a dead-letter topic", ["topic"])
@@ -73,6 +77,8 @@ def record_build() -> None:
 
 
 def record_ingest(report) -> None:
+    INDEX_FAILURES.inc(report.index_failures)
+    PARKED.inc(report.parked)
     MESSAGES.labels("upsert").inc(report.upserted)
     MESSAGES.labels("delete").inc(report.deleted)
     MESSAGES.labels("unchanged").inc(report.unchanged)

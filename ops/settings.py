@@ -47,6 +47,7 @@ ENVIRONMENT = {
     "TESSERA_PAUSE_ABOVE": "queued ingest+embed tasks above which the consumer pauses its partitions (default 200)",
     "TESSERA_RESUME_BELOW": "queued tasks below which it resumes them (default 50)",
     "TESSERA_VISIBILITY_TIMEOUT": "seconds before an unacknowledged task is redelivered (default 3600)",
+    "TESSERA_SWEEP_S": "seconds between an embed worker's looks for pending marks no queued task covers (default 30)",
     "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
 }
 

@@ -59,3 +59,25 @@ def test_demo_prints_answers(tmp_path):
     assert "0 rejected" in proc.stdout
     assert "a photo of a blue glacier" in proc.stdout
     assert "no matching conversation" not in proc.stdout
+
+
+def test_dead_letters_lists_replays_and_drops_parked_conversations(tmp_path):
+    from indexer.state import open_state
+
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(e.model_dump_json(by_alias=True) for e in dialogue("c1") + dialogue("c2")) + "\n")
+    assert run(tmp_path, "ingest", str(events)).returncode == 0
+    state = open_state(None, tmp_path / "data")
+    with state.transaction():
+        for conversation in ("c1", "c2"):
+            state.merge_pending("t1", conversation, {"full": True}, lambda a, b: b)
+            for _ in range(5):
+                state.record_failure("t1", conversation, "BulkItemsFailed: mapper_parsing_exception", 5)
+    state.close()
+    listed = [json.loads(line) for line in run(tmp_path, "dead-letters", "list").stdout.splitlines()]
+    assert [(p["conversation_id"], p["attempts"]) for p in listed] == [("c1", 5), ("c2", 5)]
+    assert "mapper_parsing_exception" in listed[0]["reason"]
+    proc = run(tmp_path, "dead-letters", "replay", "--tenant", "t1", "--conversation", "c1")
+    assert proc.returncode == 0 and "t1/c1: indexed" in proc.stderr
+    assert run(tmp_path, "dead-letters", "drop", "--tenant", "t1", "--conversation", "c2").returncode == 0
+    assert run(tmp_path, "dead-letters", "list").stdout == ""

@@ -84,10 +84,29 @@ def _announce_reasoner(sender=None, **_) -> None:
                      name="reasoner-heartbeat", daemon=True).start()
 
 
+_sweep_stop = None
+
+
+@signals.worker_ready.connect
+def _start_sweep(sender=None, **_) -> None:
+    """A worker of the ``embed`` queue makes sure no pending mark waits for a task that will never come."""
+    global _sweep_stop
+    queues = getattr(getattr(getattr(sender, "app", app), "amqp", None), "queues", None)
+    if "embed" not in set(getattr(queues, "consume_from", None) or ()):
+        return
+    import threading
+
+    from workers.runtime import sweep
+
+    _sweep_stop = threading.Event()
+    threading.Thread(target=sweep, args=(_sweep_stop,), name="pending-sweep", daemon=True).start()
+
+
 @signals.worker_shutdown.connect
-def _retire_reasoner(**_) -> None:
-    if _heartbeat_stop is not None:
-        _heartbeat_stop.set()
+def _stop_threads(**_) -> None:
+    for stop in (_heartbeat_stop, _sweep_stop):
+        if stop is not None:
+            stop.set()
 
 
 @signals.worker_process_shutdown.connect

@@ -84,6 +84,32 @@ def heartbeat(name: str, stop: threading.Event, period_s: float = REASONER_TTL_S
         pass
 
 
+#: Seconds between two looks for pending marks that no queued task covers (a worker died between
+#: saving the state and queuing ``embed``, an embed task was dead-lettered).
+SWEEP_S = float(os.environ.get("TESSERA_SWEEP_S", "30"))
+
+
+def sweep(stop: threading.Event, period_s: float = SWEEP_S) -> None:
+    """Queue an ``embed`` task while pending marks remain; an embed task with nothing to do returns at once."""
+    from indexer.state import open_state
+    from ops.settings import Settings
+
+    while not stop.wait(period_s):
+        try:
+            settings = Settings.from_env()
+            state = open_state(settings.state_url, settings.data_dir)
+            try:
+                waiting = bool(state.pending(1))
+            finally:
+                state.close()
+            if waiting:
+                from workers.app import PUBLISH_RETRY, app
+
+                app.send_task("tessera.embed", retry=True, retry_policy=PUBLISH_RETRY)
+        except Exception:
+            log.exception("sweep for pending marks failed; trying again in %.0f s", period_s)
+
+
 def redis_client() -> redis.Redis:
     global _redis
     if _redis is None:

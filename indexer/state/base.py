@@ -49,6 +49,17 @@ class ConversationMeta:
     erased_before: float | None
 
 
+@dataclass(frozen=True)
+class Parked:
+    """A conversation whose indexing failed ``attempts`` times in a row: set aside until an operator acts."""
+
+    tenant_id: str
+    conversation_id: str
+    attempts: int
+    reason: str
+    parked_at: float
+
+
 class ConversationState(Protocol):
     """What the engine reads and writes; every write happens inside ``transaction()``."""
 
@@ -116,6 +127,20 @@ class ConversationState(Protocol):
                 only: Sequence[ConversationKey] | None = None) -> list[tuple[str, str, dict]]: ...
 
     def clear_pending(self, tenant_id: str, conversation_id: str) -> None: ...
+
+    def record_failure(self, tenant_id: str, conversation_id: str, reason: str, park_after: int) -> int:
+        """Count a failed indexing attempt of a pending conversation; park it at ``park_after``."""
+
+    def parked(self) -> list[Parked]: ...
+
+    def unpark(self, tenant_id: str, conversation_id: str) -> bool:
+        """Make a parked conversation pending again (replay); False if it was not parked."""
+
+    def drop_parked(self, tenant_id: str, conversation_id: str) -> bool:
+        """Forget a parked conversation's mark (its turns stay in the state, unindexed)."""
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """Inside a transaction: undo only what the block wrote if it raises."""
 
     def fragments(self, tenant_id: str, conversation_id: str) -> list[FragmentRecord]: ...
 

@@ -60,6 +60,11 @@ MIGRATIONS: list[str] = [
     CREATE SEQUENCE unit_version;
     CREATE TABLE cursors (name TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL);
     """,
+    """
+    ALTER TABLE pending ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pending ADD COLUMN last_error TEXT;
+    ALTER TABLE pending ADD COLUMN parked_at DOUBLE PRECISION;
+    """,
 ]
 #: Advisory lock key of the migration step (any constant outside the conversation keys' use).
 _MIGRATION_LOCK = 7_215_550_001

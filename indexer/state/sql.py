@@ -7,20 +7,23 @@ sequence and its DDL.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from indexer.segmenter import ImageInfo, Turn
-from indexer.state.base import ConversationKey, ConversationMeta, FragmentRecord, SortKey, Stamp
+from indexer.state.base import ConversationKey, ConversationMeta, FragmentRecord, Parked, SortKey, Stamp
 from indexer.text import name_tokens
 
 TURN_COLUMNS = "message_id, sender_id, sender_name, sent_at, text, images, vector, image_vector"
 #: Tables of one conversation's derived rows (tombstones and the conversation row stay on erasure).
 CONVERSATION_TABLES = ("messages", "fragments", "pending")
+_SAVEPOINTS = itertools.count()
 
 
 def _turn_from_row(row) -> Turn:
@@ -211,19 +214,55 @@ class SqlState:
 
     def pending(self, limit: int | None = None,
                 only: Sequence[ConversationKey] | None = None) -> list[tuple[str, str, dict]]:
-        """Marked conversations, oldest mark first (``only``: of these conversations)."""
+        """Marked conversations, oldest mark first (``only``: of these conversations); parked ones never."""
         if only is not None:
             found = []
             for tenant_id, conversation_id in only:
-                row = self._one("SELECT change FROM pending WHERE tenant_id=? AND conversation_id=?",
-                                (tenant_id, conversation_id))
+                row = self._one("SELECT change FROM pending WHERE tenant_id=? AND conversation_id=?"
+                                " AND parked_at IS NULL", (tenant_id, conversation_id))
                 if row is not None:
                     found.append((tenant_id, conversation_id, json.loads(row[0])))
             return found
-        rows = self._all("SELECT tenant_id, conversation_id, change FROM pending"
+        rows = self._all("SELECT tenant_id, conversation_id, change FROM pending WHERE parked_at IS NULL"
                          " ORDER BY since, tenant_id, conversation_id" + (" LIMIT ?" if limit else ""),
                          (limit,) if limit else ())
         return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def record_failure(self, tenant_id: str, conversation_id: str, reason: str, park_after: int) -> int:
+        """Count a failed indexing attempt; the ``park_after``-th parks the conversation. Returns the count."""
+        row = self._one("UPDATE pending SET attempts = attempts + 1, last_error = ?,"
+                        " parked_at = CASE WHEN attempts + 1 >= ? THEN ? ELSE NULL END"
+                        " WHERE tenant_id = ? AND conversation_id = ? RETURNING attempts",
+                        (reason[:2000], park_after, time.time(), tenant_id, conversation_id))
+        return row[0] if row else 0
+
+    def parked(self) -> list[Parked]:
+        return [Parked(r[0], r[1], r[2], r[3] or "", r[4]) for r in self._all(
+            "SELECT tenant_id, conversation_id, attempts, last_error, parked_at FROM pending"
+            " WHERE parked_at IS NOT NULL ORDER BY parked_at, tenant_id, conversation_id")]
+
+    def unpark(self, tenant_id: str, conversation_id: str) -> bool:
+        row = self._one("UPDATE pending SET parked_at = NULL, attempts = 0 WHERE tenant_id = ? AND conversation_id = ?"
+                        " AND parked_at IS NOT NULL RETURNING 1", (tenant_id, conversation_id))
+        return row is not None
+
+    def drop_parked(self, tenant_id: str, conversation_id: str) -> bool:
+        row = self._one("DELETE FROM pending WHERE tenant_id = ? AND conversation_id = ? AND parked_at IS NOT NULL"
+                        " RETURNING 1", (tenant_id, conversation_id))
+        return row is not None
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: what the block wrote is undone if it raises, the rest stays."""
+        name = f"sp_{next(_SAVEPOINTS)}"
+        self._execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self._execute(f"ROLLBACK TO SAVEPOINT {name}")
+            self._execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        self._execute(f"RELEASE SAVEPOINT {name}")
 
     def clear_pending(self, tenant_id: str, conversation_id: str) -> None:
         self._execute("DELETE FROM pending WHERE tenant_id=? AND conversation_id=?", (tenant_id, conversation_id))
@@ -288,4 +327,5 @@ class SqlState:
 
     def counts(self) -> dict[str, int]:
         return {t: self._one(f"SELECT count(*) FROM {t}")[0]
-                for t in ("conversations", "messages", "fragments", "pending", "tombstones")}
+                for t in ("conversations", "messages", "fragments", "pending", "tombstones")} | {
+            "parked": self._one("SELECT count(*) FROM pending WHERE parked_at IS NOT NULL")[0]}

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, tenant_id TEXT NOT NU
 ADDED_COLUMNS = {
     "messages": {"version": "REAL NOT NULL DEFAULT 0", "image_vector": "BLOB", "event_id": "TEXT"},
     "conversations": {"participants_version": "REAL", "participants_event": "TEXT", "erased_before": "REAL"},
+    "pending": {"attempts": "INTEGER NOT NULL DEFAULT 0", "last_error": "TEXT", "parked_at": "REAL"},
 }
 #: How long a writer retries ``BEGIN IMMEDIATE`` after SQLite's own busy timeout gave up.
 WRITE_WAIT_S = 300.0

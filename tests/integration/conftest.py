@@ -37,6 +37,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
 @pytest.fixture
 def stack(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_VISIBILITY_TIMEOUT", TEST_VISIBILITY_TIMEOUT)
+    monkeypatch.setenv("TESSERA_SWEEP_S", "2")
     s = Stack(tmp_path / "stack-data")
     s.started = False
 

@@ -231,3 +231,17 @@ def test_deep_queues_pause_the_consumer_which_stays_in_its_group(stack, demo_eve
     wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "indexing after resume")
     assert "resumed" in (stack.dir / "logs" / "consumer.log").read_text()
     wait_until(lambda: committed(MESSAGES) == len(demo_events), 60, "all offsets committed")
+
+
+def test_a_pending_mark_that_no_task_covers_is_swept(stack, embedder):
+    """A worker died after saving the state and before queuing ``embed``: the sweep finds the mark."""
+    from tests.conftest import dialogue
+
+    stack.start()
+    engine = open_stack_engine(stack, embedder)
+    try:
+        engine.apply(dialogue("orphan"))
+    finally:
+        engine.close()
+    assert index_progress(stack.data_dir)["pending"] == 1
+    wait_until(lambda: indexed(stack.data_dir, len(dialogue("orphan"))), 120, "the orphaned mark indexed")
