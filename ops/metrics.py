@@ -192,8 +192,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(port: int, health=lambda: True, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Serve ``/metrics`` and ``/healthz`` from a daemon thread."""
+def serve(port: int, health=lambda: True, host: str | None = None) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` from a daemon thread, on ``TESSERA_METRICS_HOST`` (loopback by default)."""
+    import os
+
+    host = host or os.environ.get("TESSERA_METRICS_HOST", "127.0.0.1")
     record_build()
     handler = type("Handler", (_Handler,), {"health": staticmethod(health)})
     server = ThreadingHTTPServer((host, port), handler)

@@ -39,6 +39,7 @@ ENVIRONMENT = {
     " the reasoning worker (queue reason) loads it; tessera query in-process too",
     "TESSERA_VLM_DEVICE": "device of the VLM (default cuda when available, else cpu)",
     "TESSERA_VLM_BATCH": "candidate fragments per VLM forward pass (default 10, chosen by ops.bench_reasoning)",
+    "TESSERA_METRICS_HOST": "address /metrics and /healthz bind to (default 127.0.0.1; 0.0.0.0 in containers)",
     "TESSERA_METRICS_PORT": "port of /metrics and /healthz of a long-running process (consumer, worker)",
     "PROMETHEUS_MULTIPROC_DIR": "where Celery prefork children write their metrics (set by tessera stack)",
     "TESSERA_REDIS_URL": "Celery broker and result backend (default redis://127.0.0.1:6379/0)",

@@ -11,7 +11,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "ops" / "deploy"
 SETTING = re.compile(r"\b((?:TESSERA|PROMETHEUS)_[A-Z_]+)\b")
 #: What every deployment must set: where the services are.
 CORE = {"TESSERA_KAFKA_BOOTSTRAP", "TESSERA_REDIS_URL", "TESSERA_STATE_URL", "TESSERA_QDRANT_URL",
-        "TESSERA_ES_URL", "TESSERA_METRICS_PORT"}
+        "TESSERA_ES_URL", "TESSERA_METRICS_HOST", "TESSERA_METRICS_PORT"}
 
 
 def test_files_parse():

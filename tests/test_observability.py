@@ -52,3 +52,21 @@ def test_metric_names_follow_prometheus_conventions():
             full = family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
             assert full.endswith(units), full
             assert family.documentation
+
+
+def test_metrics_bind_where_the_deployment_says(monkeypatch):
+    """In a container the probes and Prometheus come from outside: 127.0.0.1 would reach nothing."""
+    import urllib.request
+
+    from ops.metrics import serve
+    from ops.stack import free_port
+
+    monkeypatch.setenv("TESSERA_METRICS_HOST", "0.0.0.0")
+    port = free_port()
+    server = serve(port)
+    try:
+        assert server.server_address[0] == "0.0.0.0"
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
