@@ -1,14 +1,15 @@
 """Fetching and decoding message images under explicit limits.
 
 Images arrive as URIs inside events the platform sends, so every one is hostile until proven
-otherwise: ``file`` URIs only under configured roots, ``http(s)`` only to public addresses (no
-loopback, private, link-local, multicast or reserved address, so no cloud metadata endpoint) unless
-the host is allowlisted, the connection pinned to the vetted address and no redirects, ``s3`` only
-through a configured endpoint, ``data`` capped before it is decoded. Bytes are capped while they are
-read; Pillow opens only allowlisted formats (never EPS, which would run Ghostscript), the pixel count
+otherwise: ``file`` URIs only under configured roots, ``http(s)`` only to globally routable addresses
+(an allow list: no loopback, private, shared, link-local or reserved range, so no cloud metadata
+endpoint) unless the host is allowlisted, the connection pinned to the vetted address and no
+redirects, ``s3`` only through a configured endpoint, ``data`` capped before it is decoded. Bytes are
+capped while they are read, under a total deadline that grows only at a minimum transfer rate; Pillow opens only allowlisted formats (never EPS, which would run Ghostscript), the pixel count
 and sides are checked from the header before decoding, the decompression-bomb warning is an error,
 and the image is decoded fully inside the guard, so a truncated file fails here and not later.
-Every refusal is an ``ImageError`` with a stable code.
+Every refusal is an ``ImageError`` with a stable code and a coarse message; the detail (host, port,
+address) goes to the log only, so a user cannot probe the internal network through error texts.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import contextlib
 import http.client
 import io
 import ipaddress
+import logging
 import os
 import socket
 import ssl
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,11 @@ from urllib.parse import unquote, urlsplit
 #: Codes of ``ImageError``; metrics and logs use them as they are.
 CODES = ("scheme_refused", "address_refused", "fetch_failed", "too_large", "format_refused", "decompression_bomb",
          "truncated", "undecodable", "dimensions")
+
+
+log = logging.getLogger("tessera.images")
+#: Slowest transfer an image fetch tolerates, bytes per second, on top of ``timeout_s``.
+MIN_RATE = 256 * 1024
 
 
 class ImageError(Exception):
@@ -116,55 +124,90 @@ def _file(uri: str, policy: ImagePolicy) -> bytes:
     return raw
 
 
+#: Ranges Python's ``is_global`` still calls global on some versions, but no image host lives in:
+#: IETF protocol assignments (192.0.0.0/24) and shared address space of carrier NAT and cloud
+#: metadata services (100.64.0.0/10).
+_NOT_PUBLIC = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("100.64.0.0/10"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def refused_address(address: str) -> str | None:
-    """Why an address may not be fetched (None: a public address)."""
+    """Why an address may not be fetched (None: a globally routable address). An allow list, not a deny list."""
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    for attribute in ("is_loopback", "is_private", "is_link_local", "is_multicast", "is_reserved", "is_unspecified"):
-        if getattr(ip, attribute):
-            return f"{address} is {attribute[3:].replace('_', '-')}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip in _NAT64:
+        # NAT64 reaches the IPv4 address in the low 32 bits: judge that one.
+        ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.is_multicast or not ip.is_global or any(ip in net for net in _NOT_PUBLIC if net.version == ip.version):
+        return f"{address} is not a globally routable address"
     return None
+
+
+def _refuse(code: str, user_message: str, detail: str) -> ImageError:
+    """The user learns the code and a coarse message; hosts, ports and addresses go to the log only."""
+    log.info("image refused (%s): %s", code, detail)
+    return ImageError(code, user_message)
 
 
 def _http(uri: str, policy: ImagePolicy) -> bytes:
     parts = urlsplit(uri)
     host = (parts.hostname or "").lower()
     if not host:
-        raise ImageError("fetch_failed", "URI has no host")
+        raise ImageError("fetch_failed", "the image URI has no host")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ImageError("fetch_failed", f"cannot resolve {host}: {exc}") from None
+        raise _refuse("fetch_failed", "the image could not be fetched", f"cannot resolve {host}: {exc}") from None
     addresses = [info[4][0] for info in infos]
     if host not in policy.allow_hosts:
         for address in addresses:
             why = refused_address(address)
             if why:
-                raise ImageError("address_refused", f"{host}: {why}")
+                raise _refuse("address_refused", "the image's address may not be fetched", f"{host}: {why}")
     # Connect to the address just vetted, not to a fresh lookup (DNS rebinding).
     target = addresses[0]
+    started = time.monotonic()
     try:
         connection = _PinnedConnection(parts.scheme, host, target, port, policy.timeout_s)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection.request("GET", path, headers={"Host": parts.netloc, "User-Agent": "tessera-image-fetch"})
         response = connection.getresponse()
         if response.status != 200:
-            raise ImageError("fetch_failed", f"{host} answered {response.status} (redirects are not followed)")
+            raise _refuse("fetch_failed", "the image could not be fetched",
+                          f"{host} answered {response.status} (redirects are not followed)")
         length = response.getheader("Content-Length")
         if length and length.isdigit() and int(length) > policy.max_bytes:
-            raise ImageError("too_large", f"{host} announces {length} bytes")
-        raw = response.read(policy.max_bytes + 1)
+            raise _refuse("too_large", "the image is too large", f"{host} announces {length} bytes")
+        raw = _read_within(response, connection, policy, started)
         connection.close()
     except ImageError:
         raise
     except (OSError, http.client.HTTPException) as exc:
-        code = "fetch_failed"
-        raise ImageError(code, f"cannot fetch from {host}: {exc}") from None
+        raise _refuse("fetch_failed", "the image could not be fetched", f"{host}:{port}: {exc}") from None
     if len(raw) > policy.max_bytes:
-        raise ImageError("too_large", f"{host} sent over {policy.max_bytes} bytes")
+        raise _refuse("too_large", "the image is too large", f"{host} sent over {policy.max_bytes} bytes")
     return raw
+
+
+def _read_within(response, connection, policy: ImagePolicy, started: float) -> bytes:
+    """Read the body under a total deadline that grows only at ``MIN_RATE``: a server that trickles
+    bytes (each read in time, the whole never) is cut off, a large image on a good link is not."""
+    chunks, received = [], 0
+    while received <= policy.max_bytes:
+        left = started + policy.timeout_s + received / MIN_RATE - time.monotonic()
+        if left <= 0:
+            raise _refuse("fetch_failed", "the image could not be fetched",
+                          f"under {MIN_RATE} bytes/s after {received} bytes")
+        if connection.sock is not None:
+            connection.sock.settimeout(min(left, policy.timeout_s))
+        chunk = response.read1(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        received += len(chunk)
+    return b"".join(chunks)
 
 
 class _PinnedConnection(http.client.HTTPConnection):

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from indexer.images import ImageError, ImagePolicy, decode, fetch, load, refused_address
+from ops.stack import free_port
 
 
 def png(width=8, height=8, colour=(200, 30, 30)) -> bytes:
@@ -86,6 +87,8 @@ def test_broken_exif_loses_only_the_orientation():
     ("127.0.0.1", True), ("10.1.2.3", True), ("192.168.0.10", True), ("172.16.5.4", True),
     ("169.254.169.254", True), ("::1", True), ("::ffff:127.0.0.1", True), ("fd00:ec2::254", True),
     ("fe80::1", True), ("0.0.0.0", True), ("224.0.0.1", True), ("8.8.8.8", False), ("2606:4700::1111", False),
+    ("100.100.100.200", True), ("100.64.0.1", True), ("192.0.0.192", True), ("198.18.0.1", True),
+    ("64:ff9b::a9fe:a9fe", True),
 ])
 def test_address_classes(address, refused):
     assert bool(refused_address(address)) is refused
@@ -113,6 +116,17 @@ def server():
         def do_GET(self):
             if self.path == "/slow":
                 time.sleep(2)
+            if self.path == "/trickle":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for byte in body:
+                    # One byte every 0.2 s: never idle long enough for a per-read timeout to fire.
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                return
             if self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
@@ -162,3 +176,24 @@ def test_policy_from_the_environment(tmp_path):
     assert policy.allow_hosts == {"media.internal", "10.0.0.5"} and policy.max_bytes == 1000
     assert policy.s3_endpoint == "http://minio:9000"
     assert ImagePolicy.from_env({}).file_roots == ()
+
+
+def test_a_trickling_server_cannot_hold_a_fetch_past_its_deadline(server):
+    allowed = ImagePolicy(timeout_s=0.8, allow_hosts=frozenset({"127.0.0.1"}))
+    started = time.monotonic()
+    assert code_of(lambda: fetch(f"http://127.0.0.1:{server}/trickle", allowed)) == "fetch_failed"
+    assert time.monotonic() - started < 2.0
+
+
+def test_refusals_tell_the_user_no_internal_detail(server):
+    allowed = ImagePolicy(timeout_s=0.5, allow_hosts=frozenset({"127.0.0.1"}))
+    closed = f"http://127.0.0.1:{free_port()}/a.png"
+    for uri in (closed, f"http://127.0.0.1:{server}/redirect", "http://10.0.0.5/a.png"):
+        try:
+            fetch(uri, allowed if "10.0.0.5" not in uri else POLICY)
+        except ImageError as exc:
+            text = str(exc)
+            assert "127.0.0.1" not in text and "10.0.0.5" not in text and "refused" not in text.lower().replace(
+                "address_refused", ""), text
+        else:
+            raise AssertionError(f"{uri} was fetched")
