@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 
 from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq, group_of
@@ -224,14 +225,27 @@ class TesseraConsumer:
                 if position is not None and tp in ends:
                     CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, ends[tp] - position))
         if self.redis is not None:
-            for queue in QUEUES:
-                QUEUE_DEPTH.labels(queue).set(self.redis.llen(queue))
+            depths = self._queue_depths(QUEUES)
+            for queue, depth in (depths or {}).items():
+                QUEUE_DEPTH.labels(queue).set(depth)
         CONSUMER_PAUSED.labels(self.topic).set(1 if self.stats.paused else 0)
+
+    def _queue_depths(self, queues) -> dict[str, int] | None:
+        """Celery queue lengths, or None while Redis is unreachable: gauges and backpressure wait for it,
+        the consumer thread does not die of it (publishing waits out the outage on its own)."""
+        try:
+            return {q: self.redis.llen(q) for q in queues}
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("queue depths unavailable (Redis: %s); backpressure keeps its last decision", exc)
+            return None
 
     def _backpressure(self) -> None:
         if self.redis is None or self.topic != MESSAGES:
             return
-        depth = sum(self.redis.llen(q) for q in ("ingest", "embed"))
+        depths = self._queue_depths(("ingest", "embed"))
+        if depths is None:
+            return
+        depth = sum(depths.values())
         partitions = list(self.consumer.assignment())
         if not self.stats.paused and depth > PAUSE_ABOVE and partitions:
             self.consumer.pause(*partitions)

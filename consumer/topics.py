@@ -19,5 +19,10 @@ def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
 
+#: Where every process looks for Kafka when ``TESSERA_KAFKA_BOOTSTRAP`` is unset: one default for the
+#: consumer that reads jobs and the worker that publishes their results.
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
 def bootstrap() -> str:
-    return os.environ.get("TESSERA_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    return os.environ.get("TESSERA_KAFKA_BOOTSTRAP", DEFAULT_BOOTSTRAP)

@@ -324,9 +324,18 @@ def cmd_consume(args) -> int:
                  for name in args.topics.split(",")]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: [c.stop() for c in consumers])
-    stats = {}
-    threads = [threading.Thread(target=lambda c=c: stats.__setitem__(c.topic, c.run().__dict__), name=c.topic)
-               for c in consumers]
+    stats, failed = {}, []
+
+    def run(consumer) -> None:
+        try:
+            stats[consumer.topic] = consumer.run().__dict__
+        except BaseException:
+            logging.getLogger("tessera.consumer").exception("consumer of %s died", consumer.topic)
+            failed.append(consumer.topic)
+            for other in consumers:
+                other.stop()
+
+    threads = [threading.Thread(target=run, args=(c,), name=c.topic) for c in consumers]
     for t in threads:
         t.start()
     if os.environ.get("TESSERA_METRICS_PORT"):
@@ -337,7 +346,8 @@ def cmd_consume(args) -> int:
         for t in threads:
             t.join(0.5)
     print(json.dumps(stats), file=sys.stderr)
-    return 0
+    # A consumer that died takes the process down with it, so a supervisor restarts it.
+    return 1 if failed else 0
 
 
 def cmd_worker(args) -> int:

@@ -246,6 +246,8 @@ class Stack:
             pid = pids.get(name)
             if pid and _alive(pid):
                 _terminate(pid)
+        # Stopped: these pids may be reused by the system, so no later command may signal them.
+        self.state_file.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -81,3 +81,18 @@ def test_dead_letters_lists_replays_and_drops_parked_conversations(tmp_path):
     assert proc.returncode == 0 and "t1/c1: indexed" in proc.stderr
     assert run(tmp_path, "dead-letters", "drop", "--tenant", "t1", "--conversation", "c2").returncode == 0
     assert run(tmp_path, "dead-letters", "list").stdout == ""
+
+
+def test_stack_down_forgets_the_pids_it_stopped(tmp_path):
+    """A later ``down`` must not signal pids the system may have given to other processes since."""
+    from ops.stack import Stack
+
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    stack = Stack(tmp_path / "data")
+    stack.dir.mkdir(parents=True)
+    stack.state_file.write_text(json.dumps({"redis_port": 1, "kafka_port": 2, "pids": {"redis": sleeper.pid}}))
+    assert stack.status()["running"]
+    stack.down()
+    sleeper.wait(timeout=30)
+    assert not stack.state_file.exists()
+    assert stack.status() == {"running": False, "processes": {}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 _producer = None
@@ -10,11 +9,9 @@ _lock = threading.Lock()
 
 
 def publish(job_id: str, value: str) -> None:
-    """Send and wait for the broker's acknowledgement; without a configured broker, do nothing
-    (the result stays readable by job id in the result backend)."""
+    """Send and wait for the broker's acknowledgement; a broker that cannot be reached fails the task
+    (retried, then dead-lettered with the job), so a result is never dropped in silence."""
     global _producer
-    if not os.environ.get("TESSERA_KAFKA_BOOTSTRAP"):
-        return
     from consumer.topics import RESULTS, bootstrap
 
     with _lock:

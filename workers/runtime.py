@@ -18,6 +18,7 @@ import time
 import psycopg
 import redis
 from celery import Task
+from kafka.errors import KafkaTimeoutError, NoBrokersAvailable
 
 from workers.app import redis_url
 
@@ -146,7 +147,8 @@ class TesseraTask(Task):
     backoff; one that still fails is dead-lettered with its arguments, never dropped.
     """
 
-    autoretry_for = (sqlite3.OperationalError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
+    autoretry_for = (sqlite3.OperationalError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError,
+                     KafkaTimeoutError, NoBrokersAvailable)
     retry_backoff = 1
     retry_backoff_max = 60
     max_retries = 8

@@ -114,3 +114,18 @@ def test_a_fleet_with_shared_state_and_a_worker_wiped_mid_ingest(stack, demo_eve
     finally:
         fleet.close()
         reference.close()
+
+
+def test_the_consumer_rides_out_a_redis_outage(stack, demo_events):
+    """Redis gone for a few seconds while the consumer idles: it keeps its thread, and later events flow."""
+    import time
+
+    stack.start()
+    ensure_topics()
+    time.sleep(6)
+    stack.kill("redis", signal.SIGKILL)
+    time.sleep(4)
+    stack.restart_service("redis")
+    assert stack.status()["processes"]["consumer"], "the consumer process is still up"
+    produce(demo_events)
+    wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "events after the outage indexed")
