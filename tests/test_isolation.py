@@ -90,7 +90,7 @@ def state_backend(request):
     return request.param
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history=st.lists(event, min_size=3, max_size=30),
        asks=st.lists(st.tuples(st.sampled_from(TENANTS), st.sampled_from(USERS), st.sampled_from(WORDS)),
                      min_size=3, max_size=6),
@@ -101,8 +101,6 @@ def test_any_delivery_order_gives_the_log_order_state_and_no_leak(tmp_path, embe
 
     example = next(_EXAMPLES)
     events = _events(history)
-    COVERED["histories"] += 1
-    COVERED["events"] += len(events)
 
     def engine_on(name: str, state_url: str | None):
         return open_engine(Settings(data_dir=tmp_path / f"{name}-{example}", vector_store="sqlite",
@@ -153,3 +151,5 @@ def test_any_delivery_order_gives_the_log_order_state_and_no_leak(tmp_path, embe
             assert result.fragments, f"{user} of {tenant} may see {visible} with {word!r} but got nothing"
     for engine in [reference, *workers]:
         engine.close()
+    COVERED["histories"] += 1
+    COVERED["events"] += len(events)
