@@ -18,7 +18,7 @@ import time
 import psycopg
 import redis
 from celery import Task
-from kafka.errors import KafkaTimeoutError, NoBrokersAvailable
+from kafka.errors import KafkaTimeoutError
 
 from workers.app import redis_url
 
@@ -148,7 +148,7 @@ class TesseraTask(Task):
     """
 
     autoretry_for = (sqlite3.OperationalError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError,
-                     KafkaTimeoutError, NoBrokersAvailable)
+                     KafkaTimeoutError)
     retry_backoff = 1
     retry_backoff_max = 60
     max_retries = 8
