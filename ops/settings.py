@@ -47,7 +47,8 @@ ENVIRONMENT = {
     "TESSERA_CONSUMER_MAX_POLL": "records per partition and poll, so per ingest task (default 256)",
     "TESSERA_PAUSE_ABOVE": "queued ingest+embed tasks above which the consumer pauses its partitions (default 200)",
     "TESSERA_RESUME_BELOW": "queued tasks below which it resumes them (default 50)",
-    "TESSERA_VISIBILITY_TIMEOUT": "seconds before an unacknowledged task is redelivered (default 3600)",
+    "TESSERA_VISIBILITY_TIMEOUT": "seconds before a dead worker's unacknowledged task is redelivered (default 300); tasks are"
+    " stopped at 90% of it (soft limit 80%), so none runs twice at once",
     "TESSERA_SWEEP_S": "seconds between an embed worker's looks for pending marks no queued task covers (default 30)",
     "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
 }

@@ -96,3 +96,14 @@ def test_stack_down_forgets_the_pids_it_stopped(tmp_path):
     sleeper.wait(timeout=30)
     assert not stack.state_file.exists()
     assert stack.status() == {"running": False, "processes": {}}
+
+
+def test_a_dead_workers_tasks_come_back_within_minutes_and_never_run_twice_at_once():
+    """Redelivery waits for the visibility timeout; every task is killed before it, so a task still
+    running is never handed to a second worker."""
+    from workers.app import VISIBILITY_TIMEOUT_S, app
+
+    if "TESSERA_VISIBILITY_TIMEOUT" in os.environ:
+        return
+    assert VISIBILITY_TIMEOUT_S <= 300
+    assert app.conf.task_soft_time_limit < app.conf.task_time_limit < VISIBILITY_TIMEOUT_S

@@ -14,9 +14,13 @@ def redis_url() -> str:
     return os.environ.get("TESSERA_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-#: Seconds an unacknowledged task stays invisible before Redis hands it to another worker; above the
-#: longest task (an embed batch takes seconds, a VLM rerank well under a minute).
-VISIBILITY_TIMEOUT_S = int(os.environ.get("TESSERA_VISIBILITY_TIMEOUT", "3600"))
+#: Seconds an unacknowledged task stays invisible before Redis hands it to another worker: how long a
+#: dead worker's tasks wait. Every task is bounded well below it (an embed batch takes seconds, a VLM
+#: rerank well under a minute): the soft limit fails it, the hard limit kills it, so a task that is
+#: still running is never handed to a second worker.
+VISIBILITY_TIMEOUT_S = int(os.environ.get("TESSERA_VISIBILITY_TIMEOUT", "300"))
+TASK_TIME_LIMIT_S = max(1, VISIBILITY_TIMEOUT_S - max(1, VISIBILITY_TIMEOUT_S // 10))
+TASK_SOFT_TIME_LIMIT_S = max(1, TASK_TIME_LIMIT_S - max(1, VISIBILITY_TIMEOUT_S // 10))
 
 #: Publishing a task waits out a Redis restart instead of failing: a lost publish would lose events.
 PUBLISH_RETRY = {"max_retries": None, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
@@ -28,6 +32,10 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     broker_connection_retry_on_startup=True,
+    task_time_limit=TASK_TIME_LIMIT_S,
+    task_soft_time_limit=TASK_SOFT_TIME_LIMIT_S,
+    # A child loads the engine (encoder, stores) before it takes a task, so the limits count work only.
+    worker_proc_alive_timeout=300,
     task_queues=[Queue(name) for name in QUEUES],
     task_default_queue="ingest",
     task_routes={
@@ -64,6 +72,28 @@ def _serve_metrics(**_) -> None:
 
 
 _heartbeat_stop = None
+
+
+def _served_queues(argv: list[str]) -> set[str]:
+    """The queues of this worker from its command line (``-Q a,b``): a forked child has no other record."""
+    for flag in ("-Q", "--queues"):
+        if flag in argv[:-1]:
+            return set(argv[argv.index(flag) + 1].split(","))
+    return set(QUEUES)
+
+
+@signals.worker_process_init.connect
+def _load_engine(**_) -> None:
+    """A CPU worker's child loads its engine before its first task, not inside it (time limits)."""
+    import sys
+
+    if _served_queues(sys.argv) & {"ingest", "embed", "query"}:
+        from workers.runtime import engine, log
+
+        try:
+            engine()
+        except Exception:
+            log.exception("the engine did not load at start; the first task tries again")
 
 
 @signals.worker_ready.connect

@@ -21,7 +21,7 @@ from ops.stack import Stack
 
 #: Seconds before Redis hands an unacknowledged task to another worker, short so that tests see a
 #: killed worker's task come back quickly.
-TEST_VISIBILITY_TIMEOUT = "5"
+TEST_VISIBILITY_TIMEOUT = "30"
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
