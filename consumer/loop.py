@@ -87,6 +87,7 @@ class TesseraConsumer:
         self._done: dict[TopicPartition, int] = {}
         self._stop = threading.Event()
         self._gauges_at = 0.0
+        self.polled_at = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -101,6 +102,7 @@ class TesseraConsumer:
                 self._measure()
                 self._backpressure()
                 batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+                self.polled_at = time.monotonic()
                 for tp, records in batches.items():
                     self._handle(tp, records)
                 if batches:
@@ -110,6 +112,14 @@ class TesseraConsumer:
             self.consumer.close(autocommit=False)
             self.producer.close()
         return self.stats
+
+    def healthy(self, stall_s: float) -> bool:
+        """Polling goes on (no call stuck for ``stall_s``) and the group coordinator hears from us: a
+        consumer cut off from the broker polls empty batches quickly, but stops heartbeating."""
+        if time.monotonic() - self.polled_at > stall_s:
+            return False
+        heartbeat = self.consumer.metrics().get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago")
+        return heartbeat is None or heartbeat < stall_s
 
     def commit(self) -> None:
         if not self._done:

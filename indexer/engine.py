@@ -20,6 +20,7 @@ import numpy as np
 from indexer import ids, timeparse
 from indexer.clarify import CONSIDER, SpanView, answered_clarification, clarify
 from indexer.embedder import Embedder
+from indexer.errors import is_transient
 from indexer.images import ImageError
 from indexer.rewrite import Rewriter, RuleRewriter
 from indexer.search import HybridSearcher, SearchConfig, Span
@@ -39,16 +40,8 @@ QUERY_CACHE_SIZE = 1024
 REASON_CANDIDATES = 20
 #: Failed indexing attempts after which a conversation is parked instead of being picked first again.
 MAX_INDEX_ATTEMPTS = 5
-#: Exception names of unreachable or overloaded backends (psycopg, sqlite3, elasticsearch, qdrant):
-#: the task retries as a whole, no conversation is blamed.
-TRANSIENT_ERRORS = {"OperationalError", "ConnectionTimeout", "ConnectionError", "TransportError",
-                    "ResponseHandlingException", "ServiceUnavailable", "PoolTimeout"}
 
 log = logging.getLogger("tessera.engine")
-
-
-def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in TRANSIENT_ERRORS
 
 
 class Reasoner(Protocol):
@@ -674,7 +667,7 @@ class Tessera:
 
     def _result_fragment(self, span: Span, record: FragmentRecord, turns: dict[str, Turn]) -> ResultFragment:
         ordered = [turns[m] for m in span.message_ids if m in turns]
-        images = [ResultImage(message_id=t.message_id, uri=i.uri, caption=i.caption) for t in ordered for i in t.images]
+        images = [ResultImage.of(t.message_id, n, i.uri, i.caption) for t in ordered for n, i in enumerate(t.images)]
         return ResultFragment(
             fragment_id=span.fragment_id, conversation_id=span.conversation_id, message_ids=span.message_ids,
             context_message_ids=list(record.message_ids), start_at=record.start_at, end_at=record.end_at,

@@ -328,7 +328,7 @@ def result_fragment(candidate: ReasonCandidate, chosen: Sequence, score: float) 
         message_ids=[t.message_id for t in chosen], context_message_ids=[t.message_id for t in candidate.turns],
         start_at=candidate.start_at, end_at=candidate.end_at, score=round(score, 6),
         snippet=snippet(" ".join(render_turn(_turn(t)) for t in chosen)),
-        images=[ResultImage(message_id=t.message_id, uri=i.uri, caption=i.caption) for t in chosen for i in t.images])
+        images=[ResultImage.of(t.message_id, n, i.uri, i.caption) for t in chosen for n, i in enumerate(t.images)])
 
 
 def _result(request: ReasonRequest, fragments: list[ResultFragment], by: str, start: float) -> Result:

@@ -341,7 +341,9 @@ def cmd_consume(args) -> int:
     if os.environ.get("TESSERA_METRICS_PORT"):
         from ops.metrics import serve
 
-        serve(int(os.environ["TESSERA_METRICS_PORT"]), health=lambda: all(t.is_alive() for t in threads))
+        stall_s = float(os.environ.get("TESSERA_HEALTH_STALL_S", "60"))
+        serve(int(os.environ["TESSERA_METRICS_PORT"]),
+              health=lambda: all(t.is_alive() for t in threads) and all(c.healthy(stall_s) for c in consumers))
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(0.5)
@@ -386,7 +388,8 @@ def cmd_stack(args) -> int:
     else:
         status = stack.status()
         print(json.dumps(status, indent=2))
-        return 0 if status["running"] else 3
+        # Like service managers: 3 when nothing runs, 1 when a process is dead or unhealthy.
+        return 3 if not status["running"] else 0 if status["healthy"] else 1
     return 0
 
 

@@ -49,6 +49,8 @@ ENVIRONMENT = {
     "TESSERA_RESUME_BELOW": "queued tasks below which it resumes them (default 50)",
     "TESSERA_VISIBILITY_TIMEOUT": "seconds before a dead worker's unacknowledged task is redelivered (default 300); tasks are"
     " stopped at 90% of it (soft limit 80%), so none runs twice at once",
+    "TESSERA_HEALTH_STALL_S": "seconds without a poll or a group heartbeat after which the consumer's /healthz "
+                              "answers 503 (default 60)",
     "TESSERA_SWEEP_S": "seconds between an embed worker's looks for pending marks no queued task covers (default 30)",
     "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
 }

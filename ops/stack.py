@@ -233,9 +233,15 @@ class Stack:
         _signal_and_wait(self.load()["pids"][name], sig)
 
     def status(self) -> dict:
+        """Which processes run, and what each one's ``/healthz`` says (``health``: healthy, unhealthy,
+        dead, or running for those without a health endpoint)."""
         info = self.load()
+        ports = info.get("metrics_ports", {})
         alive = {name: _alive(pid) for name, pid in info.get("pids", {}).items()}
-        return {"running": any(alive.values()), "processes": alive, **{k: v for k, v in info.items() if k != "pids"}}
+        health = {name: ("dead" if not up else _health(ports[name]) if name in ports else "running")
+                  for name, up in alive.items()}
+        return {"running": any(alive.values()), "healthy": all(h in ("healthy", "running") for h in health.values()),
+                "processes": alive, "health": health, **{k: v for k, v in info.items() if k != "pids"}}
 
     def down(self) -> None:
         """Stop the consumer first (it commits), then the workers, then the broker and Redis."""
@@ -248,6 +254,19 @@ class Stack:
                 _terminate(pid)
         # Stopped: these pids may be reused by the system, so no later command may signal them.
         self.state_file.unlink(missing_ok=True)
+
+
+def _health(port: int) -> str:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return "healthy" if response.status == 200 else "unhealthy"
+    except urllib.error.HTTPError:
+        return "unhealthy"
+    except OSError:
+        return "unhealthy"
 
 
 def _alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -24,6 +25,11 @@ MAX_HISTORY_TURNS = 20
 MAX_IMAGES = 16
 MAX_PARTICIPANTS = 1_000
 MAX_TOP_K = 100
+#: Largest serialised result: under the Kafka producer's 1 MiB ``max_request_size`` with room for
+#: the record's key and headers (``Result.capped``).
+MAX_RESULT_BYTES = 900_000
+#: Image URIs longer than this (and every ``data:`` URI) travel in results by reference.
+MAX_RESULT_URI_CHARS = 2_048
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+\-]{0,199}$"
 Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="opaque identifier, 1-200 characters")]
@@ -140,8 +146,19 @@ class QueryJob(_Record):
 
 class ResultImage(_Record):
     message_id: str
+    #: The image's own URI, or for inline (``data:``) and overlong URIs a reference
+    #: ``tessera://messages/<message_id>/images/<index>``: the platform holds the bytes already.
     uri: str
     caption: str | None = None
+    #: Position of the image in its message's ``images`` (additive to v1).
+    index: int | None = None
+
+    @classmethod
+    def of(cls, message_id: str, index: int, uri: str, caption: str | None) -> "ResultImage":
+        """A result image that never carries the image's bytes: results stay small whatever was sent."""
+        if uri[:5].lower() == "data:" or len(uri) > MAX_RESULT_URI_CHARS:
+            uri = f"tessera://messages/{quote(message_id, safe='')}/images/{index}"
+        return cls(message_id=message_id, uri=uri, caption=caption, index=index)
 
 
 class ResultFragment(_Record):
@@ -177,11 +194,31 @@ class Result(_Record):
     clarifying_question: ClarifyingQuestion | None = None
     error: ResultError | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    #: True when the lowest-ranked fragments were left out to keep the result under
+    #: ``MAX_RESULT_BYTES`` (additive to v1).
+    truncated: bool = False
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+    def capped(self, max_bytes: int = MAX_RESULT_BYTES) -> "Result":
+        """This result, or the longest prefix of its fragments that fits ``max_bytes`` (``truncated``);
+        an ``error`` result (``result_too_large``) when not even the first fragment fits."""
+        if len(self.to_json().encode()) <= max_bytes:
+            return self
+        empty = len(self.model_copy(update={"fragments": [], "truncated": True}).to_json().encode())
+        budget, keep = max_bytes - empty, 0
+        for fragment in self.fragments:
+            budget -= len(fragment.model_dump_json(by_alias=True).encode()) + 1
+            if budget < 0:
+                break
+            keep += 1
+        if keep == 0:
+            return Result(job_id=self.job_id, status="error", error=ResultError(
+                code="result_too_large", message=f"the best fragment alone exceeds {max_bytes} bytes"))
+        return self.model_copy(update={"fragments": self.fragments[:keep], "truncated": True})
 
 
 class CandidateImage(_Record):

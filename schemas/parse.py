@@ -23,6 +23,10 @@ class SchemaError(ValueError):
         self.field = field
         self.detail = message
 
+    def __reduce__(self):
+        """Pickles with its code and field (Celery hands a task's error to ``on_failure`` that way)."""
+        return SchemaError, (self.code, self.detail, self.field)
+
 
 def loads(raw: bytes | str) -> dict[str, Any]:
     if isinstance(raw, bytes):

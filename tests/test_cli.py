@@ -95,7 +95,7 @@ def test_stack_down_forgets_the_pids_it_stopped(tmp_path):
     stack.down()
     sleeper.wait(timeout=30)
     assert not stack.state_file.exists()
-    assert stack.status() == {"running": False, "processes": {}}
+    assert stack.status() == {"running": False, "healthy": True, "processes": {}, "health": {}}
 
 
 def test_a_dead_workers_tasks_come_back_within_minutes_and_never_run_twice_at_once():

@@ -67,8 +67,9 @@ def _serve_metrics(**_) -> None:
     port = os.environ.get("TESSERA_METRICS_PORT")
     if port:
         from ops.metrics import serve
+        from workers.runtime import healthy
 
-        serve(int(port))
+        serve(int(port), health=healthy)
 
 
 _heartbeat_stop = None
@@ -98,17 +99,28 @@ def _load_engine(**_) -> None:
 
 @signals.worker_ready.connect
 def _announce_reasoner(sender=None, **_) -> None:
-    """A worker consuming ``reason`` with a VLM configured tells the query workers it is up."""
+    """A worker consuming ``reason`` loads its VLM, then tells the query workers it is up.
+
+    Only a model that loaded is announced: a worker whose model fails to load logs why and stays
+    silent, so ``auto`` jobs keep the CPU spans instead of waiting on a stage that cannot answer.
+    The reason worker runs ``--pool solo`` (CUDA does not survive fork): this process runs its tasks.
+    """
     global _heartbeat_stop
     queues = getattr(getattr(getattr(sender, "app", app), "amqp", None), "queues", None)
     consumed = set(getattr(queues, "consume_from", None) or ())
-    model = os.environ.get("TESSERA_VLM_MODEL")
-    if "reason" not in consumed or not model or not os.path.exists(os.path.join(model, "config.json")):
+    if "reason" not in consumed or not os.environ.get("TESSERA_VLM_MODEL"):
         return
     import threading
 
-    from workers.runtime import heartbeat
+    from workers import runtime
+    from workers.runtime import heartbeat, log, reasoner
 
+    try:
+        reasoner()
+    except Exception:
+        log.exception("the VLM did not load; this worker does not announce itself (auto jobs stay on the CPU)")
+        runtime.vlm_failed = True
+        return
     _heartbeat_stop = threading.Event()
     threading.Thread(target=heartbeat, args=(getattr(sender, "hostname", "reasoner"), _heartbeat_stop),
                      name="reasoner-heartbeat", daemon=True).start()

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 
-import psycopg
 import redis
 from celery import Task
-from kafka.errors import KafkaTimeoutError
+from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.utils.time import get_exponential_backoff_interval
+
+from indexer.errors import is_transient
 
 from workers.app import redis_url
 
@@ -111,6 +112,25 @@ def sweep(stop: threading.Event, period_s: float = SWEEP_S) -> None:
             log.exception("sweep for pending marks failed; trying again in %.0f s", period_s)
 
 
+#: Set when this worker serves ``reason`` with a VLM configured that did not load.
+vlm_failed = False
+_probe = None
+
+
+def healthy() -> bool:
+    """What ``/healthz`` of a worker says: the broker answers within two seconds, and the VLM this
+    worker is configured with did load."""
+    global _probe
+    if vlm_failed:
+        return False
+    if _probe is None:
+        _probe = redis.Redis.from_url(redis_url(), socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return bool(_probe.ping())
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
+
+
 def redis_client() -> redis.Redis:
     global _redis
     if _redis is None:
@@ -136,20 +156,15 @@ def with_redis(call):
             delay = min(2.0, delay * 2)
 
 
-class DeadLettered(Exception):
-    """Raised in place of running a task that already killed its worker too often."""
-
-
 class TesseraTask(Task):
     """Counts deliveries; gives up on a task that keeps killing workers; clears the count on success.
 
-    A task that raises (a store busy past its timeout, Redis gone for minutes) is retried with
-    backoff; one that still fails is dead-lettered with its arguments, never dropped.
+    A task that fails on a backend (a store busy past its timeout, Redis, Kafka, PostgreSQL, Qdrant or
+    Elasticsearch unreachable, throttling or answering 5xx: ``indexer.errors.is_transient``) is retried
+    with exponential backoff and full jitter, up to ``max_retries``; one that still fails, or fails on
+    its input, is dead-lettered with its arguments, never dropped.
     """
 
-    autoretry_for = (sqlite3.OperationalError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError,
-                     KafkaTimeoutError)
-    retry_backoff = 1
     retry_backoff_max = 60
     max_retries = 8
 
@@ -162,25 +177,36 @@ class TesseraTask(Task):
             result = self._deliver(*args, **kwargs)
             outcome = "dead_lettered" if isinstance(result, dict) and result.get("dead_lettered") else "success"
             return result
+        except Retry:
+            outcome = "retry"
+            raise
         finally:
             TASKS.labels(self.name, outcome).inc()
             TASK_SECONDS.labels(self.name).observe(time.perf_counter() - start)
 
     def _deliver(self, *args, **kwargs):
         task_id = self.request.id
-        if task_id and not self.request.called_directly:
+        counted = bool(task_id) and not self.request.called_directly and not self.request.is_eager
+        if counted:
             key = f"tessera:tasks:attempts:{task_id}"
             attempts = with_redis(lambda r: r.incr(key))
             with_redis(lambda r: r.expire(key, _ATTEMPTS_TTL_S))
             if attempts > MAX_DELIVERIES:
                 self._dead_letter(args, kwargs, "worker lost on every delivery", attempts=attempts - 1)
                 with_redis(lambda r: r.delete(key))
+                self.gave_up(args, kwargs, "worker_lost")
                 return {"dead_lettered": True}
         try:
             return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if is_transient(exc) and not self.request.called_directly and self.request.retries < self.max_retries:
+                delay = get_exponential_backoff_interval(1, self.request.retries, self.retry_backoff_max, True)
+                log.warning("task %s (%s) retried in %d s: %r", task_id, self.name, delay, exc)
+                raise self.retry(exc=exc, countdown=delay)
+            raise
         finally:
             # Returned or raised: the worker survived this delivery, so it does not count as a loss.
-            if task_id and not self.request.called_directly:
+            if counted:
                 with_redis(lambda r: r.delete(f"tessera:tasks:attempts:{task_id}"))
 
     def _dead_letter(self, args, kwargs, reason: str, **extra) -> None:
@@ -196,3 +222,53 @@ class TesseraTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         """Out of retries, or an error no retry helps: keep the task's input where an operator finds it."""
         self._dead_letter(args, kwargs, f"failed: {exc!r}")
+        self.gave_up(args, kwargs, failure_code(exc))
+
+    def gave_up(self, args, kwargs, code: str) -> None:
+        """Called once when a delivery is given up for good (dead-lettered)."""
+
+
+def failure_code(exc: BaseException) -> str:
+    """The coarse reason a caller may see; the detail stays in the logs and the dead-letter record."""
+    from schemas import SchemaError
+
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "timeout"
+    if isinstance(exc, SchemaError):
+        return exc.code
+    return "unavailable" if is_transient(exc) else "internal"
+
+
+class AnsweringTask(TesseraTask):
+    """A task that owes a query job its result: when it gives up, the job gets an ``error`` result.
+
+    Every query job gets exactly one result: the normal answer, or this one (codes ``timeout``,
+    ``unavailable`` after the retries, ``worker_lost``, ``internal``, or the input's schema code).
+    """
+
+    def gave_up(self, args, kwargs, code: str) -> None:
+        from ops.metrics import record_result
+        from schemas import Result, ResultError
+        from workers.results import publish
+
+        record = args[0] if args else kwargs.get("record")
+        job_id = job_id_of(record)
+        if job_id is None:
+            log.error("task %s (%s) gave up on a record without a job id", self.request.id, self.name)
+            return
+        result = Result(job_id=job_id, status="error", error=ResultError(
+            code=code, message=f"the search could not be completed ({code}); reference {self.request.id}"))
+        try:
+            publish(job_id, result.to_json())
+        except Exception:
+            log.exception("the error result of job %s was not published; the dead-letter record keeps the job", job_id)
+            return
+        record_result(result)
+
+
+def job_id_of(record) -> str | None:
+    """The job id of a ``tessera.query.v1`` record or of a ``tessera.reason.v1`` one (under ``job``)."""
+    if isinstance(record, dict) and isinstance(record.get("job"), dict):
+        record = record["job"]
+    job_id = record.get("job_id") if isinstance(record, dict) else None
+    return job_id[:200] if isinstance(job_id, str) and job_id else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ops.metrics import record_ingest, record_result
 from workers.app import PUBLISH_RETRY, app
-from workers.runtime import TesseraTask, engine, reasoner, reasoner_alive
+from workers.runtime import AnsweringTask, TesseraTask, engine, log, reasoner, reasoner_alive
 
 #: Conversations one embed task takes at most: bounds the transaction, keeps the encoder batch full.
 EMBED_MAX_CONVERSATIONS = 64
@@ -45,7 +45,7 @@ def delete_conversation(conversation_id: str, tenant_id: str) -> dict:
     return {"deleted": engine().delete_conversation(tenant_id, conversation_id).deleted, "tenant": tenant_id}
 
 
-@app.task(name="tessera.query", base=TesseraTask)
+@app.task(name="tessera.query", base=AnsweringTask)
 def query(record: dict) -> dict:
     """Answer one query job and publish the result, or hand its candidates to the ``reason`` queue."""
     from schemas import ReasonRequest, parse_query
@@ -57,26 +57,32 @@ def query(record: dict) -> dict:
     return _publish(out)
 
 
-@app.task(name="tessera.reason", base=TesseraTask)
+@app.task(name="tessera.reason", base=AnsweringTask)
 def reason(record: dict) -> dict:
-    """The VLM chooses the turns of the recalled candidates; if it cannot load, ``auto`` jobs get the CPU spans."""
+    """The VLM chooses the turns of the recalled candidates; if it cannot load or fails on this request,
+    ``auto`` jobs get the CPU spans and ``vlm`` jobs an error result."""
     from indexer.reasoning import ReasoningUnavailable, span_answer
     from schemas import Result, ResultError, parse_reason
 
     request = parse_reason(record)
     try:
-        model = reasoner()
-    except (ReasoningUnavailable, OSError, ValueError) as exc:
+        result = reasoner().answer(request)
+    except (ReasoningUnavailable, OSError, ValueError, RuntimeError):
+        # RuntimeError: CUDA out of memory and other torch failures of this one batch.
+        log.exception("the VLM failed on job %s; %s", request.job.job_id,
+                      "answering with an error" if request.job.reasoning == "vlm" else "answering with the CPU spans")
         if request.job.reasoning == "vlm":
-            return _publish(Result(job_id=request.job.job_id, status="error", error=ResultError(
-                code="reasoning_unavailable", message=f"the VLM could not be loaded: {exc}")))
-        return _publish(span_answer(request))
-    return _publish(model.answer(request))
+            result = Result(job_id=request.job.job_id, status="error", error=ResultError(
+                code="reasoning_unavailable", message="the VLM reasoning stage failed on this job"))
+        else:
+            result = span_answer(request)
+    return _publish(result)
 
 
 def _publish(result) -> dict:
     from workers.results import publish
 
+    result = result.capped()
     record_result(result)
     publish(result.job_id, result.to_json())
     return result.model_dump(mode="json", by_alias=True)

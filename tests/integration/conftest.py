@@ -135,3 +135,18 @@ def json_lines(values) -> list[bytes]:
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def send_task(stack: Stack, name: str, args: list, task_id: str | None = None) -> None:
+    """Queue a task on this stack's Redis, as the consumer would (a Celery client of its own: the
+    workers' app reads its broker address once, at import, and a test process sees many stacks)."""
+    from celery import Celery
+
+    from workers.app import app
+
+    client = Celery("tessera-test", broker=stack.env()["TESSERA_REDIS_URL"])
+    client.conf.update(task_routes=app.conf.task_routes, task_serializer="json")
+    try:
+        client.send_task(name, args=args, task_id=task_id)
+    finally:
+        client.close()

@@ -116,16 +116,32 @@ def test_a_fleet_with_shared_state_and_a_worker_wiped_mid_ingest(stack, demo_eve
         reference.close()
 
 
-def test_the_consumer_rides_out_a_redis_outage(stack, demo_events):
-    """Redis gone for a few seconds while the consumer idles: it keeps its thread, and later events flow."""
-    import time
+def test_the_consumer_rides_out_a_redis_outage_and_health_tells_what_is_down(stack, demo_events, monkeypatch):
+    """Redis gone for a few seconds while the consumer idles: it keeps its thread, and later events flow.
+    Meanwhile ``/healthz`` tells the truth: a worker without its broker, a consumer cut off from
+    Kafka, a dead consumer (``tessera stack status`` exits 1); each heals when its peer is back."""
+    import subprocess
+    import sys
 
+    monkeypatch.setenv("TESSERA_HEALTH_STALL_S", "6")
     stack.start()
     ensure_topics()
-    time.sleep(6)
+    wait_until(lambda: stack.status()["healthy"], 60, "every process healthy")
     stack.kill("redis", signal.SIGKILL)
-    time.sleep(4)
+    wait_until(lambda: stack.status()["health"]["worker-0"] == "unhealthy", 30, "the worker unhealthy without Redis")
     stack.restart_service("redis")
     assert stack.status()["processes"]["consumer"], "the consumer process is still up"
+    wait_until(lambda: stack.status()["healthy"], 60, "healthy again")
     produce(demo_events)
     wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "events after the outage indexed")
+
+    stack.kill("broker", signal.SIGKILL)
+    wait_until(lambda: stack.status()["health"]["consumer"] == "unhealthy", 60, "the consumer unhealthy without Kafka")
+    stack.restart_service("broker")
+    wait_until(lambda: stack.status()["health"]["consumer"] == "healthy", 120, "the consumer healthy again")
+
+    stack.kill("consumer", signal.SIGKILL)
+    assert stack.status()["health"]["consumer"] == "dead"
+    status = subprocess.run([sys.executable, "-m", "ops.cli", "--data-dir", str(stack.data_dir), "stack", "status"],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1, status.stdout + status.stderr

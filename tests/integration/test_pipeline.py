@@ -14,7 +14,7 @@ from ops.demo.topics import EXAMPLE_QUERIES
 from schemas import QUERY_SCHEMA, QueryJob
 from tests.integration.conftest import (
     committed, copies, index_progress, indexed, open_stack_engine, produce, produce_queries, reference_engine,
-    snapshot, wait_until,
+    send_task, snapshot, wait_until,
 )
 
 INDEX_TIMEOUT = 240
@@ -112,7 +112,6 @@ def test_a_task_that_keeps_killing_workers_is_dead_lettered(stack):
     """Deliveries are counted in Redis: one more than the limit and the task is parked, not run."""
     import redis
 
-    from workers.app import app
     from workers.runtime import DEAD_LETTER_KEY, MAX_DELIVERIES
 
     stack.start()
@@ -122,18 +121,18 @@ def test_a_task_that_keeps_killing_workers_is_dead_lettered(stack):
     client.set(f"tessera:tasks:attempts:{task_id}", MAX_DELIVERIES)
     event = {"schema": "tessera.message.v1", "event_id": "p1", "tenant_id": "t", "conversation_id": "c",
              "message_id": "m1", "sender_id": "s", "sent_at": "2026-05-01T10:00:00Z", "text": "never indexed"}
-    app.send_task("tessera.ingest", args=[[event]], task_id=task_id)
+    send_task(stack, "tessera.ingest", [[event]], task_id=task_id)
     dead = wait_until(lambda: client.lrange(DEAD_LETTER_KEY, 0, -1), 120, "the dead-lettered task")
     record = json.loads(dead[0])
     assert record["task_id"] == task_id and record["attempts"] == MAX_DELIVERIES
     assert record["task"] == "tessera.ingest" and record["args"][0][0]["event_id"] == "p1"
     assert index_progress(stack.data_dir)["messages"] == 0
     # A healthy task runs and leaves no delivery count behind.
-    app.send_task("tessera.ingest", args=[[{**event, "event_id": "p2"}]], task_id="ingest:healthy")
+    send_task(stack, "tessera.ingest", [[{**event, "event_id": "p2"}]], task_id="ingest:healthy")
     wait_until(lambda: index_progress(stack.data_dir)["messages"] == 1, 120, "the healthy task")
     wait_until(lambda: not client.exists("tessera:tasks:attempts:ingest:healthy"), 30, "the count cleared")
     # A task that fails for good is dead-lettered with its input, not dropped.
-    app.send_task("tessera.ingest", args=[[{"schema": "tessera.message.v1", "event_id": "broken"}]],
+    send_task(stack, "tessera.ingest", [[{"schema": "tessera.message.v1", "event_id": "broken"}]],
                   task_id="ingest:broken")
     dead = wait_until(lambda: client.lrange(DEAD_LETTER_KEY, 1, -1), 120, "the failed task dead-lettered")
     record = json.loads(dead[0])
@@ -245,3 +244,48 @@ def test_a_pending_mark_that_no_task_covers_is_swept(stack, embedder):
         engine.close()
     assert index_progress(stack.data_dir)["pending"] == 1
     wait_until(lambda: indexed(stack.data_dir, len(dialogue("orphan"))), 120, "the orphaned mark indexed")
+
+
+def test_every_query_job_gets_exactly_one_result(stack):
+    """Answers with an inline 2 MB image, a job that keeps killing its worker, a job that fails on its
+    input: each comes back once on the results topic (before, the first two were dead-lettered
+    without an answer and the third was never answered)."""
+    import redis
+
+    from workers.runtime import MAX_DELIVERIES
+
+    stack.start()
+    client = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])
+    photo = "data:image/png;base64," + "iVBORw0KGgo" * 180_000
+    event = {"schema": "tessera.message.v1", "event_id": "e1", "tenant_id": "t", "conversation_id": "trip",
+             "message_id": "m1", "sender_id": "ana", "participants": ["ana", "ben"],
+             "sent_at": "2026-05-01T10:00:00Z", "text": "the panorama from the summit, finally",
+             "images": [{"uri": photo, "caption": "summit panorama"}]}
+    send_task(stack, "tessera.ingest", [[event]])
+    wait_until(lambda: index_progress(stack.data_dir)["fragments"] >= 1, INDEX_TIMEOUT, "the photo indexed")
+
+    def job(job_id: str) -> dict:
+        return {"schema": QUERY_SCHEMA, "job_id": job_id, "tenant_id": "t", "user_id": "ben",
+                "query": "summit panorama photo", "top_k": 3}
+
+    produce_queries([json.dumps(job("photo")).encode()])
+    client.set("tessera:tasks:attempts:query:lost", MAX_DELIVERIES)
+    send_task(stack, "tessera.query", [job("lost")], task_id="query:lost")
+    send_task(stack, "tessera.query", [{"schema": QUERY_SCHEMA, "job_id": "broken", "user_id": "ben"}])
+
+    def results():
+        got = [(r.key.decode(), json.loads(r.value)) for r in iter_topic(RESULTS, 2)]
+        return got if {"photo", "lost", "broken"} <= {k for k, _ in got} else None
+
+    got = wait_until(results, 180, "three results")
+    time.sleep(3)
+    got = results()
+    assert sorted(k for k, _ in got) == ["broken", "lost", "photo"], "exactly one result per job"
+    by_job = dict(got)
+    photo_result = by_job["photo"]
+    assert photo_result["status"] == "ok" and not photo_result["truncated"]
+    image = photo_result["fragments"][0]["images"][0]
+    assert image == {"message_id": "m1", "uri": "tessera://messages/m1/images/0", "caption": "summit panorama",
+                     "index": 0}
+    assert by_job["lost"]["status"] == "error" and by_job["lost"]["error"]["code"] == "worker_lost"
+    assert by_job["broken"]["status"] == "error" and by_job["broken"]["error"]["code"] == "missing_field"

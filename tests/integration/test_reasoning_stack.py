@@ -54,3 +54,22 @@ def test_reason_worker_in_the_stack(stack, demo_events, tmp_path, monkeypatch):
     got = wait_until(lambda: results({"vlm-down", "auto-down"}), 120, "two more results")
     assert got["vlm-down"]["status"] == "error" and got["vlm-down"]["error"]["code"] == "reasoning_unavailable"
     assert got["auto-down"]["status"] == "ok" and got["auto-down"]["reasoned_by"] == "cpu"
+
+
+def test_a_vlm_that_does_not_load_is_not_announced(stack, demo_events, tmp_path, monkeypatch):
+    """Before, the heartbeat advertised any model directory with a config.json: ``auto`` jobs were
+    handed to a worker that could not answer them, and its /healthz said OK."""
+    broken = tmp_path / "broken-vlm"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llava"}')
+    monkeypatch.setenv("TESSERA_VLM_MODEL", str(broken))
+    stack.start()
+    wait_until(lambda: stack.status()["health"].get("worker-reason") == "unhealthy", 120,
+               "the reasoning worker reports its failed model")
+    r = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])
+    assert not r.exists(REASONER_KEY)
+    produce(demo_events[:40])
+    wait_until(lambda: indexed(stack.data_dir, 40), INDEX_TIMEOUT, "indexed")
+    produce_queries([job("auto-broken", "auto")])
+    got = wait_until(lambda: results({"auto-broken"}), 120, "the result")
+    assert got["auto-broken"]["status"] == "ok" and got["auto-broken"]["reasoned_by"] == "cpu"
