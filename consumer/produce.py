@@ -9,7 +9,7 @@ from typing import Iterator, TextIO
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import NoError, TopicAlreadyExistsError, for_code
 
 from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq
 from schemas.routing import message_key
@@ -19,16 +19,19 @@ PARTITIONS = {MESSAGES: 4, QUERIES: 2, RESULTS: 2, dlq(MESSAGES): 1, dlq(QUERIES
 
 
 def ensure_topics() -> None:
+    """Create the topics that are missing. Safe to run from many processes at once (a fleet's first
+    start): a topic another process created meanwhile is fine, any other refusal is raised."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap(), client_id="tessera-admin")
     try:
         existing = set(admin.list_topics())
         missing = [NewTopic(name, num_partitions=n, replication_factor=1)
                    for name, n in PARTITIONS.items() if name not in existing]
         if missing:
-            try:
-                admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
+            answer = admin.create_topics(missing, raise_errors=False)
+            for topic in answer.get("topics", []):
+                error = for_code(topic.get("error_code", 0))
+                if error not in (NoError, TopicAlreadyExistsError):
+                    raise error(f"creating topic {topic.get('name')}: {topic.get('error_message')}")
     finally:
         admin.close()
 

@@ -173,3 +173,44 @@ def test_messages_sent_before_1970_index_with_valid_versions(tmp_path, embedder)
     old = message("c1", 1, "ann", "the moon landing is next summer")
     engine.ingest([old.model_copy(update={"sent_at": datetime(1968, 7, 1, tzinfo=timezone.utc)})])
     assert any("moon landing" in t for t in client.texts())
+
+
+class _RacingIndices(_Indices):
+    """Another process creates each index between this one's ``exists`` and ``create``: Elasticsearch
+    answers 400 ``resource_already_exists_exception`` (its documented answer to a second create)."""
+
+    def create(self, index):
+        from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
+        from elasticsearch import BadRequestError
+
+        self.calls.append(("create", index))
+        meta = ApiResponseMeta(status=400, http_version="1.1", headers=HttpHeaders(), duration=0.0,
+                               node=NodeConfig("http", "127.0.0.1", 9200))
+        body = {"error": {"root_cause": [{"type": "resource_already_exists_exception", "reason": f"[{index}] exists"}],
+                          "type": "resource_already_exists_exception", "reason": f"index [{index}] already exists"},
+                "status": 400}
+        raise BadRequestError(message="resource_already_exists_exception", meta=meta, body=body)
+
+
+def test_processes_racing_to_create_the_indexes_all_start():
+    client = VersionedClient()
+    client.indices = _RacingIndices()
+    ElasticsearchBM25Store("http://unused", client=client)
+    assert [c for c in client.indices.calls if c[0] == "create"], "the race was exercised"
+
+
+def test_a_refused_index_creation_is_still_an_error():
+    from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
+    from elasticsearch import BadRequestError
+
+    class Refusing(_Indices):
+        def create(self, index):
+            meta = ApiResponseMeta(status=400, http_version="1.1", headers=HttpHeaders(), duration=0.0,
+                                   node=NodeConfig("http", "127.0.0.1", 9200))
+            raise BadRequestError(message="invalid_index_name_exception", meta=meta,
+                                  body={"error": {"type": "invalid_index_name_exception"}, "status": 400})
+
+    client = VersionedClient()
+    client.indices = Refusing()
+    with pytest.raises(BadRequestError):
+        ElasticsearchBM25Store("http://unused", client=client)

@@ -151,3 +151,24 @@ def test_bm25_data_dirs_from_before_scope_words_are_migrated(tmp_path):
     assert store.search("glacier", "turn", SearchFilter("t1", "bob"), 5) == []
     assert store.search("glacier", "turn", SearchFilter("t2", "alice"), 5) == []
     store.close()
+
+
+def test_qdrant_collections_created_by_another_process_in_between_are_used(tmp_path, monkeypatch):
+    """First start of a fleet: every process looks, finds no collection, and creates it; the losers
+    of that race get the engine's "already exists" answer and go on with the winner's collection."""
+    from qdrant_client import QdrantClient
+
+    QdrantVectorStore(path=tmp_path / "q", dim=DIM).close()
+    looked: set[str] = set()
+    real = QdrantClient.collection_exists
+
+    def first_look_misses(self, name):
+        if name not in looked:
+            looked.add(name)
+            return False
+        return real(self, name)
+
+    monkeypatch.setattr(QdrantClient, "collection_exists", first_look_misses)
+    store = QdrantVectorStore(path=tmp_path / "q", dim=DIM)
+    assert looked == set(store.collections.values())
+    store.close()

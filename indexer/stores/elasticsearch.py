@@ -86,7 +86,18 @@ class ElasticsearchBM25Store:
         self.client.indices.put_index_template(name=f"{prefix}-units", **index_template(prefix))
         for index in self.indexes.values():
             if not self.client.indices.exists(index=index):
-                self.client.indices.create(index=index)
+                self._create(index)
+
+    def _create(self, index: str) -> None:
+        """Create an index; one that another process created since our look is fine (a fleet's first start)."""
+        from elasticsearch import BadRequestError
+
+        try:
+            self.client.indices.create(index=index)
+        except BadRequestError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            if _error_type(body) != "resource_already_exists_exception":
+                raise
 
     def _bulk(self, actions: list[tuple[dict, dict | None]]) -> None:
         """Send (action, source) pairs; retry throttled and server-side item failures only."""

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit, check_vectors
 
@@ -94,7 +95,14 @@ class QdrantVectorStore:
         vectors_config = {TEXT_VECTOR: models.VectorParams(size=self.dim, distance=models.Distance.COSINE)}
         if with_image:
             vectors_config[IMAGE_VECTOR] = models.VectorParams(size=self.image_dim, distance=models.Distance.COSINE)
-        self.client.create_collection(name, vectors_config=vectors_config)
+        try:
+            self.client.create_collection(name, vectors_config=vectors_config)
+        except (UnexpectedResponse, ValueError):
+            # Another process created it since our look (a fleet's first start): the server answers
+            # 409 (400 before 1.10), local mode a ValueError. Anything else is still an error.
+            if not self.client.collection_exists(name):
+                raise
+            return self._ensure_collection(name, with_image)
         if self.remote:
             for key, schema in _PAYLOAD_INDEXES.items():
                 if key == "tenant_id":
