@@ -40,7 +40,8 @@ def test_writes_of_one_process_reach_the_copy_of_another(tmp_path):
     assert ids(reader.search(q(0), "window", flt, 5)) == ["u3"]
 
 
-def test_a_copy_older_than_the_trimmed_log_reloads(tmp_path):
+def test_a_copy_older_than_the_trimmed_log_reloads(tmp_path, monkeypatch):
+    monkeypatch.setattr("indexer.stores.sqlite.LOG_KEEP", 2)
     writer = SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM)
     reader = SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM)
     flt = SearchFilter("t1", "alice")
@@ -55,6 +56,22 @@ def test_a_copy_older_than_the_trimmed_log_reloads(tmp_path):
     assert sorted(ids(reader.search(q(3), "turn", flt, 5))) == ["u2", "u4", "u5"]
     fresh = SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM)
     assert sorted(ids(fresh.search(q(3), "turn", flt, 5))) == ["u2", "u4", "u5"]
+    assert reader.full_loads == 1
+
+
+def test_an_erasure_costs_other_processes_what_was_erased(tmp_path):
+    """Before, every erasure emptied the change log, and every process reloaded every vector."""
+    writer = SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM)
+    reader = SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM)
+    flt = SearchFilter("t1", "alice")
+    writer.upsert([unit(i, i % DIM) for i in range(300)])
+    assert len(reader.search(q(0), "turn", flt, 500)) == 300
+    writer.delete(["u0"])
+    writer.compact()
+    assert "u0" not in ids(reader.search(q(0), "turn", flt, 500))
+    assert reader.full_loads == 0, "the other process caught up from the log"
+    assert not [name for name in tmp_path.iterdir() if name.name.endswith("-wal") and name.stat().st_size], \
+        "the write-ahead log is checkpointed and truncated"
 
 
 def test_rewrites_compact_the_copy_and_keep_every_filter():

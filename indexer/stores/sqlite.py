@@ -28,6 +28,10 @@ from indexer.text import keywords
 
 #: How long a writer waits for another process's write lock before failing.
 BUSY_TIMEOUT_MS = 60_000
+#: FTS5 removes a deleted document's terms from its index at once (SQLite 3.42 and later).
+SECURE_DELETE_FTS = sqlite3.sqlite_version_info >= (3, 42, 0)
+#: Change-log entries of the vector store kept before it is emptied (each process then reloads once).
+LOG_KEEP = 200_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS units (
@@ -243,6 +247,8 @@ class SqliteBM25Store(_SqliteUnits):
         for kind in UNIT_KINDS:
             self._db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS bm25_{kind}"
                              " USING fts5(text, scope, tokenize='porter unicode61')")
+            if SECURE_DELETE_FTS:
+                self._db.execute(f"INSERT INTO bm25_{kind}(bm25_{kind}, rank) VALUES ('secure-delete', 1)")
             if self._db.execute("SELECT 1 FROM sqlite_master WHERE name=?", (f"fts_{kind}",)).fetchone():
                 self._migrate(kind)
 
@@ -272,14 +278,17 @@ class SqliteBM25Store(_SqliteUnits):
         self._db.execute(f"DELETE FROM bm25_{kind} WHERE rowid=?", (rowid,))
 
     def compact(self) -> None:
-        """Merge the FTS segments so deleted documents leave the inverted index physically.
+        """Make sure deleted documents left the inverted index physically; called after erasures.
 
-        FTS5 (before SQLite 3.42's secure-delete) only marks deletions; their terms stay in old
-        segments until a merge. Called after erasures ("forget me", conversation deletes).
+        With SQLite 3.42 or later, FTS5's ``secure-delete`` removes a document's terms when it is
+        deleted, so nothing is left to do but the checkpoint. Older FTS5 only marks deletions and keeps
+        the terms in old segments until a merge: there the whole index is merged ('optimize'), a cost
+        in the size of the index.
         """
-        with self._lock:
-            for kind in UNIT_KINDS:
-                self._db.execute(f"INSERT INTO bm25_{kind}(bm25_{kind}) VALUES ('optimize')")
+        if not SECURE_DELETE_FTS:
+            with self._lock:
+                for kind in UNIT_KINDS:
+                    self._db.execute(f"INSERT INTO bm25_{kind}(bm25_{kind}) VALUES ('optimize')")
         super().compact()
 
     def search(self, text: str, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
@@ -316,6 +325,8 @@ class SqliteVectorStore(_SqliteUnits):
         #: One in-memory index per unit kind (text vectors) and ``turn:image`` for image vectors.
         self._indexes: dict[str, VectorIndex] = {}
         self._seq = 0
+        #: Times this process rebuilt its copy from the tables (another process emptied the log).
+        self.full_loads = 0
         super().__init__(path)
 
     def _create_index_tables(self) -> None:
@@ -346,10 +357,16 @@ class SqliteVectorStore(_SqliteUnits):
         super().upsert(units)
 
     def compact(self) -> None:
-        """Empty the change log (it only names rowids) and checkpoint."""
+        """Checkpoint, so no erased vector outlives its deletion in the WAL (rows are zeroed in place by
+        ``secure_delete``); empty the change log only once it is long.
+
+        The log names rowids, never content, so an erasure does not need it emptied: emptying raises the
+        floor and makes every other process reload every vector, a cost in the size of the store
+        rather than in what was erased.
+        """
         def action() -> None:
-            top = self._db.execute("SELECT coalesce(max(seq), 0) FROM vector_log").fetchone()[0]
-            if top:
+            bottom, top = self._db.execute("SELECT coalesce(min(seq), 0), coalesce(max(seq), 0) FROM vector_log").fetchone()
+            if top - bottom >= LOG_KEEP:
                 self._db.execute("UPDATE vector_meta SET value=max(value, ?) WHERE key='log_floor'", (top,))
                 self._db.execute("DELETE FROM vector_log")
 
@@ -396,6 +413,7 @@ class SqliteVectorStore(_SqliteUnits):
                 self._indexes = {}
                 self._load("1", ())
                 self._seq = max(floor, top)
+                self.full_loads += 1
             elif top > self._seq:
                 final: dict[int, tuple[str, int]] = {}
                 for _, kind, rowid, live in self._db.execute(
