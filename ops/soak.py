@@ -6,6 +6,12 @@ conversation ids) once one warm-up query has come back end to end, and while the
 at least ``--query-seconds``. It reports sustained ingest throughput, query round-trip latency
 (produced to result read back), errors, dead letters, and the RSS of every stack process over time;
 ``report.md`` and ``soak.png`` land in ``--out``.
+
+With ``--faults`` (the default of ``tessera soak``) the run is also hostile: an image server on
+loopback that trickles one byte every half second, a poison conversation whose images do not decode,
+records that are not events at all, Redis killed and restarted at a quarter of the load, the ingest
+worker SIGKILLed and restarted at half of it. The report then says whether every job was answered,
+every valid event indexed, and lists what was dead-lettered and parked (``tessera dead-letters list``).
 """
 
 from __future__ import annotations
@@ -64,7 +70,62 @@ def _events(demo_lines: list[bytes], count: int) -> list[bytes]:
     return out
 
 
-def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout_s: float) -> dict:
+#: Records that are not message events, produced among the load with ``faults``: each one is dead-lettered.
+NOT_EVENTS = (b"{not json", b"\xff\xfe", b'{"schema": "tessera.message.v1", "event_id": "x"}')
+
+
+class _HostileImages:
+    """An image server on loopback: ``/slow.png`` trickles a byte every 0.5 s, ``/broken.png`` is no image."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "4096")
+                self.end_headers()
+                try:
+                    if self.path.startswith("/slow"):
+                        for _ in range(4096):
+                            self.wfile.write(b"\x89")
+                            self.wfile.flush()
+                            time.sleep(0.5)
+                    else:
+                        self.wfile.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 4088)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, name="hostile-images", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _hostile(lines: list[bytes], images: str) -> list[bytes]:
+    """Every 25th event gets a slow image; one conversation's events all carry an image that does not decode."""
+    out = []
+    for i, line in enumerate(lines):
+        record = json.loads(line)
+        if record["conversation_id"].startswith("acme-dm-chloe-dev-soak0"):
+            record["conversation_id"] = "soak-poison"
+            record["images"] = [{"uri": f"{images}/broken.png", "caption": "a photo that does not decode"}]
+        elif i % 25 == 0:
+            record["images"] = [{"uri": f"{images}/slow.png", "caption": "a photo from a slow server"}]
+        out.append(json.dumps(record).encode())
+    return out
+
+
+def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout_s: float,
+        faults: bool = False) -> dict:
     from kafka import KafkaConsumer, KafkaProducer
 
     from consumer.produce import _key_of
@@ -78,6 +139,14 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
     work = Path(tempfile.mkdtemp(prefix="tessera-soak-"))
     demo = [line for line in generate(work / "demo").read_bytes().splitlines() if line.strip()]
     lines = _events(demo, events)
+    hostile = None
+    if faults:
+        from ops import random_models
+
+        hostile = _HostileImages()
+        lines = _hostile(lines, hostile.base)
+        os.environ.update(TESSERA_IMAGE_MODEL=str(random_models.clip(work / "clip")),
+                          TESSERA_IMAGE_ALLOW_HOSTS="127.0.0.1", TESSERA_IMAGE_TIMEOUT_S="1")
     stack = Stack(work / "stack")
     os.environ.setdefault("TESSERA_VECTOR_STORE", "sqlite")
     stack.up(workers=0, concurrency=1, prometheus=False)
@@ -113,12 +182,17 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
             producer.close()
 
         ingest_done = threading.Event()
+        injected: list[dict] = []
         pids = {name: pid for name, pid in stack.load()["pids"].items()}
         _warm_up(QUERIES, RESULTS, QUERY_SCHEMA)
         t0 = time.perf_counter()
         producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=20)
-        for line in tqdm(lines, desc="produce", file=sys.stderr):
+        # With faults, the records that are not events go out spread over the load.
+        spread = {len(lines) * (k + 1) // (len(NOT_EVENTS) + 1): bad for k, bad in enumerate(NOT_EVENTS)} if faults else {}
+        for i, line in enumerate(tqdm(lines, desc="produce", file=sys.stderr)):
             producer.send(MESSAGES, key=_key_of(line, MESSAGES), value=line)
+            if i in spread:
+                producer.send(MESSAGES, value=spread[i])
         producer.flush()
         producer.close()
         produced_s = time.perf_counter() - t0
@@ -135,6 +209,8 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
                                                                          "broker")}})
             bar.n = progress["messages"]
             bar.refresh()
+            if faults:
+                _inject(stack, progress["messages"] / len(lines), now, injected, pids)
             if progress["messages"] >= len(lines) and not progress["pending"]:
                 ingest_done.set()
                 if not threads[1].is_alive():
@@ -146,9 +222,12 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
             time.sleep(0.5)
         stop.set()
         dead = sum(1 for _ in _iter(dlq(MESSAGES))) + sum(1 for _ in _iter(dlq(QUERIES)))
+        parked = _parked(stack)
     finally:
         stop.set()
         stack.down()
+        if hostile is not None:
+            hostile.close()
     indexed_at = next((s["t"] for s in samples if s["messages"] >= len(lines) and not s["pending"]), None)
     latencies = [(answered[j][0] - sent_at[j]) * 1000 for j in sent_at if j in answered]
     errors = sum(1 for j in sent_at if j in answered and answered[j][1] == "error")
@@ -157,7 +236,8 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
         "indexed_all_s": indexed_at, "ingest_events_per_s": len(lines) / indexed_at if indexed_at else None,
         "queries_sent": len(sent_at), "queries_answered": len(latencies), "query_errors": errors,
         "query_latency_ms": {f"p{p}": float(np.percentile(latencies, p)) for p in (50, 95, 99)} if latencies else {},
-        "dead_letters": dead, "samples": samples,
+        "dead_letters": dead, "dead_letters_expected": len(NOT_EVENTS) if faults else 0, "parked": parked,
+        "faults": injected if faults else None, "samples": samples,
         "distinct_texts": len({json.loads(line)["text"] for line in lines}),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +245,35 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
     _plot(report, out / "soak.png")
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def _inject(stack, done: float, now: float, injected: list[dict], pids: dict) -> None:
+    """Redis killed and restarted at a quarter of the load, the ingest worker killed and restarted at half."""
+    import signal
+
+    if done >= 0.25 and not any(f["fault"] == "redis" for f in injected):
+        stack.kill("redis", signal.SIGKILL)
+        time.sleep(3)
+        stack.restart_service("redis")
+        pids["redis"] = stack.load()["pids"]["redis"]
+        injected.append({"fault": "redis", "t": now, "what": "SIGKILL, restarted 3 s later"})
+    elif done >= 0.5 and not any(f["fault"] == "worker" for f in injected):
+        stack.kill("worker-0", signal.SIGKILL)
+        stack.start_worker(0, 1, queues="ingest,embed")
+        pids["worker-0"] = stack.load()["pids"]["worker-0"]
+        injected.append({"fault": "worker", "t": now, "what": "ingest worker SIGKILLed mid-task, restarted"})
+
+
+def _parked(stack) -> list[dict]:
+    """The conversations set aside after repeated indexing failures, as ``tessera dead-letters list`` shows them."""
+    from indexer.state import open_state
+
+    state = open_state(None, stack.data_dir)
+    try:
+        return [{"tenant_id": p.tenant_id, "conversation_id": p.conversation_id, "attempts": p.attempts, "error": p.reason}
+                for p in state.parked()]
+    finally:
+        state.close()
 
 
 def _warm_up(queries: str, results: str, schema: str, timeout_s: float = 180.0) -> None:
@@ -199,13 +308,17 @@ def index_progress(data_dir: Path, state_url: str | None = None) -> dict:
     """Messages, fragments and pending marks of a state, read beside the processes writing it."""
     import sqlite3
 
-    empty = {"messages": 0, "fragments": 0, "pending": 0}
+    empty = {"messages": 0, "fragments": 0, "pending": 0, "parked": 0}
+    # Parked conversations wait for an operator, not for a worker: they are not pending work.
+    counts = {"messages": "SELECT count(*) FROM messages", "fragments": "SELECT count(*) FROM fragments",
+              "pending": "SELECT count(*) FROM pending WHERE parked_at IS NULL",
+              "parked": "SELECT count(*) FROM pending WHERE parked_at IS NOT NULL"}
     if state_url:
         import psycopg
 
         try:
             with psycopg.connect(state_url, connect_timeout=10) as conn:
-                return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in empty}
+                return {name: conn.execute(sql).fetchone()[0] for name, sql in counts.items()}
         except psycopg.errors.UndefinedTable:
             return empty
     path = data_dir / "state.sqlite"
@@ -213,7 +326,7 @@ def index_progress(data_dir: Path, state_url: str | None = None) -> dict:
         return empty
     db = sqlite3.connect(path, timeout=30)
     try:
-        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in empty}
+        return {name: db.execute(sql).fetchone()[0] for name, sql in counts.items()}
     except sqlite3.OperationalError:
         return empty
     finally:
@@ -254,10 +367,19 @@ def markdown(report: dict) -> str:
              f" {report['query_errors']} |",
              f"| query round trip p50 / p95 / p99 (ms) | {lat.get('p50', 0):.0f} / {lat.get('p95', 0):.0f} /"
              f" {lat.get('p99', 0):.0f} |",
-             f"| dead letters | {report['dead_letters']} |", "",
+             f"| dead letters (records that are not events, sent on purpose) | {report['dead_letters']}"
+             f" ({report.get('dead_letters_expected', 0)}) |",
+             f"| parked conversations | {len(report.get('parked') or [])} |", "",
              f"The events copy the demo chats: {report['distinct_texts']} distinct texts, and an encoder batch encodes"
              " each distinct text once, so the ingest rate here is bound by the pipeline, not by the encoder"
              " (`tessera bench --stack` measures that on distinct LoCoMo turns).", ""]
+    if report.get("faults") is not None:
+        lines += ["Faults injected during the load:", "", "| t (s) | fault | what |", "|---|---|---|"]
+        lines += [f"| {f['t']:.0f} | {f['fault']} | {f['what']} |" for f in report["faults"]]
+        lines += ["", "Besides: every 25th event's image comes from a server that trickles a byte every 0.5 s,"
+                  " and conversation `soak-poison` carries images that do not decode.", ""]
+        for p in report.get("parked") or []:
+            lines.append(f"- parked: {p['tenant_id']}/{p['conversation_id']}: {p['error']}")
     samples = report["samples"]
     if len(samples) >= 4:
         lines += ["RSS per process (MiB): after the first quarter of the run, at most in the last quarter, at the end.",
@@ -276,9 +398,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-rate", type=float, default=5.0, help="query jobs per second")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--out", default="results/soak")
+    parser.add_argument("--no-faults", dest="faults", action="store_false",
+                        help="a quiet run: no hostile images, no Redis outage, no worker kill")
 
 
 def main(args) -> int:
-    report = run(args.events, args.query_seconds, args.query_rate, Path(args.out), args.timeout)
+    report = run(args.events, args.query_seconds, args.query_rate, Path(args.out), args.timeout, faults=args.faults)
     print((Path(args.out) / "report.md").read_text())
-    return 0 if report["indexed"] == report["events"] and not report["dead_letters"] else 1
+    ok = (report["indexed"] == report["events"] and report["dead_letters"] == report["dead_letters_expected"]
+          and report["queries_answered"] == report["queries_sent"])
+    return 0 if ok else 1
