@@ -20,8 +20,9 @@ from ops.soak import index_progress
 from ops.stack import Stack
 
 #: Seconds before Redis hands an unacknowledged task to another worker, short so that tests see a
-#: killed worker's task come back quickly.
-TEST_VISIBILITY_TIMEOUT = "30"
+#: killed worker's task come back quickly; ``TESSERA_TEST_VISIBILITY_TIMEOUT=300`` runs the fault
+#: tests with the production setting.
+TEST_VISIBILITY_TIMEOUT = os.environ.get("TESSERA_TEST_VISIBILITY_TIMEOUT", "30")
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
