@@ -27,12 +27,12 @@ from schemas import (  # noqa: E402
 INGEST_BATCH = 256
 
 
-def _engine(args, reasoning: bool = False):
+def _engine(args, reasoning: bool = False, rebuild: bool = False):
     """The engine of the data dir; ``reasoning`` loads the VLM in-process when one is configured."""
     from ops.settings import Settings, open_engine, open_reasoner
 
     settings = Settings.from_env(args.data_dir)
-    return open_engine(settings, reasoner=open_reasoner(settings) if reasoning else None)
+    return open_engine(settings, reasoner=open_reasoner(settings) if reasoning else None, rebuild=rebuild)
 
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
@@ -242,10 +242,11 @@ def cmd_delete(args) -> int:
 
 
 def cmd_reindex(args) -> int:
-    """Rebuild both indexes from the conversation state; an interrupted run resumes where it stopped."""
+    """Rebuild both indexes from the conversation state (into another vector store, too: a data dir from
+    before the edge store is moved over this way); an interrupted run resumes where it stopped."""
     from tqdm import tqdm
 
-    engine = _engine(args)
+    engine = _engine(args, rebuild=True)
     try:
         with tqdm(desc="reindex", unit="conversation", file=sys.stderr, disable=args.quiet) as bar:
             report = engine.reindex(reencode=args.reencode, progress=bar.update)

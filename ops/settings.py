@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,10 @@ ENVIRONMENT = {
     " processes may share one, standing in for Qdrant and Elasticsearch servers",
     "TESSERA_STATE_URL": "postgresql://user:pass@host:5432/db: the conversation state in PostgreSQL, shared by every"
     " worker (a fleet needs it); unset: SQLite in the data dir (embedded, one machine)",
-    "TESSERA_VECTOR_STORE": "qdrant (default: Qdrant local mode, or the server at TESSERA_QDRANT_URL) or sqlite"
-    " (embedded, shared safely by several processes: what the local stack's workers use)",
-    "TESSERA_QDRANT_URL": "Qdrant server URL; unset means Qdrant local mode under the data dir",
+    "TESSERA_VECTOR_STORE": "edge (default: Qdrant's engine embedded in the process, qdrant-edge-py; one process per"
+    " data dir), sqlite (embedded, shared safely by several processes: what the local stack's workers use) or"
+    " qdrant (the server at TESSERA_QDRANT_URL; without it, qdrant-client's local mode, for old data dirs)",
+    "TESSERA_QDRANT_URL": "Qdrant server URL (TESSERA_VECTOR_STORE=qdrant)",
     "TESSERA_QDRANT_API_KEY": "API key for the Qdrant server",
     "TESSERA_ES_URL": "Elasticsearch URL; set, BM25 runs there instead of the embedded SQLite FTS5 index",
     "TESSERA_ES_API_KEY": "API key for Elasticsearch",
@@ -61,7 +63,7 @@ class Settings:
     data_dir: Path
     state_url: str | None = None
     index_dir: Path | None = None
-    vector_store: str = "qdrant"
+    vector_store: str = "edge"
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
     es_url: str | None = None
@@ -83,7 +85,7 @@ class Settings:
             data_dir=Path(data_dir or env.get("TESSERA_DATA_DIR") or ".tessera"),
             state_url=env.get("TESSERA_STATE_URL") or None,
             index_dir=Path(env["TESSERA_INDEX_DIR"]) if env.get("TESSERA_INDEX_DIR") else None,
-            vector_store=env.get("TESSERA_VECTOR_STORE", "qdrant"),
+            vector_store=env.get("TESSERA_VECTOR_STORE") or ("qdrant" if env.get("TESSERA_QDRANT_URL") else "edge"),
             qdrant_url=env.get("TESSERA_QDRANT_URL") or None,
             qdrant_api_key=env.get("TESSERA_QDRANT_API_KEY") or None,
             es_url=env.get("TESSERA_ES_URL") or None,
@@ -112,11 +114,13 @@ def open_reasoner(settings: Settings):
                                             batch_size=settings.vlm_batch))
 
 
-def open_engine(settings: Settings, embedder=None, reasoner=None):
+def open_engine(settings: Settings, embedder=None, reasoner=None, rebuild: bool = False):
     """Build the engine the settings describe; the embedder can be shared between engines.
 
     ``reasoner`` makes the engine run the VLM stage in-process (embedded mode); distributed query
-    workers leave it out and hand candidates to the ``reason`` queue instead.
+    workers leave it out and hand candidates to the ``reason`` queue instead. A data dir indexed
+    with another vector store is refused, unless ``rebuild`` (``tessera reindex``), which drops the
+    old store's files for the caller to rebuild the index from the state.
     """
     from indexer.embedder import open_embedder
     from indexer.engine import Tessera
@@ -132,12 +136,16 @@ def open_engine(settings: Settings, embedder=None, reasoner=None):
     index = Path(settings.index_dir) if settings.index_dir else data
     index.mkdir(parents=True, exist_ok=True)
     marker = index / "vector-store"
-    if marker.exists():
+    if marker.exists() and marker.read_text().strip() != settings.vector_store:
         recorded = marker.read_text().strip()
-        if recorded != settings.vector_store:
-            raise ValueError(f"{index} was indexed with vector store {recorded!r}, "
-                             f"not {settings.vector_store!r} (TESSERA_VECTOR_STORE)")
-    else:
+        if not rebuild:
+            raise ValueError(f"{index} was indexed with vector store {recorded!r}, not {settings.vector_store!r}"
+                             f" (TESSERA_VECTOR_STORE): set it back, or run `tessera reindex` to rebuild the index"
+                             f" in {settings.vector_store!r} from the conversation state")
+        old = {"qdrant": index / "qdrant", "sqlite": index / "vectors.sqlite", "edge": index / "edge"}.get(recorded)
+        if old is not None and old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if not marker.exists() or rebuild:
         # Several worker processes open the same data dir at once: readers never see a half-written marker.
         tmp = marker.with_name(f".vector-store.{os.getpid()}")
         tmp.write_text(settings.vector_store + "\n")
@@ -148,14 +156,18 @@ def open_engine(settings: Settings, embedder=None, reasoner=None):
 
         images = ImageIndexer(ImageEmbedder(settings.image_model))
     image_dim = images.dim if images is not None else None
-    if settings.vector_store == "sqlite":
+    if settings.vector_store == "edge":
+        from indexer.stores.edge import EdgeVectorStore
+
+        vectors = EdgeVectorStore(index / "edge", dim=embedder.dim, image_dim=image_dim)
+    elif settings.vector_store == "sqlite":
         vectors = SqliteVectorStore(index / "vectors.sqlite", dim=embedder.dim, image_dim=image_dim)
     elif settings.vector_store == "qdrant":
         vectors = QdrantVectorStore(path=index / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key,
                                     dim=embedder.dim, image_dim=image_dim)
     else:
-        raise ValueError(f"TESSERA_VECTOR_STORE: unknown vector store {settings.vector_store!r} (qdrant or sqlite)")
-    backend = "qdrant" if settings.vector_store == "qdrant" else "sqlite-vectors"
+        raise ValueError(f"TESSERA_VECTOR_STORE: unknown vector store {settings.vector_store!r} (edge, sqlite or qdrant)")
+    backend = {"qdrant": "qdrant", "edge": "qdrant-edge"}.get(settings.vector_store, "sqlite-vectors")
     if settings.es_url:
         from indexer.stores.elasticsearch import ElasticsearchBM25Store
 

@@ -51,7 +51,7 @@ def new_state_url(request):
 
 
 #: (vector store, state backend) pairs every engine test runs on.
-ENGINE_BACKENDS = [("qdrant", "sqlite"), ("sqlite", "sqlite"), ("sqlite", "postgres")]
+ENGINE_BACKENDS = [("edge", "sqlite"), ("sqlite", "sqlite"), ("sqlite", "postgres")]
 
 
 @pytest.fixture(params=ENGINE_BACKENDS, ids=["-".join(p) for p in ENGINE_BACKENDS])

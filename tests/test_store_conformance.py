@@ -8,6 +8,7 @@ import pytest
 
 from indexer.stores.base import EVERYONE, SearchFilter, Unit
 from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore, match_expression
+from indexer.stores.edge import EdgeVectorStore
 from indexer.stores.qdrant import QdrantVectorStore
 
 DIM = 8
@@ -37,6 +38,7 @@ def _qdrant_server(tmp_path):
 BACKENDS = {
     "bm25-sqlite": lambda tmp_path: SqliteBM25Store(tmp_path / "b.sqlite"),
     "qdrant-local": lambda tmp_path: QdrantVectorStore(path=tmp_path / "q", dim=DIM),
+    "qdrant-edge": lambda tmp_path: EdgeVectorStore(tmp_path / "e", dim=DIM),
     "vectors-sqlite": lambda tmp_path: SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM),
     "elasticsearch": _elasticsearch,
     "qdrant-server": _qdrant_server,
@@ -69,7 +71,7 @@ def _drop(s) -> None:
 
 def search(store, probe_text, probe_vec, flt, kind="turn"):
     store.refresh()
-    if not isinstance(store, (QdrantVectorStore, SqliteVectorStore)):
+    if not hasattr(store, "dim"):  # a keyword store
         hits = store.search(probe_text, kind, flt, 10)
     else:
         v = np.zeros(DIM, dtype=np.float32)

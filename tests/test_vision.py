@@ -29,7 +29,7 @@ def picture(path, colour, stripes=False):
     return f"file://{path}"
 
 
-@pytest.fixture(params=["qdrant", "sqlite"])
+@pytest.fixture(params=["edge", "sqlite"])
 def image_engine(request, tmp_path, embedder, clip_path, monkeypatch):
     from ops.settings import Settings, open_engine
 
