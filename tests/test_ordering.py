@@ -138,3 +138,25 @@ def test_reindex_rebuilds_lost_indexes_from_the_state_and_resumes(make_engine, t
     rebuilt.reindex()
     assert (rebuilt.vectors.count(), rebuilt.keywords.count()) == expected
     assert _found(rebuilt, "sourdough starter")
+
+
+def test_a_data_dir_of_another_vector_store_is_refused_then_moved_by_reindex(tmp_path, embedder):
+    """Data dirs from before the edge store: a clear refusal, then ``tessera reindex`` moves them over."""
+    from ops.settings import Settings, open_engine
+
+    old = open_engine(Settings(data_dir=tmp_path, vector_store="sqlite"), embedder=embedder)
+    old.ingest(dialogue("c1") + dialogue("c2"))
+    expected = old.vectors.count()
+    old.close()
+    with pytest.raises(ValueError, match="tessera reindex"):
+        open_engine(Settings(data_dir=tmp_path, vector_store="edge"), embedder=embedder)
+    moved = open_engine(Settings(data_dir=tmp_path, vector_store="edge"), embedder=embedder, rebuild=True)
+    try:
+        assert not (tmp_path / "vectors.sqlite").exists(), "the old store's files are dropped"
+        moved.reindex()
+        assert moved.vectors.count() == expected
+        assert _found(moved, "sourdough starter")
+    finally:
+        moved.close()
+    again = open_engine(Settings(data_dir=tmp_path, vector_store="edge"), embedder=embedder)
+    again.close()
