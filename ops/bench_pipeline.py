@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import tempfile
 import threading
@@ -57,10 +58,10 @@ def run(directory: str, timeout_s: float = 900, rate: float | None = None) -> di
     engine.close()
 
     stack = Stack(work / "stack")
+    # The workers encode as the embedded run above does (the report's row says torch).
+    os.environ["TESSERA_ENCODER"] = "torch"
     stack.up(workers=1, concurrency=1)
     try:
-        import os
-
         os.environ.update(stack.env())
         from kafka import KafkaProducer
 

@@ -132,14 +132,14 @@ class _Baselines:
 
 def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
                     progress: bool = True, embedder=None) -> dict:
-    """``embedder`` defaults to the torch MiniLM; the ONNX encoders pass theirs to compare recall."""
-    from indexer.embedder import SentenceTransformerEmbedder
+    """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one."""
+    from indexer.embedder import open_embedder
     from ops.settings import Settings, open_engine
 
     turns, questions = load(directory)
     if not turns:
         raise SystemExit(f"no LoCoMo conversations (*.json) in {directory}")
-    embedder = embedder or SentenceTransformerEmbedder()
+    embedder = embedder or open_embedder(Settings.from_env(data_dir).encoder)
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
     engine = open_engine(Settings.from_env(work), embedder=embedder)

@@ -53,6 +53,23 @@ def test_ingest_reports_bad_lines_indexes_the_rest_and_answers_jobs(tmp_path):
     assert json.loads(proc.stdout)["fragments"][0]["conversation_id"] == "c1"
 
 
+def test_a_query_on_the_default_path_imports_neither_torch_nor_qdrant_client(tmp_path, monkeypatch):
+    """What makes ``tessera query`` start in under a second: the ONNX encoder (its export cached by the
+    ingest before) and the edge store; torch and qdrant-client take seconds to import."""
+    for name in ("TESSERA_ENCODER", "TESSERA_VECTOR_STORE", "TESSERA_QDRANT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(e.model_dump_json(by_alias=True) for e in dialogue()) + "\n")
+    assert run(tmp_path, "ingest", str(events)).returncode == 0
+    probe = ("import sys\nfrom ops.cli import main\ncode = main(['query', '--tenant', 't1', '--user', 'u', 'glacier'])\n"
+             "print(code, sorted(m for m in ('torch', 'sentence_transformers', 'qdrant_client') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TESSERA_DATA_DIR": str(tmp_path / "data")})
+    assert proc.returncode == 0, proc.stderr
+    assert "glacier" in proc.stdout.lower()
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout
+
+
 def test_demo_prints_answers(tmp_path):
     proc = run(tmp_path, "demo")
     assert proc.returncode == 0, proc.stderr

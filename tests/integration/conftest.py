@@ -39,6 +39,8 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
 def stack(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_VISIBILITY_TIMEOUT", TEST_VISIBILITY_TIMEOUT)
     monkeypatch.setenv("TESSERA_SWEEP_S", "2")
+    # The reference engines of these tests encode with the torch encoder (the ``embedder`` fixture).
+    monkeypatch.setenv("TESSERA_ENCODER", "torch")
     s = Stack(tmp_path / "stack-data")
     s.started = False
 
