@@ -15,6 +15,10 @@ random 384-d vectors, a tenant AND participant filter, top 30) and what the data
 * Vectors are quantized to int8 and kept in RAM; the originals stay in memory-mapped files and
   rescore the candidates (recall 1.0 at 1M in the probe, 0.87 GB RSS against 1.5 GB for float32
   brute force).
+* Payloads are memory-mapped and cached rather than read from disk per hit: reading the payloads
+  of 200 hits was more than half of a search (3.1 ms against 1.8 ms at 10k fragments).
+* One search thread per shard: a query's lists already run side by side (``HybridSearcher``), and
+  more threads than cores only queue.
 
 The payload holds ids, participants and times, never text, so an erasure leaves no erased text in
 these files whether or not the optimizer has vacuumed the deleted points yet. A second process
@@ -148,6 +152,7 @@ class EdgeVectorStore(_Shards):
             hnsw_config=HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=FULL_SCAN_THRESHOLD),
             quantization_config=ScalarQuantizationConfig(type=ScalarType.Int8, quantile=0.99, memory=Memory.Pinned),
             optimizers=EdgeOptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000),
+            payload_memory=Memory.Cached, max_search_threads=1,
         )
 
     def _open(self, kind: str, with_image: bool) -> EdgeShard:
@@ -211,7 +216,8 @@ class EdgeBM25Store(_Shards):
         # normalisation suits short turns.
         self.model = Bm25(Bm25Config(language="english"))
         config = EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: EdgeSparseVectorParams(modifier=Modifier.Idf)},
-                            optimizers=EdgeOptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000))
+                            optimizers=EdgeOptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000),
+                            payload_memory=Memory.Cached, max_search_threads=1)
         self.shards = {kind: open_shard(self.path / kind, config) for kind in UNIT_KINDS}
 
     def upsert(self, units: Sequence[Unit]) -> None:
