@@ -49,12 +49,28 @@ FULL_SCAN_THRESHOLD = 2**31 - 1
 OVERSAMPLING = 2.0
 #: Points per update operation: bounds the memory of one WAL record.
 UPSERT_BATCH = 1024
-_KEYWORDS = ("conversation_id", "fragment_id", "sender_ids", "visible_to")
+_KEYWORDS = ("scope", "conversation_id", "fragment_id", "sender_ids", "visible_to")
 _FLOATS = ("start_ts", "end_ts")
 
 
+def scope(tenant_id: str, principal: str) -> str:
+    """One keyword per (tenant, principal): "everyone in tenant A" is a different word from tenant B's."""
+    return f"{tenant_id}\x1f{principal}"
+
+
+def payload_of(unit: Unit) -> dict:
+    """The unit's payload plus its scope keywords, the condition that selects what a user may see."""
+    return {**unit.payload(), "scope": [scope(unit.tenant_id, p) for p in unit.visible_to]}
+
+
 def build_filter(flt: SearchFilter) -> Filter:
+    """Tenant and visibility first, as one condition on ``scope``: its index yields exactly the points
+    the user may see, where ``visible_to`` alone would yield every tenant's team conversations
+    (20 ms against ... at 100k fragments, see the module docstring). The tenant and visibility
+    conditions stay as well: a point passes only if all three agree."""
     must = [
+        FieldCondition(key="scope", match=MatchAny(any=[scope(flt.tenant_id, flt.user_id),
+                                                        scope(flt.tenant_id, EVERYONE)])),
         FieldCondition(key="tenant_id", match=MatchValue(value=flt.tenant_id)),
         FieldCondition(key="visible_to", match=MatchAny(any=[flt.user_id, EVERYONE])),
     ]
@@ -170,7 +186,7 @@ class EdgeVectorStore(_Shards):
             named = {TEXT_VECTOR: unit.vector.astype(np.float32).tolist()}
             if unit.image_vector is not None:
                 named[IMAGE_VECTOR] = unit.image_vector.astype(np.float32).tolist()
-            return Point(id=unit.unit_id, vector=named, payload=unit.payload())
+            return Point(id=unit.unit_id, vector=named, payload=payload_of(unit))
 
         self._batches(units, point)
 
@@ -222,7 +238,7 @@ class EdgeBM25Store(_Shards):
 
     def upsert(self, units: Sequence[Unit]) -> None:
         self._batches(units, lambda u: Point(id=u.unit_id, vector={BM25_VECTOR: self.model.embed_document(u.text)},
-                                             payload=u.payload()))
+                                             payload=payload_of(u)))
 
     def search(self, text: str, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
         if kind not in self.shards:
