@@ -231,7 +231,10 @@ class EdgeBM25Store(_Shards):
         # turns (12 tokens) lost 0.05 recall@10 on the single-turn list; the default's weaker length
         # normalisation suits short turns.
         self.model = Bm25(Bm25Config(language="english"))
-        config = EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: EdgeSparseVectorParams(modifier=Modifier.Idf)},
+        # As for dense vectors: score the points the filter selects rather than walk the inverted index of
+        # the whole shard (a common word's postings span every tenant: 19 ms against ... at 100k fragments).
+        sparse = EdgeSparseVectorParams(modifier=Modifier.Idf, full_scan_threshold=FULL_SCAN_THRESHOLD)
+        config = EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: sparse},
                             optimizers=EdgeOptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000),
                             payload_memory=Memory.Cached, max_search_threads=1)
         self.shards = {kind: open_shard(self.path / kind, config) for kind in UNIT_KINDS}
