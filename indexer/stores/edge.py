@@ -65,9 +65,9 @@ def payload_of(unit: Unit) -> dict:
 
 def build_filter(flt: SearchFilter) -> Filter:
     """Tenant and visibility first, as one condition on ``scope``: its index yields exactly the points
-    the user may see, where ``visible_to`` alone would yield every tenant's team conversations
-    (20 ms against ... at 100k fragments, see the module docstring). The tenant and visibility
-    conditions stay as well: a point passes only if all three agree."""
+    the user may see, where ``visible_to`` alone would yield every tenant's team conversations (the
+    turn list at 100k fragments: 20.7 ms with ``visible_to`` and the tenant, 6.8 ms with ``scope``).
+    The tenant and visibility conditions stay as well: a point passes only if all three agree."""
     must = [
         FieldCondition(key="scope", match=MatchAny(any=[scope(flt.tenant_id, flt.user_id),
                                                         scope(flt.tenant_id, EVERYONE)])),
@@ -232,7 +232,8 @@ class EdgeBM25Store(_Shards):
         # normalisation suits short turns.
         self.model = Bm25(Bm25Config(language="english"))
         # As for dense vectors: score the points the filter selects rather than walk the inverted index of
-        # the whole shard (a common word's postings span every tenant: 19 ms against ... at 100k fragments).
+        # the whole shard (a common word's postings span every tenant): the turn list at 100k fragments
+        # took 19 ms the other way, 6.6 ms this way.
         sparse = EdgeSparseVectorParams(modifier=Modifier.Idf, full_scan_threshold=FULL_SCAN_THRESHOLD)
         config = EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: sparse},
                             optimizers=EdgeOptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000),
