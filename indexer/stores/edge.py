@@ -1,4 +1,4 @@
-"""The embedded vector store on Qdrant's own engine (``qdrant-edge-py``): no server, one process.
+"""The embedded vector and BM25 stores on Qdrant's own engine (``qdrant-edge-py``): no server, one process.
 
 One shard per unit kind under ``path`` (``turn``, ``window``, ``fragment``), so a search touches
 only the points of its kind. The configuration follows what was measured on this machine (issue 17:
@@ -12,16 +12,17 @@ random 384-d vectors, a tenant AND participant filter, top 30) and what the data
 * ``full_scan_threshold`` is set far above any shard size when the shard is created (it is fixed
   in the segments then): without a graph, a filter estimated above the threshold would search the
   empty graph and find almost nothing (recall 0.005 for a tenant-only filter at 1M points).
-* Vectors are quantized to int8 and kept in RAM; the originals stay in memory-mapped files and
-  rescore the candidates (recall 1.0 at 1M in the probe, 0.87 GB RSS against 1.5 GB for float32
-  brute force).
+* Vectors are quantized to int8 and kept in RAM once the optimizer has turned a segment immutable
+  (``compact``); the originals stay in memory-mapped files and rescore the candidates (recall 1.0 at
+  1M in the probe, 0.87 GB RSS against 1.5 GB for float32 brute force).
 * Payloads are memory-mapped and cached rather than read from disk per hit: reading the payloads
   of 200 hits was more than half of a search (3.1 ms against 1.8 ms at 10k fragments).
 * One search thread per shard: a query's lists already run side by side (``HybridSearcher``), and
   more threads than cores only queue.
 
-The payload holds ids, participants and times, never text, so an erasure leaves no erased text in
-these files whether or not the optimizer has vacuumed the deleted points yet. A second process
+The payload holds ids, participants and times, never text, and the BM25 shards hold hashed term ids
+and weights, so an erasure leaves no erased text in these files whether or not the optimizer has
+vacuumed the deleted points yet. A second process
 cannot open the same shards (the WAL is locked): the multi-process local stack uses the ``sqlite``
 store or a Qdrant server.
 """
