@@ -87,7 +87,7 @@ class TesseraConsumer:
         self._done: dict[TopicPartition, int] = {}
         self._stop = threading.Event()
         self._gauges_at = 0.0
-        self.polled_at = time.monotonic()
+        self.polled_at = self.started_at = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -115,11 +115,15 @@ class TesseraConsumer:
 
     def healthy(self, stall_s: float) -> bool:
         """Polling goes on (no call stuck for ``stall_s``) and the group coordinator hears from us: a
-        consumer cut off from the broker polls empty batches quickly, but stops heartbeating."""
-        if time.monotonic() - self.polled_at > stall_s:
+        consumer cut off from the broker polls empty batches quickly, but stops heartbeating. Before
+        its first heartbeat (joining the group takes seconds) it has ``stall_s`` from its start."""
+        now = time.monotonic()
+        if now - self.polled_at > stall_s:
             return False
         heartbeat = self.consumer.metrics().get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago")
-        return heartbeat is None or heartbeat < stall_s
+        if heartbeat is None or heartbeat == float("inf"):
+            return now - self.started_at < stall_s
+        return heartbeat < stall_s
 
     def commit(self) -> None:
         if not self._done:
