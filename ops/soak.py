@@ -126,6 +126,17 @@ def _hostile(lines: list[bytes], images: str) -> list[bytes]:
 
 def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout_s: float,
         faults: bool = False) -> dict:
+    """The soak run; the settings it gives its stack (through the environment its processes inherit)
+    do not outlive it in this process."""
+    saved = dict(os.environ)
+    try:
+        return _run(events, query_seconds, query_rate, out, timeout_s, faults)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _run(events: int, query_seconds: float, query_rate: float, out: Path, timeout_s: float, faults: bool) -> dict:
     from kafka import KafkaConsumer, KafkaProducer
 
     from consumer.produce import _key_of

@@ -54,9 +54,12 @@ def stack(tmp_path, monkeypatch):
         return s
 
     s.start = up
+    saved = dict(os.environ)  # Stack.up exports its addresses into this process's environment
     yield s
     if s.started:
         s.down()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
