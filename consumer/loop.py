@@ -22,7 +22,7 @@ from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq, group_of
 from ops.metrics import (
     CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH, UNKNOWN_FIELDS,
 )
-from schemas import Result, ResultError, SchemaError, forward, parse_message, parse_query, unknown_fields
+from schemas import Result, SchemaError, forward, parse_message, parse_query, unknown_fields
 from schemas.parse import loads
 from schemas.routing import parse_message_key
 from workers.app import PUBLISH_RETRY, QUEUES
@@ -220,7 +220,7 @@ class TesseraConsumer:
             return
         if not isinstance(job_id, str) or not job_id:
             return
-        result = Result(job_id=job_id[:200], status="error", error=ResultError(code=exc.code, message=str(exc)))
+        result = Result.failure(job_id[:200], exc.code, str(exc))
         self.producer.send(RESULTS, key=result.job_id.encode(), value=result.to_json().encode()).get(timeout=30)
 
     # ---- backpressure -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from indexer.text import render_turn, snippet, words
 from indexer.vision import ImageBatch, ImageIndexer, turn_image_vector
 from schemas import (
     CandidateImage, CandidateTurn, ClarifyingQuestion, MessageEvent, QueryJob, ReasonCandidate, ReasonRequest, Result,
-    ResultError, ResultFragment, ResultImage,
+    ResultFragment, ResultImage,
 )
 
 #: Query vectors kept per process: the same query text is often asked again (paging, retries).
@@ -643,7 +643,7 @@ class Tessera:
 
     @staticmethod
     def _error(job: QueryJob, code: str, message: str) -> Result:
-        return Result(job_id=job.job_id, status="error", error=ResultError(code=code, message=message))
+        return Result.failure(job.job_id, code, message)
 
     @staticmethod
     def _view(span: Span, record: FragmentRecord, turns: dict[str, Turn], user_id: str) -> SpanView:

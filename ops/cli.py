@@ -20,7 +20,7 @@ from tqdm import tqdm  # noqa: E402
 from ops.metrics import EVENTS_REJECTED, record_ingest  # noqa: E402
 
 from schemas import (  # noqa: E402
-    QUERY_SCHEMA, MessageEvent, QueryJob, Result, ResultError, SchemaError, parse_message, parse_query,
+    QUERY_SCHEMA, MessageEvent, QueryJob, Result, SchemaError, parse_message, parse_query,
 )
 
 #: Events handed to the engine at once: one encoder pass and one store write per batch.
@@ -93,10 +93,6 @@ def cmd_ingest(args) -> int:
     return 1 if failed else 0
 
 
-def error_result(job_id: str, code: str, message: str) -> Result:
-    return Result(job_id=job_id, status="error", error=ResultError(code=code, message=message))
-
-
 def answer_line(engine, raw: bytes | str, number: int) -> Result:
     """One query job in, one result out; a job that breaks the schema gets status ``error``."""
     try:
@@ -109,7 +105,7 @@ def answer_line(engine, raw: bytes | str, number: int) -> Result:
                 job_id = data["job_id"][:200]
         except (ValueError, UnicodeDecodeError):
             pass
-        return error_result(job_id, exc.code, f"line {number}: {exc}")
+        return Result.failure(job_id, exc.code, f"line {number}: {exc}")
     return engine.query(job)
 
 

@@ -258,15 +258,12 @@ class Stack:
 
 
 def _health(port: int) -> str:
-    import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             return "healthy" if response.status == 200 else "unhealthy"
-    except urllib.error.HTTPError:
-        return "unhealthy"
-    except OSError:
+    except OSError:  # refused, timed out, or an HTTP error status (HTTPError is an OSError)
         return "unhealthy"
 
 

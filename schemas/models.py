@@ -203,6 +203,11 @@ class Result(_Record):
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
 
+    @classmethod
+    def failure(cls, job_id: str, code: str, message: str) -> "Result":
+        """The ``error`` result of a job: a stable ``code`` for programs, a ``message`` for people."""
+        return cls(job_id=job_id, status="error", error=ResultError(code=code, message=message))
+
     def capped(self, max_bytes: int = MAX_RESULT_BYTES) -> "Result":
         """This result, or the longest prefix of its fragments that fits ``max_bytes`` (``truncated``);
         an ``error`` result (``result_too_large``) when not even the first fragment fits."""
@@ -216,8 +221,7 @@ class Result(_Record):
                 break
             keep += 1
         if keep == 0:
-            return Result(job_id=self.job_id, status="error", error=ResultError(
-                code="result_too_large", message=f"the best fragment alone exceeds {max_bytes} bytes"))
+            return Result.failure(self.job_id, "result_too_large", f"the best fragment alone exceeds {max_bytes} bytes")
         return self.model_copy(update={"fragments": self.fragments[:keep], "truncated": True})
 
 

@@ -175,21 +175,25 @@ def test_messages_sent_before_1970_index_with_valid_versions(tmp_path, embedder)
     assert any("moon landing" in t for t in client.texts())
 
 
+def _bad_request(error_type: str, reason: str):
+    """Elasticsearch's 400 answer as the official client raises it."""
+    from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
+    from elasticsearch import BadRequestError
+
+    meta = ApiResponseMeta(status=400, http_version="1.1", headers=HttpHeaders(), duration=0.0,
+                           node=NodeConfig("http", "127.0.0.1", 9200))
+    body = {"error": {"root_cause": [{"type": error_type, "reason": reason}], "type": error_type, "reason": reason},
+            "status": 400}
+    return BadRequestError(message=error_type, meta=meta, body=body)
+
+
 class _RacingIndices(_Indices):
     """Another process creates each index between this one's ``exists`` and ``create``: Elasticsearch
     answers 400 ``resource_already_exists_exception`` (its documented answer to a second create)."""
 
     def create(self, index):
-        from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
-        from elasticsearch import BadRequestError
-
         self.calls.append(("create", index))
-        meta = ApiResponseMeta(status=400, http_version="1.1", headers=HttpHeaders(), duration=0.0,
-                               node=NodeConfig("http", "127.0.0.1", 9200))
-        body = {"error": {"root_cause": [{"type": "resource_already_exists_exception", "reason": f"[{index}] exists"}],
-                          "type": "resource_already_exists_exception", "reason": f"index [{index}] already exists"},
-                "status": 400}
-        raise BadRequestError(message="resource_already_exists_exception", meta=meta, body=body)
+        raise _bad_request("resource_already_exists_exception", f"index [{index}] already exists")
 
 
 def test_processes_racing_to_create_the_indexes_all_start():
@@ -200,15 +204,11 @@ def test_processes_racing_to_create_the_indexes_all_start():
 
 
 def test_a_refused_index_creation_is_still_an_error():
-    from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
     from elasticsearch import BadRequestError
 
     class Refusing(_Indices):
         def create(self, index):
-            meta = ApiResponseMeta(status=400, http_version="1.1", headers=HttpHeaders(), duration=0.0,
-                                   node=NodeConfig("http", "127.0.0.1", 9200))
-            raise BadRequestError(message="invalid_index_name_exception", meta=meta,
-                                  body={"error": {"type": "invalid_index_name_exception"}, "status": 400})
+            raise _bad_request("invalid_index_name_exception", f"invalid index name [{index}]")
 
     client = VersionedClient()
     client.indices = Refusing()

@@ -248,7 +248,7 @@ class AnsweringTask(TesseraTask):
 
     def gave_up(self, args, kwargs, code: str) -> None:
         from ops.metrics import record_result
-        from schemas import Result, ResultError
+        from schemas import Result
         from workers.results import publish
 
         record = args[0] if args else kwargs.get("record")
@@ -256,8 +256,7 @@ class AnsweringTask(TesseraTask):
         if job_id is None:
             log.error("task %s (%s) gave up on a record without a job id", self.request.id, self.name)
             return
-        result = Result(job_id=job_id, status="error", error=ResultError(
-            code=code, message=f"the search could not be completed ({code}); reference {self.request.id}"))
+        result = Result.failure(job_id, code, f"the search could not be completed ({code}); reference {self.request.id}")
         try:
             publish(job_id, result.to_json())
         except Exception:

@@ -62,7 +62,7 @@ def reason(record: dict) -> dict:
     """The VLM chooses the turns of the recalled candidates; if it cannot load or fails on this request,
     ``auto`` jobs get the CPU spans and ``vlm`` jobs an error result."""
     from indexer.reasoning import ReasoningUnavailable, span_answer
-    from schemas import Result, ResultError, parse_reason
+    from schemas import Result, parse_reason
 
     request = parse_reason(record)
     try:
@@ -72,8 +72,7 @@ def reason(record: dict) -> dict:
         log.exception("the VLM failed on job %s; %s", request.job.job_id,
                       "answering with an error" if request.job.reasoning == "vlm" else "answering with the CPU spans")
         if request.job.reasoning == "vlm":
-            result = Result(job_id=request.job.job_id, status="error", error=ResultError(
-                code="reasoning_unavailable", message="the VLM reasoning stage failed on this job"))
+            result = Result.failure(request.job.job_id, "reasoning_unavailable", "the VLM reasoning stage failed on this job")
         else:
             result = span_answer(request)
     return _publish(result)
