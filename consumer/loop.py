@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
 
 from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq, group_of
+from indexer.errors import is_transient
 from ops.metrics import (
     CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH, UNKNOWN_FIELDS,
 )
@@ -129,7 +131,15 @@ class TesseraConsumer:
         if not self._done:
             return
         offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._done.items()}
-        self.consumer.commit(offsets)
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as exc:
+            if not is_transient(exc):
+                raise
+            # The broker went away mid-commit: keep the offsets for the next commit. Records handed
+            # on since the last commit may be delivered again; their events are idempotent.
+            log.warning("commit failed (%s); kept for the next one", exc)
+            return
         self.stats.commits += 1
         self.stats.committed.update({f"{tp.topic}/{tp.partition}": o for tp, o in self._done.items()})
         self._done.clear()
