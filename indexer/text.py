@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from indexer.segmenter import Turn
+from indexer.model import Turn
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 

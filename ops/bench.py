@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ops.settings import warm_up
 
 PERCENTILES = (50, 95, 99)
 
@@ -51,7 +52,7 @@ def _pcts(values) -> dict[str, float]:
 
 def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, encoder: str) -> Path:
     """The synthetic corpus of ``fragments`` on ``store``, built once under ``root``."""
-    from indexer.embedder import open_embedder
+    from indexer.encoders.text import open_embedder
     from ops.settings import Settings, open_engine
     from ops.synthetic import Layout, generate, load_pool
 
@@ -84,7 +85,7 @@ def _brute_force(vectors_path: Path, dim: int):
     """All turn vectors in one matrix plus who may see each: the search a team writes first."""
     import sqlite3
 
-    from indexer.stores.base import EVERYONE
+    from indexer.model import EVERYONE
 
     db = sqlite3.connect(str(vectors_path))
     rows = db.execute("SELECT u.tenant_id, u.visible_to, u.unit_id, v.vector FROM units u JOIN unit_vectors v"
@@ -112,7 +113,7 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
     """Query latency and memory of one corpus, in this (fresh) process."""
     from tqdm import tqdm
 
-    from indexer.embedder import open_embedder
+    from indexer.encoders.text import open_embedder
     from ops.settings import Settings, open_engine
     from ops.synthetic import Layout, load_pool, sample_queries
     from schemas import QUERY_SCHEMA, QueryJob
@@ -122,7 +123,7 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
     rss_start = _rss_mb()
     engine = open_engine(Settings(data_dir=data, vector_store=store, encoder=encoder), embedder=embedder)
     t = time.perf_counter()
-    engine.warm_up()
+    warm_up(engine)
     load_s = time.perf_counter() - t
     rss_loaded = _rss_mb()
     layout = Layout(fragments)
@@ -181,9 +182,9 @@ def _measure_in_child(root: Path, store: str, fragments: int, queries: int, enco
 
 def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
     from indexer import ids
-    from indexer.embedder import open_embedder
-    from indexer.engine import turn_of_event
-    from indexer.stores.base import EVERYONE, Unit
+    from indexer.encoders.text import open_embedder
+    from indexer.ingest.units import turn_of_event
+    from indexer.model import EVERYONE, Unit
     from indexer.text import render_turn
     from ops.cli import INGEST_BATCH, ingest_file
     from ops.locomo import load, to_events
@@ -232,7 +233,7 @@ def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
 
 
 def _encoder_recall(locomo_dir: str, encoders: list[str]) -> dict:
-    from indexer.embedder import open_embedder
+    from indexer.encoders.text import open_embedder
     from ops.evaluate import evaluate_locomo
 
     out = {}

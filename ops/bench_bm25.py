@@ -67,7 +67,7 @@ def tantivy_engine(docs, questions):
 def edge_engine(docs, questions):
     import uuid
 
-    from indexer.stores.base import EVERYONE, SearchFilter, Unit
+    from indexer.model import EVERYONE, SearchFilter, Unit
     from indexer.stores.edge import EdgeBM25Store
 
     t = time.perf_counter()

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from indexer.embedder import SentenceTransformerEmbedder
-from indexer.engine import turn_of_event
+from indexer.encoders.text import SentenceTransformerEmbedder
+from indexer.ingest.units import turn_of_event
 from indexer.text import render_turn
 from ops.cli import INGEST_BATCH, ingest_file
 from ops.locomo import load, to_events

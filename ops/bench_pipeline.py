@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.embedder import SentenceTransformerEmbedder
+from indexer.encoders.text import SentenceTransformerEmbedder
 from ops.cli import ingest_file
 from ops.locomo import load, to_events
 from ops.settings import Settings, open_engine

@@ -51,7 +51,7 @@ def run(shape: str, n_candidates: int, batch_sizes: list[int], repeats: int, out
     import torch
 
     from indexer.images import ImagePolicy
-    from indexer.reasoning import VlmReasoner
+    from indexer.query.reasoning import VlmReasoner
     from ops import random_models
     from schemas import QUERY_SCHEMA, QueryJob, ReasonRequest
 

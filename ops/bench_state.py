@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ops.settings import warm_up
 
 INGEST_BATCH = 256
 
@@ -47,7 +48,7 @@ def _queries(engine, pool, layout, count: int) -> dict:
     jobs = [QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"s{i}", "tenant_id": tenant, "user_id": user,
                                      "query": text, "top_k": 5, "reasoning": "fast"})
             for i, (tenant, user, text) in enumerate(asks)]
-    engine.warm_up()
+    warm_up(engine)
     for job in jobs[:20]:
         engine.query(job)
     totals = []
@@ -59,7 +60,7 @@ def _queries(engine, pool, layout, count: int) -> dict:
 
 
 def run(locomo_dir: str, fragments: int, queries: int, encoder: str = "torch", work: Path | None = None) -> dict:
-    from indexer.embedder import open_embedder
+    from indexer.encoders.text import open_embedder
     from ops.locomo import load, to_events
     from ops.postgres import LocalPostgres
     from ops.settings import Settings, open_engine

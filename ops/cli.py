@@ -22,6 +22,7 @@ from ops.metrics import EVENTS_REJECTED, record_ingest  # noqa: E402
 from schemas import (  # noqa: E402
     QUERY_SCHEMA, MessageEvent, QueryJob, Result, SchemaError, parse_message, parse_query,
 )
+from ops.settings import warm_up
 
 #: Events handed to the engine at once: one encoder pass and one store write per batch.
 INGEST_BATCH = 256
@@ -157,7 +158,7 @@ def cmd_query(args) -> int:
     engine = _engine(args, reasoning=True)
     try:
         if args.jobs:
-            engine.warm_up()
+            warm_up(engine)
             for number, raw in _lines(args.jobs):
                 print(answer(engine, raw, number).to_json(), flush=True)
             return 0

@@ -30,6 +30,7 @@ from indexer.text import STOPWORDS, words
 from ops.evaluate import BUDGETS, EVAL_TOP_K, asked_after, score
 from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
 from schemas import QUERY_SCHEMA, QueryJob, Result
+from ops.settings import warm_up
 
 TEMPORAL = 2
 
@@ -90,7 +91,7 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
     events = to_events(turns)
     for start in tqdm(range(0, len(events), 256), desc="ingest", disable=not progress, file=sys.stderr):
         engine.ingest(events[start:start + 256])
-    engine.warm_up()
+    warm_up(engine)
     bar = tqdm(total=len(questions) * 5, desc="queries", disable=not progress, file=sys.stderr)
 
     def run(text: str, q: Question, i: int, history=(), **switches) -> Result:
@@ -99,7 +100,7 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
         try:
             return engine.query(_job(f"q{i}", text, asked[q.conversation_id], history))
         finally:
-            engine.clarify, engine.time_filters = False, True
+            engine.searcher.clarify, engine.searcher.time_filters = False, True
 
     report: dict = {"dataset": str(directory), "questions": len(questions), "turns": len(turns)}
     started = time.perf_counter()
@@ -171,9 +172,9 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
 
 
 def _had_time(engine, text: str, now) -> bool:
-    from indexer.timeparse import parse
+    from indexer.query.timeparse import parse
 
-    return not parse(engine.rewriter.rewrite(text), now).empty
+    return not parse(engine.searcher.rewriter.rewrite(text), now).empty
 
 
 def _table(rows: dict[str, dict]) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from indexer.engine import turn_of_event
+from indexer.ingest.units import turn_of_event
 from indexer.stores.sqlite import match_expression
 from indexer.text import render_turn
 from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
@@ -133,7 +133,7 @@ class _Baselines:
 def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
                     progress: bool = True, embedder=None) -> dict:
     """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one."""
-    from indexer.embedder import open_embedder
+    from indexer.encoders.text import open_embedder
     from ops.settings import Settings, open_engine
 
     turns, questions = load(directory)

@@ -28,9 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer import ids
-from indexer.segmenter import Turn
-from indexer.state import FragmentRecord
-from indexer.stores.base import EVERYONE
+from indexer.model import EVERYONE, FragmentRecord, Turn
+from indexer.ingest.units import fragment_units
 
 TURNS_PER_FRAGMENT = 5
 FRAGMENTS_PER_CONVERSATION = 10
@@ -146,7 +145,7 @@ def _conversation(engine, pool: Pool, layout: Layout, c: int, rng: np.random.Gen
         record = FragmentRecord(ids.fragment_id(tenant, conversation, members[0].message_id), tenant, conversation,
                                 tuple(t.message_id for t in members), members[0].sent_at, members[-1].sent_at)
         engine.state.put_fragments([record])
-        units.extend(engine.fragment_units(record, members, participants or [EVERYONE]))
+        units.extend(fragment_units(record, members, participants or [EVERYONE]))
         at += timedelta(hours=1)
     return units
 

@@ -18,7 +18,7 @@ T0 = datetime(2026, 5, 1, 10, 0, tzinfo=timezone.utc)
 
 @pytest.fixture(scope="session")
 def embedder():
-    from indexer.embedder import SentenceTransformerEmbedder
+    from indexer.encoders.text import SentenceTransformerEmbedder
 
     e = SentenceTransformerEmbedder()
     e.warm_up()

@@ -2,7 +2,7 @@
 
 from datetime import datetime, timezone
 
-from indexer.clarify import SpanView, clarify
+from indexer.query.clarify import SpanView, clarify
 from tests.conftest import message, query
 
 

@@ -7,7 +7,7 @@ deterministically: a bulk answer of 200 with failed items, throttling, and what 
 
 import pytest
 
-from indexer.stores.base import SearchFilter
+from indexer.model import SearchFilter
 from indexer.stores.elasticsearch import BulkItemsFailed, ElasticsearchBM25Store, build_query, index_template
 from tests.test_store_conformance import unit
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from indexer.embedder import OnnxEmbedder, open_embedder
+from indexer.encoders.text import OnnxEmbedder, open_embedder
 
 TEXTS = [
     "Caroline: I went to the LGBTQ support group yesterday and it was so powerful.",

@@ -1,6 +1,6 @@
 """The embedded engine against the real encoder, Qdrant local mode and the FTS5 store."""
 
-from indexer.stores.base import SearchFilter
+from indexer.model import SearchFilter
 from tests.conftest import dialogue, message, query
 
 

@@ -2,8 +2,7 @@
 
 import json
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from indexer.stores.sqlite import match_expression
 from schemas import SchemaError, parse_message, parse_query

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from indexer.stores.base import SearchFilter
+from indexer.model import SearchFilter
 from schemas import SchemaError, parse_message
 from tests.conftest import dialogue, message, query
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.engine import MAX_INDEX_ATTEMPTS
+from indexer.ingest.ingestor import MAX_INDEX_ATTEMPTS
 from tests.conftest import dialogue, message
 from tests.test_elasticsearch_adapter import VersionedClient, _engine_on
 

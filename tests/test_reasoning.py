@@ -4,10 +4,9 @@ code: decoding always yields valid turn numbers, images reach the model, the mod
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
-from indexer.reasoning import MAX_ANSWER_TURNS, AnswerVocabulary, VlmReasoner, answer_state, parse_answer
+from indexer.query.reasoning import MAX_ANSWER_TURNS, AnswerVocabulary, VlmReasoner, answer_state, parse_answer
 from schemas import QUERY_SCHEMA, QueryJob, ReasonRequest
 from tests.conftest import dialogue, query
 
@@ -147,7 +146,7 @@ def test_engine_modes(make_engine, vlm_paths):
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
-    from indexer.reasoning import ReasoningUnavailable
+    from indexer.query.reasoning import ReasoningUnavailable
 
     with pytest.raises(ReasoningUnavailable, match="TESSERA_VLM_MODEL"):
         VlmReasoner(tmp_path / "nothing")

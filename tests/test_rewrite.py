@@ -1,6 +1,6 @@
 """Conversational rewriting: the rule, and a transformers model loaded from a local path."""
 
-from indexer.rewrite import RuleRewriter, Seq2SeqRewriter, open_rewriter, rule_rewrite
+from indexer.query.rewrite import RuleRewriter, Seq2SeqRewriter, open_rewriter, rule_rewrite
 from schemas import HistoryTurn
 
 

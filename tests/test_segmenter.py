@@ -2,7 +2,8 @@ from datetime import timedelta
 
 import numpy as np
 
-from indexer.segmenter import ImageInfo, SegmenterConfig, Turn, segment
+from indexer.model import ImageInfo, Turn
+from indexer.ingest.segmenter import SegmenterConfig, segment
 from indexer.text import render_turn
 from tests.conftest import T0
 

@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from indexer.segmenter import Turn
-from indexer.state import FragmentRecord, open_state
+from indexer.model import FragmentRecord, Turn
+from indexer.state import open_state
 
 T = datetime(2026, 5, 1, tzinfo=timezone.utc)
 

@@ -6,7 +6,7 @@ import uuid
 import numpy as np
 import pytest
 
-from indexer.stores.base import EVERYONE, SearchFilter, Unit
+from indexer.model import EVERYONE, SearchFilter, Unit
 from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore, match_expression
 from indexer.stores.edge import EdgeBM25Store, EdgeVectorStore
 from indexer.stores.qdrant import QdrantVectorStore

@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from indexer.timeparse import MAX_GRACE, MIN_GRACE, parse
+from indexer.query.timeparse import MAX_GRACE, MIN_GRACE, parse
 
 
 
@@ -91,7 +91,7 @@ def test_a_time_with_nothing_in_it_falls_back_to_the_words(make_engine):
 def test_a_time_beyond_the_calendar_is_words_not_a_crash():
     from datetime import datetime, timezone
 
-    from indexer.timeparse import parse
+    from indexer.query.timeparse import parse
 
     now = datetime(2026, 5, 1, tzinfo=timezone.utc)
     for text in ("what did we say 3000 years ago", "the plan from 999999 days ago", "200000 weeks ago"):

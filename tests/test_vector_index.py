@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from indexer.stores.base import EVERYONE, SearchFilter, Unit
+from indexer.model import EVERYONE, SearchFilter, Unit
 from indexer.stores.sqlite import SqliteVectorStore
 from indexer.stores.vector_index import VectorIndex
 

@@ -4,7 +4,7 @@ into the turns' ``image`` vector, searchable by image and by words; failures cou
 import numpy as np
 import pytest
 
-from indexer.stores.base import SearchFilter
+from indexer.model import SearchFilter
 from tests.conftest import message, query
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230)}
@@ -107,7 +107,7 @@ def test_without_an_image_model_images_count_through_captions(make_engine, tmp_p
 def test_image_embedder_spaces(clip_path):
     from PIL import Image
 
-    from indexer.vision import ImageEmbedder
+    from indexer.encoders.image import ImageEmbedder
 
     embedder = ImageEmbedder(clip_path)
     images = embedder.encode_images([Image.new("RGB", (20, 30), c) for c in COLOURS.values()])

@@ -22,6 +22,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from indexer.errors import is_transient
 
 from workers.app import redis_url
+from ops.settings import warm_up
 
 log = logging.getLogger("tessera.workers")
 
@@ -47,7 +48,7 @@ def engine():
             from ops.settings import Settings, open_engine
 
             _engine = open_engine(Settings.from_env())
-            _engine.warm_up()
+            warm_up(_engine)
         return _engine
 
 
@@ -60,7 +61,7 @@ def reasoner():
 
             model = open_reasoner(Settings.from_env())
             if model is None:
-                from indexer.reasoning import ReasoningUnavailable
+                from indexer.query.reasoning import ReasoningUnavailable
 
                 raise ReasoningUnavailable("TESSERA_VLM_MODEL is not set on this worker")
             model.warm_up()

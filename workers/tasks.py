@@ -30,10 +30,10 @@ def embed() -> dict:
     full batches; embed tasks that find nothing pending return at once.
     """
     e = engine()
-    texts = e.pending_texts(EMBED_MAX_CONVERSATIONS)
-    vectors = e.encode_texts(texts) if texts else None
+    texts = e.ingestor.pending_texts(EMBED_MAX_CONVERSATIONS)
+    vectors = e.ingestor.encode_texts(texts) if texts else None
     # Images are fetched (short timeouts, concurrently) before the write lock is taken.
-    images = e.embed_images(e.pending_image_uris(EMBED_MAX_CONVERSATIONS))
+    images = e.ingestor.embed_images(e.ingestor.pending_image_uris(EMBED_MAX_CONVERSATIONS))
     report = e.index_pending(vectors, EMBED_MAX_CONVERSATIONS, images)
     record_ingest(report)
     return report.__dict__
@@ -61,7 +61,7 @@ def query(record: dict) -> dict:
 def reason(record: dict) -> dict:
     """The VLM chooses the turns of the recalled candidates; if it cannot load or fails on this request,
     ``auto`` jobs get the CPU spans and ``vlm`` jobs an error result."""
-    from indexer.reasoning import ReasoningUnavailable, span_answer
+    from indexer.query.reasoning import ReasoningUnavailable, span_answer
     from schemas import Result, parse_reason
 
     request = parse_reason(record)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from indexer.state.base import ConversationKey, ConversationState, FragmentRecord, Parked, SortKey, Stamp
+from indexer.state.base import ConversationState
 
-__all__ = ["ConversationKey", "ConversationState", "FragmentRecord", "Parked", "SortKey", "Stamp", "open_state"]
+__all__ = ["ConversationState", "open_state"]
 
 
 def open_state(url: str | None, data_dir: str | Path) -> ConversationState:

@@ -12,53 +12,11 @@ the event id breaks ties. A delete leaves a tombstone that no upsert of that mes
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from indexer.segmenter import Turn
-
-SortKey = tuple[float, str]
-#: What decides between two writes of one message or one participant list: (version, event_id).
-Stamp = tuple[float, str]
-ConversationKey = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class FragmentRecord:
-    fragment_id: str
-    tenant_id: str
-    conversation_id: str
-    message_ids: tuple[str, ...]
-    start_at: datetime
-    end_at: datetime
-
-    @property
-    def start_key(self) -> SortKey:
-        return (self.start_at.timestamp(), self.message_ids[0])
-
-
-@dataclass(frozen=True)
-class ConversationMeta:
-    participants: list[str] | None
-    #: The stamp of the event whose list is in effect (None while no event carried one).
-    participants_stamp: Stamp | None
-    #: Messages sent at or before this time belong to an erased conversation and stay erased.
-    erased_before: float | None
-
-
-@dataclass(frozen=True)
-class Parked:
-    """A conversation whose indexing failed ``attempts`` times in a row: set aside until an operator acts."""
-
-    tenant_id: str
-    conversation_id: str
-    attempts: int
-    reason: str
-    parked_at: float
-
+from indexer.model import ConversationKey, ConversationMeta, FragmentRecord, Parked, SortKey, Stamp, Turn
 
 class ConversationState(Protocol):
     """What the engine reads and writes; every write happens inside ``transaction()``."""

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from indexer.state.base import ConversationKey
+from indexer.model import ConversationKey
 from indexer.state.sql import SqlState, blob
 
 #: Numbered migrations; a database records the ones applied in ``schema_migrations``.

@@ -16,8 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from indexer.segmenter import ImageInfo, Turn
-from indexer.state.base import ConversationKey, ConversationMeta, FragmentRecord, Parked, SortKey, Stamp
+from indexer.model import ConversationKey, ConversationMeta, FragmentRecord, ImageInfo, Parked, SortKey, Stamp, Turn
 from indexer.text import name_tokens
 
 TURN_COLUMNS = "message_id, sender_id, sender_name, sent_at, text, images, vector, image_vector"

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from indexer.state.base import ConversationKey
+from indexer.model import ConversationKey
 from indexer.state.sql import SqlState
 from indexer.stores.sqlite import connect
 

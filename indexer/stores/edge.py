@@ -40,7 +40,8 @@ from qdrant_edge import (
     ScalarQuantizationConfig, ScalarType, SearchParams, UpdateOperation,
 )
 
-from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit, check_vectors
+from indexer.model import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
+from indexer.stores.base import check_vectors
 
 TEXT_VECTOR = "text"
 IMAGE_VECTOR = "image"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
+from indexer.model import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
 
 #: BM25 parameters set in the index settings (Elasticsearch's defaults, stated so they are explicit).
 BM25_K1 = 1.2

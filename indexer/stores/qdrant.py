@@ -9,7 +9,8 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
-from indexer.stores.base import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit, check_vectors
+from indexer.model import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
+from indexer.stores.base import check_vectors
 
 TEXT_VECTOR = "text"
 IMAGE_VECTOR = "image"

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from indexer.stores.base import EVERYONE, UNIT_KINDS, VECTOR_NAMES, Hit, SearchFilter, Unit, check_vectors
+from indexer.model import EVERYONE, UNIT_KINDS, VECTOR_NAMES, Hit, SearchFilter, Unit
+from indexer.stores.base import check_vectors
 from indexer.stores.vector_index import IndexRow, VectorIndex
 from indexer.text import keywords
 

@@ -13,7 +13,7 @@ from array import array
 from dataclasses import dataclass
 import numpy as np
 
-from indexer.stores.base import EVERYONE, SearchFilter
+from indexer.model import EVERYONE, SearchFilter
 
 #: A search that may see more than this share of the rows scores the whole matrix and masks it;
 #: gathering the rows first would copy more than it saves.

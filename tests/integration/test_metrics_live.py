@@ -20,7 +20,7 @@ def prometheus_value(port: int, expr: str) -> float | None:
 
 
 def distinct_texts(lines) -> int:
-    from indexer.engine import turn_of_event
+    from indexer.ingest.units import turn_of_event
     from indexer.text import render_turn
     from schemas import parse_message
 

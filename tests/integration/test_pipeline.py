@@ -175,7 +175,7 @@ def test_consumer_restarted_mid_stream_resumes_from_its_commits(stack, demo_even
 
 
 def _ingest_in_process(data_dir, lines, seed):
-    from indexer.embedder import SentenceTransformerEmbedder
+    from indexer.encoders.text import SentenceTransformerEmbedder
     from ops.settings import Settings, open_engine
     from schemas import parse_message
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from indexer.images import ImageError, ImagePolicy, load
-from indexer.segmenter import ImageInfo, Turn
+from indexer.model import ImageInfo, Turn
 from indexer.text import render_turn, snippet
 from schemas import ReasonCandidate, ReasonRequest, Result, ResultFragment, ResultImage
 

@@ -9,34 +9,12 @@ the caller re-runs the rule from the first fragment a change can touch (see ``re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Sequence
 
 import numpy as np
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    uri: str
-    caption: str | None = None
-
-
-@dataclass(frozen=True)
-class Turn:
-    message_id: str
-    sender_id: str
-    sent_at: datetime
-    text: str
-    sender_name: str | None = None
-    images: tuple[ImageInfo, ...] = ()
-    vector: np.ndarray | None = field(default=None, compare=False, repr=False)
-    #: Mean vector of the turn's images in the image model's space, when one is configured.
-    image_vector: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def has_image(self) -> bool:
-        return bool(self.images)
+from indexer.model import Turn
 
 
 @dataclass(frozen=True)

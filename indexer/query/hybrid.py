@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from indexer.stores.base import Hit, KeywordStore, SearchFilter, VectorStore
+from indexer.model import Hit, SearchFilter, Span
+from indexer.stores.base import KeywordStore, VectorStore
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,6 @@ class Candidate:
     fragment_id: str
     sender_ids: list[str]
     score: float = 0.0
-
-
-@dataclass(frozen=True)
-class Span:
-    fragment_id: str
-    conversation_id: str
-    message_ids: list[str]
-    score: float
 
 
 def normalise(hits: list[Hit]) -> dict[str, float]:

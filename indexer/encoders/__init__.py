@@ -1,0 +1,1 @@
+"""Text and image encoders behind one interface, loading their models from local paths through one cache."""

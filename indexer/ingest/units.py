@@ -1,0 +1,53 @@
+"""What one fragment is indexed as: the fragment itself, and a turn and a window per member turn."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from indexer import ids
+from indexer.model import FragmentRecord, ImageInfo, SortKey, Turn, Unit
+from indexer.text import render_turn
+from schemas import MessageEvent
+
+
+def sort_key(turn: Turn) -> SortKey:
+    return (turn.sent_at.timestamp(), turn.message_id)
+
+
+def turn_of_event(event: MessageEvent) -> Turn:
+    return Turn(
+        message_id=event.message_id, sender_id=event.sender_id, sender_name=event.sender_name,
+        sent_at=event.sent_at, text=event.text,
+        images=tuple(ImageInfo(i.uri, i.caption) for i in event.images),
+    )
+
+
+def unit_vector(vectors: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    v = np.average(np.stack(vectors), axis=0, weights=weights).astype(np.float32)
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def fragment_units(fragment: FragmentRecord, members: Sequence[Turn], visible_to: list[str],
+                   version: int = 0) -> list[Unit]:
+    """The units ingest indexes for one fragment: the fragment, and a turn and a window per member."""
+    texts = [render_turn(t) for t in members]
+    vecs = [t.vector for t in members]
+    common = dict(tenant_id=fragment.tenant_id, conversation_id=fragment.conversation_id,
+                  fragment_id=fragment.fragment_id, visible_to=list(visible_to), version=version)
+    units = [Unit(fragment.fragment_id, "fragment", message_ids=list(fragment.message_ids),
+                  sender_ids=sorted({t.sender_id for t in members}), start_ts=fragment.start_at.timestamp(),
+                  end_ts=fragment.end_at.timestamp(), text="\n".join(texts), vector=unit_vector(vecs), **common)]
+    for i, turn in enumerate(members):
+        ts = turn.sent_at.timestamp()
+        base = dict(message_ids=[turn.message_id], sender_ids=[turn.sender_id], start_ts=ts, end_ts=ts, **common)
+        units.append(Unit(ids.turn_unit_id(fragment.tenant_id, fragment.conversation_id, turn.message_id, "turn"),
+                          "turn", text=texts[i], vector=turn.vector, image_vector=turn.image_vector, **base))
+        lo, hi = max(0, i - 1), min(len(members), i + 2)
+        # The turn itself counts twice: the window adds context without drowning the turn.
+        weights = [2.0 if j == i else 1.0 for j in range(lo, hi)]
+        units.append(Unit(ids.turn_unit_id(fragment.tenant_id, fragment.conversation_id, turn.message_id, "window"),
+                          "window", text=" ".join(texts[lo:hi]), vector=unit_vector(vecs[lo:hi], weights), **base))
+    return units

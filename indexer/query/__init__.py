@@ -1,0 +1,1 @@
+"""Query: rewrite, time filters, hybrid recall and fusion, spans, clarifying questions, reasoning."""
