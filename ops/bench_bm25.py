@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from indexer.stores.sqlite import match_expression
+from indexer.stores.fts5 import match_expression
 from indexer.text import keywords
 from ops.evaluate import indexed_texts, score
 from ops.locomo import load

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer.ingest.units import turn_of_event
-from indexer.stores.sqlite import match_expression
+from indexer.stores.fts5 import match_expression
 from indexer.text import render_turn
 from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
 from schemas import QUERY_SCHEMA, QueryJob

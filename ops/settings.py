@@ -132,7 +132,8 @@ def open_engine(settings: Settings, embedder=None, reasoner=None, rebuild: bool 
     from indexer.encoders.text import open_embedder
     from indexer.engine import Tessera
     from indexer.state import open_state
-    from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore
+    from indexer.stores.fts5 import SqliteBM25Store
+    from indexer.stores.sqlite_vectors import SqliteVectorStore
 
     from ops.metrics import InstrumentedEmbedder, InstrumentedStore
 

@@ -143,7 +143,7 @@ def test_a_conflict_that_is_not_about_versions_is_an_error():
 
 def _engine_on(client, tmp_path, embedder):
     from indexer.engine import Tessera
-    from indexer.stores.sqlite import SqliteVectorStore
+    from indexer.stores.sqlite_vectors import SqliteVectorStore
     from ops.settings import Settings, open_engine
 
     base = open_engine(Settings(data_dir=tmp_path, vector_store="sqlite"), embedder=embedder)

@@ -4,7 +4,7 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from indexer.stores.sqlite import match_expression
+from indexer.stores.fts5 import match_expression
 from schemas import SchemaError, parse_message, parse_query
 
 json_values = st.recursive(

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from indexer.model import EVERYONE, SearchFilter, Unit
-from indexer.stores.sqlite import SqliteBM25Store, SqliteVectorStore, match_expression
+from indexer.stores.fts5 import SqliteBM25Store, match_expression
+from indexer.stores.sqlite_vectors import SqliteVectorStore
 from indexer.stores.edge import EdgeBM25Store, EdgeVectorStore
 from indexer.stores.qdrant import QdrantVectorStore
 

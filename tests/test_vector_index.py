@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from indexer.model import EVERYONE, SearchFilter, Unit
-from indexer.stores.sqlite import SqliteVectorStore
+from indexer.stores.sqlite_vectors import SqliteVectorStore
 from indexer.stores.vector_index import VectorIndex
 
 DIM = 8
@@ -41,7 +41,7 @@ def test_writes_of_one_process_reach_the_copy_of_another(tmp_path):
 
 
 def test_a_copy_older_than_the_trimmed_log_reloads(tmp_path, monkeypatch):
-    monkeypatch.setattr("indexer.stores.sqlite.LOG_KEEP", 2)
+    monkeypatch.setattr("indexer.stores.sqlite_vectors.LOG_KEEP", 2)
     writer = SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM)
     reader = SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM)
     flt = SearchFilter("t1", "alice")
