@@ -39,7 +39,7 @@ eval-dialogue: $(STAMP)
 
 # VLM rerank speed per batch size; on a GPU machine use --shape 7b (LLaVA-1.5-7B shapes, random weights).
 bench-reasoning: $(STAMP)
-	$(PY) -m ops.bench_reasoning --shape $(or $(SHAPE),tiny) --out results
+	$(PY) -m ops.bench.reasoning --shape $(or $(SHAPE),tiny) --out results
 
 # The benchmark report (results/bench/report.md and PNG plots); BENCH_ARGS adds e.g. --sizes 10000 100000 1000000.
 bench: $(STAMP) system-deps
@@ -47,14 +47,14 @@ bench: $(STAMP) system-deps
 	$(VENV)/bin/tessera bench --stack $(BENCH_ARGS)
 
 bench-ingest: $(STAMP)
-	$(PY) -m ops.bench_ingest ../shared/datasets/locomo-dev --out results/ingest-bench.json
+	$(PY) -m ops.bench.ingest ../shared/datasets/locomo-dev --out results/ingest-bench.json
 
 # The conversation state on PostgreSQL next to SQLite (ingest throughput, query latency at 100k fragments).
 bench-state: $(STAMP) system-deps
-	$(PY) -m ops.bench_state --out results/bench
+	$(PY) -m ops.bench.state --out results/bench
 
 bench-pipeline: $(STAMP) system-deps
-	$(PY) -m ops.bench_pipeline ../shared/datasets/locomo-dev --out results/pipeline-bench.json
+	$(PY) -m ops.bench.pipeline ../shared/datasets/locomo-dev --out results/pipeline-bench.json
 
 schemas: $(STAMP)
 	$(PY) -m schemas.jsonschema

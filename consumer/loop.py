@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,23 +18,18 @@ import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
-from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq, group_of
+from schemas.routing import dlq, group_of, MESSAGES, parse_message_key, QUERIES, QUEUES, RESULTS
+from ops.runtime.config import Config
 from indexer.errors import is_transient
-from ops.metrics import (
+from ops.runtime.telemetry import (
     CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH, UNKNOWN_FIELDS,
 )
 from schemas import Result, SchemaError, forward, parse_message, parse_query, unknown_fields
 from schemas.parse import loads
-from schemas.routing import parse_message_key
-from workers.app import PUBLISH_RETRY, QUEUES
+from workers.app import PUBLISH_RETRY
 
 log = logging.getLogger("tessera.consumer")
 
-#: Celery tasks waiting in the ingest and embed queues above which message partitions are paused;
-#: polling goes on (the group keeps the consumer), only fetching stops.
-PAUSE_ABOVE = int(os.environ.get("TESSERA_PAUSE_ABOVE", "200"))
-#: ... and below which they resume.
-RESUME_BELOW = int(os.environ.get("TESSERA_RESUME_BELOW", "50"))
 #: Seconds between two measurements of consumer lag and queue depth.
 GAUGE_INTERVAL_S = 2.0
 
@@ -71,19 +65,21 @@ class TesseraConsumer:
     correctly (pausing some partitions of a multi-topic subscription stalled fetching for good).
     """
 
-    def __init__(self, celery_app, topic: str, redis_client=None, poll_timeout_ms: int = 500,
-                 max_poll_records: int = 256):
+    def __init__(self, celery_app, topic: str, config: Config, redis_client=None, poll_timeout_ms: int = 500):
         if topic not in (MESSAGES, QUERIES):
             raise ValueError(f"unknown topic {topic!r}")
         self.app = celery_app
         self.topic = topic
         self.redis = redis_client
         self.poll_timeout_ms = poll_timeout_ms
+        #: Celery tasks waiting in the ingest and embed queues above which message partitions are paused
+        #: (polling goes on: the group keeps the consumer, only fetching stops), and below which they resume.
+        self.pause_above, self.resume_below = config.pause_above, config.resume_below
         self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap(), group_id=group_of(topic), enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=max_poll_records, client_id=f"tessera-{topic}",
+            bootstrap_servers=config.kafka_bootstrap, group_id=group_of(topic), enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=config.consumer_max_poll, client_id=f"tessera-{topic}",
         )
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=0)
+        self.producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=0)
         self.consumer.subscribe([topic], listener=_Rebalance(self))
         self.stats = ConsumerStats()
         self._done: dict[TopicPartition, int] = {}
@@ -271,11 +267,11 @@ class TesseraConsumer:
             return
         depth = sum(depths.values())
         partitions = list(self.consumer.assignment())
-        if not self.stats.paused and depth > PAUSE_ABOVE and partitions:
+        if not self.stats.paused and depth > self.pause_above and partitions:
             self.consumer.pause(*partitions)
             self.stats.paused = True
             log.info("paused %d partitions: %d tasks queued", len(partitions), depth)
-        elif self.stats.paused and depth < RESUME_BELOW:
+        elif self.stats.paused and depth < self.resume_below:
             self.consumer.resume(*self.consumer.paused())
             self.stats.paused = False
             log.info("resumed: %d tasks queued", depth)

@@ -11,8 +11,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import NoError, TopicAlreadyExistsError, for_code
 
-from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq
-from schemas.routing import message_key
+from schemas.routing import dlq, message_key, MESSAGES, QUERIES, RESULTS
+from ops.runtime.config import bootstrap
 
 #: Partitions per topic; message partitions bound the parallelism of ingest.
 PARTITIONS = {MESSAGES: 4, QUERIES: 2, RESULTS: 2, dlq(MESSAGES): 1, dlq(QUERIES): 1}

@@ -21,7 +21,6 @@ import http.client
 import io
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 import time
@@ -59,15 +58,6 @@ class ImagePolicy:
     allow_hosts: frozenset[str] = field(default_factory=frozenset)
     #: ``http(s)://host:port`` serving ``s3://bucket/key`` as ``/bucket/key``.
     s3_endpoint: str | None = None
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "ImagePolicy":
-        roots = tuple(Path(p).resolve() for p in env.get("TESSERA_IMAGE_ROOTS", "").split(os.pathsep) if p)
-        hosts = frozenset(h.strip().lower() for h in env.get("TESSERA_IMAGE_ALLOW_HOSTS", "").split(",") if h.strip())
-        return cls(max_bytes=int(env.get("TESSERA_IMAGE_MAX_BYTES", 10 * 2**20)),
-                   max_pixels=int(env.get("TESSERA_IMAGE_MAX_PIXELS", 40_000_000)),
-                   timeout_s=float(env.get("TESSERA_IMAGE_TIMEOUT_S", 3.0)), file_roots=roots, allow_hosts=hosts,
-                   s3_endpoint=env.get("TESSERA_S3_ENDPOINT") or None)
 
 
 def fetch(uri: str, policy: ImagePolicy) -> bytes:

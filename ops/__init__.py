@@ -1,1 +1,1 @@
-"""Operations: settings, CLI, metrics, benchmarks and evaluation."""
+"""Operations: runtime (config, assembly, telemetry), CLI, benchmarks, evaluation, demo, local stack, deploy files."""

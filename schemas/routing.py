@@ -1,4 +1,6 @@
-"""Kafka keys of the contract, read and written by both sides.
+"""Names and keys of the contract, imported by the side that writes and the side that reads.
+
+Kafka topics and their consumer groups and dead-letter topics; Celery queues and task names.
 
 A message event is keyed by its tenant and conversation together (``tenant|conversation``): one
 conversation stays on one partition, and a tombstone (null value) under that key erases exactly one
@@ -28,3 +30,25 @@ def parse_message_key(key: bytes | None) -> tuple[str, str]:
         raise SchemaError("tombstone_without_tenant",
                           "a tombstone's key must be 'tenant_id|conversation_id'; nothing was deleted", "key")
     return tenant_id, conversation_id
+
+
+MESSAGES = "tessera.messages"
+QUERIES = "tessera.queries"
+RESULTS = "tessera.results"
+GROUP = "tessera-consumer"
+
+
+def group_of(topic: str) -> str:
+    """The consumer group of a topic: ``tessera-consumer.tessera.messages`` ..."""
+    return f"{GROUP}.{topic}"
+
+
+def dlq(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+#: Celery queues: ingest (apply events), embed (index what they changed), query (answer jobs),
+#: reason (the GPU VLM stage).
+QUEUES = ("ingest", "embed", "query", "reason")
+#: Task name -> its queue.
+TASKS = {"tessera.ingest": "ingest", "tessera.embed": "embed", "tessera.query": "query", "tessera.reason": "reason"}

@@ -28,7 +28,7 @@ def embedder():
 @pytest.fixture(scope="session")
 def postgres_server():
     """One real PostgreSQL server for the session; each user of it gets databases of its own."""
-    from ops.postgres import LocalPostgres
+    from ops.stack.postgres import LocalPostgres
 
     server = LocalPostgres().start()
     yield server
@@ -57,7 +57,8 @@ ENGINE_BACKENDS = [("edge", "sqlite"), ("sqlite", "sqlite"), ("sqlite", "postgre
 @pytest.fixture(params=ENGINE_BACKENDS, ids=["-".join(p) for p in ENGINE_BACKENDS])
 def make_engine(request, tmp_path, embedder, new_state_url):
     """Engines on both embedded vector stores and both state backends."""
-    from ops.settings import Settings, open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
 
     vector_store, state = request.param
     engines = []
@@ -65,7 +66,7 @@ def make_engine(request, tmp_path, embedder, new_state_url):
     def make(name: str = "data", state_url: str | None = "new"):
         if state_url == "new":
             state_url = new_state_url(state)
-        engine = open_engine(Settings(data_dir=tmp_path / name, vector_store=vector_store, state_url=state_url),
+        engine = open_engine(Config(data_dir=tmp_path / name, vector_store=vector_store, state_url=state_url),
                              embedder=embedder)
         engine.state_url = state_url
         engines.append(engine)

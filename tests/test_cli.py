@@ -10,7 +10,7 @@ from tests.conftest import dialogue
 
 def run(tmp_path, *args, stdin=None):
     env = {**os.environ, "TESSERA_DATA_DIR": str(tmp_path / "data")}
-    return subprocess.run([sys.executable, "-m", "ops.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "ops.cli.main", *args], capture_output=True, text=True, env=env,
                           input=stdin, timeout=300)
 
 
@@ -61,7 +61,7 @@ def test_a_query_on_the_default_path_imports_neither_torch_nor_qdrant_client(tmp
     events = tmp_path / "events.jsonl"
     events.write_text("\n".join(e.model_dump_json(by_alias=True) for e in dialogue()) + "\n")
     assert run(tmp_path, "ingest", str(events)).returncode == 0
-    probe = ("import sys\nfrom ops.cli import main\ncode = main(['query', '--tenant', 't1', '--user', 'u', 'glacier'])\n"
+    probe = ("import sys\nfrom ops.cli.main import main\ncode = main(['query', '--tenant', 't1', '--user', 'u', 'glacier'])\n"
              "print(code, sorted(m for m in ('torch', 'sentence_transformers', 'qdrant_client') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TESSERA_DATA_DIR": str(tmp_path / "data")})
@@ -102,7 +102,7 @@ def test_dead_letters_lists_replays_and_drops_parked_conversations(tmp_path):
 
 def test_stack_down_forgets_the_pids_it_stopped(tmp_path):
     """A later ``down`` must not signal pids the system may have given to other processes since."""
-    from ops.stack import Stack
+    from ops.stack.local import Stack
 
     sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
     stack = Stack(tmp_path / "data")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from ops.settings import ENVIRONMENT
+from ops.runtime.config import ENVIRONMENT
 
 DEPLOY = Path(__file__).resolve().parent.parent / "ops" / "deploy"
 SETTING = re.compile(r"\b((?:TESSERA|PROMETHEUS)_[A-Z_]+)\b")
@@ -40,8 +40,7 @@ def test_deployments_name_only_settings_the_code_reads():
 
 
 def test_every_documented_setting_is_read_by_the_code():
-    sources = "".join(p.read_text() for folder in ("indexer", "consumer", "workers", "ops")
-                      for p in (DEPLOY.parent.parent / folder).rglob("*.py") if p.name != "settings.py")
-    sources += (DEPLOY.parent / "settings.py").read_text().split("ENVIRONMENT = {")[1].split("}\n", 1)[1]
+    """The runtime config is the one reader: every documented name appears in it past the documentation."""
+    sources = (DEPLOY.parent / "runtime" / "config.py").read_text().split("ENVIRONMENT = {")[1].split("}\n", 1)[1]
     for name in ENVIRONMENT:
         assert name in sources, f"{name} is documented but nothing reads it"

@@ -144,9 +144,10 @@ def test_a_conflict_that_is_not_about_versions_is_an_error():
 def _engine_on(client, tmp_path, embedder):
     from indexer.engine import Tessera
     from indexer.stores.sqlite_vectors import SqliteVectorStore
-    from ops.settings import Settings, open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
 
-    base = open_engine(Settings(data_dir=tmp_path, vector_store="sqlite"), embedder=embedder)
+    base = open_engine(Config(data_dir=tmp_path, vector_store="sqlite"), embedder=embedder)
     base.keywords.close()
     return Tessera(base.state, SqliteVectorStore(tmp_path / "v2.sqlite", dim=embedder.dim),
                    ElasticsearchBM25Store("http://unused", client=client), embedder)

@@ -2,8 +2,8 @@
 
 from datetime import datetime, timezone
 
-from ops.eval_dialogue import pick_option, split_question
-from ops.locomo import LocomoTurn, Question
+from ops.eval.dialogue import pick_option, split_question
+from ops.eval.locomo import LocomoTurn, Question
 
 
 def test_split_question_makes_a_vague_and_a_refining_turn():
@@ -28,7 +28,7 @@ def test_simulated_user_picks_the_option_consistent_with_the_evidence():
 
 
 def test_reasoning_benchmark_runs_on_a_tiny_model(tmp_path):
-    from ops.bench_reasoning import run
+    from ops.bench.reasoning import run
 
     report = run("tiny", 3, [1, 3], 1, tmp_path)
     assert [r["batch_size"] for r in report["rows"]] == [1, 3]

@@ -1,7 +1,7 @@
 import json
 
-from ops.evaluate import evaluate_locomo, score
-from ops.locomo import Question
+from ops.eval.retrieval import evaluate_locomo, score
+from ops.eval.locomo import Question
 
 
 def test_score_follows_the_dataset_rules():

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from indexer.images import ImageError, ImagePolicy, decode, fetch, load, refused_address
-from ops.stack import free_port
+from ops.stack.local import free_port
 
 
 def png(width=8, height=8, colour=(200, 30, 30)) -> bytes:
@@ -166,16 +166,6 @@ def test_http_to_loopback_is_refused_unless_allowlisted(server):
 def test_s3_goes_through_the_configured_endpoint(server):
     policy = ImagePolicy(s3_endpoint=f"http://127.0.0.1:{server}")
     assert load("s3://photos/a.png", policy).height == 4
-
-
-def test_policy_from_the_environment(tmp_path):
-    policy = ImagePolicy.from_env({"TESSERA_IMAGE_ROOTS": f"{tmp_path}:/srv/media", "TESSERA_IMAGE_MAX_BYTES": "1000",
-                                   "TESSERA_IMAGE_ALLOW_HOSTS": "Media.internal, 10.0.0.5",
-                                   "TESSERA_S3_ENDPOINT": "http://minio:9000"})
-    assert policy.file_roots == (tmp_path.resolve(), __import__("pathlib").Path("/srv/media"))
-    assert policy.allow_hosts == {"media.internal", "10.0.0.5"} and policy.max_bytes == 1000
-    assert policy.s3_endpoint == "http://minio:9000"
-    assert ImagePolicy.from_env({}).file_roots == ()
 
 
 def test_a_trickling_server_cannot_hold_a_fetch_past_its_deadline(server):

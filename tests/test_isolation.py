@@ -101,14 +101,15 @@ def backends(request):
        seed=st.integers(0, 2**32 - 1))
 def test_any_delivery_order_gives_the_log_order_state_and_no_leak(tmp_path, embedder, new_state_url, backends,
                                                                      history, asks, seed):
-    from ops.settings import Settings, open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
 
     example = next(_EXAMPLES)
     events = _events(history)
     vector_store, state_backend = backends
 
     def engine_on(name: str, state_url: str | None):
-        return open_engine(Settings(data_dir=tmp_path / f"{name}-{example}", vector_store=vector_store,
+        return open_engine(Config(data_dir=tmp_path / f"{name}-{example}", vector_store=vector_store,
                                     state_url=state_url), embedder=embedder)
 
     reference = engine_on("log", new_state_url(state_backend))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-import ops.metrics  # noqa: F401  (registers every metric)
+import ops.runtime.telemetry  # noqa: F401  (registers every metric)
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 NAME = re.compile(r"\b(tessera_[a-z0-9_]+)")
@@ -58,8 +58,8 @@ def test_metrics_bind_where_the_deployment_says(monkeypatch):
     """In a container the probes and Prometheus come from outside: 127.0.0.1 would reach nothing."""
     import urllib.request
 
-    from ops.metrics import serve
-    from ops.stack import free_port
+    from ops.runtime.telemetry import serve
+    from ops.stack.local import free_port
 
     monkeypatch.setenv("TESSERA_METRICS_HOST", "0.0.0.0")
     port = free_port()

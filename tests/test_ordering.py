@@ -142,15 +142,16 @@ def test_reindex_rebuilds_lost_indexes_from_the_state_and_resumes(make_engine, t
 
 def test_a_data_dir_of_another_vector_store_is_refused_then_moved_by_reindex(tmp_path, embedder):
     """Data dirs from before the edge store: a clear refusal, then ``tessera reindex`` moves them over."""
-    from ops.settings import Settings, open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
 
-    old = open_engine(Settings(data_dir=tmp_path, vector_store="sqlite"), embedder=embedder)
+    old = open_engine(Config(data_dir=tmp_path, vector_store="sqlite"), embedder=embedder)
     old.ingest(dialogue("c1") + dialogue("c2"))
     expected = old.vectors.count()
     old.close()
     with pytest.raises(ValueError, match="tessera reindex"):
-        open_engine(Settings(data_dir=tmp_path, vector_store="edge"), embedder=embedder)
-    moved = open_engine(Settings(data_dir=tmp_path, vector_store="edge"), embedder=embedder, rebuild=True)
+        open_engine(Config(data_dir=tmp_path, vector_store="edge"), embedder=embedder)
+    moved = open_engine(Config(data_dir=tmp_path, vector_store="edge"), embedder=embedder, rebuild=True)
     try:
         assert not (tmp_path / "vectors.sqlite").exists(), "the old store's files are dropped"
         moved.reindex()
@@ -158,5 +159,5 @@ def test_a_data_dir_of_another_vector_store_is_refused_then_moved_by_reindex(tmp
         assert _found(moved, "sourdough starter")
     finally:
         moved.close()
-    again = open_engine(Settings(data_dir=tmp_path, vector_store="edge"), embedder=embedder)
+    again = open_engine(Config(data_dir=tmp_path, vector_store="edge"), embedder=embedder)
     again.close()

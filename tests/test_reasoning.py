@@ -21,7 +21,7 @@ def _devices():
 
 @pytest.fixture(scope="module")
 def vlm_paths(tmp_path_factory):
-    from ops import random_models
+    from ops.bench import random_models
 
     root = tmp_path_factory.mktemp("vlm")
     return [random_models.llava(root / f"llava-{seed}", seed=seed) for seed in range(3)]

@@ -38,7 +38,7 @@ def test_open_rewriter_defaults_to_the_rule():
 
 
 def test_seq2seq_model_from_a_local_path(tmp_path):
-    from ops import random_models
+    from ops.bench import random_models
 
     path = random_models.bart(tmp_path / "rewriter")
     rewriter = open_rewriter(path)

@@ -12,7 +12,7 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230)}
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    from ops import random_models
+    from ops.bench import random_models
 
     return random_models.clip(tmp_path_factory.mktemp("models") / "clip")
 
@@ -31,11 +31,12 @@ def picture(path, colour, stripes=False):
 
 @pytest.fixture(params=["edge", "sqlite"])
 def image_engine(request, tmp_path, embedder, clip_path, monkeypatch):
-    from ops.settings import Settings, open_engine
+    from indexer.images import ImagePolicy
+    from ops.runtime.assemble import open_engine
+    from ops.runtime.config import Config
 
-    monkeypatch.setenv("TESSERA_IMAGE_ROOTS", str(tmp_path))
-    engine = open_engine(Settings(data_dir=tmp_path / "data", vector_store=request.param, image_model=str(clip_path)),
-                         embedder=embedder)
+    engine = open_engine(Config(data_dir=tmp_path / "data", vector_store=request.param, image_model=str(clip_path),
+                                image_policy=ImagePolicy(file_roots=(tmp_path.resolve(),))), embedder=embedder)
     yield engine
     engine.close()
 

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery, signals
 from kombu import Queue
 
-QUEUES = ("ingest", "embed", "query", "reason")
+from ops.runtime.config import Config
+from schemas.routing import QUEUES, TASKS
 
-
-def redis_url() -> str:
-    return os.environ.get("TESSERA_REDIS_URL", "redis://127.0.0.1:6379/0")
-
+#: Read once, when the worker (or a process that publishes tasks) imports the app.
+CONFIG = Config.from_env()
 
 #: Seconds an unacknowledged task stays invisible before Redis hands it to another worker: how long a
 #: dead worker's tasks wait. Every task is bounded well below it (an embed batch takes seconds, a VLM
 #: rerank well under a minute): the soft limit fails it, the hard limit kills it, so a task that is
 #: still running is never handed to a second worker.
-VISIBILITY_TIMEOUT_S = int(os.environ.get("TESSERA_VISIBILITY_TIMEOUT", "300"))
+VISIBILITY_TIMEOUT_S = CONFIG.visibility_timeout_s
 TASK_TIME_LIMIT_S = max(1, VISIBILITY_TIMEOUT_S - max(1, VISIBILITY_TIMEOUT_S // 10))
 TASK_SOFT_TIME_LIMIT_S = max(1, TASK_TIME_LIMIT_S - max(1, VISIBILITY_TIMEOUT_S // 10))
 
@@ -27,8 +24,8 @@ PUBLISH_RETRY = {"max_retries": None, "interval_start": 0.2, "interval_step": 0.
 
 app = Celery("tessera", include=["workers.tasks"])
 app.conf.update(
-    broker_url=redis_url(),
-    result_backend=redis_url(),
+    broker_url=CONFIG.redis_url,
+    result_backend=CONFIG.redis_url,
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     broker_connection_retry_on_startup=True,
@@ -38,12 +35,7 @@ app.conf.update(
     worker_proc_alive_timeout=300,
     task_queues=[Queue(name) for name in QUEUES],
     task_default_queue="ingest",
-    task_routes={
-        "tessera.ingest": {"queue": "ingest"},
-        "tessera.embed": {"queue": "embed"},
-        "tessera.query": {"queue": "query"},
-        "tessera.reason": {"queue": "reason"},
-    },
+    task_routes={name: {"queue": queue} for name, queue in TASKS.items()},
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
@@ -64,12 +56,11 @@ app.conf.update(
 @signals.worker_init.connect
 def _serve_metrics(**_) -> None:
     """The worker's main process serves /metrics (summed over its children) and /healthz."""
-    port = os.environ.get("TESSERA_METRICS_PORT")
-    if port:
-        from ops.metrics import serve
+    if CONFIG.metrics_port:
+        from ops.runtime.telemetry import serve
         from workers.runtime import healthy
 
-        serve(int(port), health=healthy)
+        serve(CONFIG.metrics_port, host=CONFIG.metrics_host, health=healthy)
 
 
 _heartbeat_stop = None
@@ -108,7 +99,7 @@ def _announce_reasoner(sender=None, **_) -> None:
     global _heartbeat_stop
     queues = getattr(getattr(getattr(sender, "app", app), "amqp", None), "queues", None)
     consumed = set(getattr(queues, "consume_from", None) or ())
-    if "reason" not in consumed or not os.environ.get("TESSERA_VLM_MODEL"):
+    if "reason" not in consumed or not CONFIG.vlm_model:
         return
     import threading
 
@@ -140,8 +131,12 @@ def _start_sweep(sender=None, **_) -> None:
 
     from workers.runtime import sweep
 
+    def publish_embed() -> None:
+        app.send_task("tessera.embed", retry=True, retry_policy=PUBLISH_RETRY)
+
     _sweep_stop = threading.Event()
-    threading.Thread(target=sweep, args=(_sweep_stop,), name="pending-sweep", daemon=True).start()
+    threading.Thread(target=sweep, args=(_sweep_stop, publish_embed, CONFIG.sweep_s), name="pending-sweep",
+                     daemon=True).start()
 
 
 @signals.worker_shutdown.connect
@@ -153,7 +148,7 @@ def _stop_threads(**_) -> None:
 
 @signals.worker_process_shutdown.connect
 def _child_exit(pid=None, **_) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and pid:
+    if CONFIG.multiproc_dir and pid:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)

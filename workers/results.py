@@ -12,7 +12,8 @@ def publish(job_id: str, value: str) -> None:
     """Send and wait for the broker's acknowledgement; a broker that cannot be reached fails the task
     (retried, then dead-lettered with the job), so a result is never dropped in silence."""
     global _producer
-    from consumer.topics import RESULTS, bootstrap
+    from schemas.routing import RESULTS
+    from ops.runtime.config import bootstrap
 
     with _lock:
         if _producer is None:

@@ -2,7 +2,7 @@
 
 The engine (and its encoder) is built lazily on first use inside the worker process, never in the
 parent before fork. Every delivery of a task is counted in Redis; a task delivered more than
-``MAX_DELIVERIES`` times is one that keeps killing its worker, and goes to the dead-letter list
+``TESSERA_MAX_DELIVERIES`` times is one that keeps killing its worker, and goes to the dead-letter list
 instead of being run again.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 
@@ -21,13 +20,12 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from indexer.errors import is_transient
 
-from workers.app import redis_url
-from ops.settings import warm_up
+from ops.runtime.config import Config, redis_url
+from ops.runtime.assemble import warm_up
 
 log = logging.getLogger("tessera.workers")
 
-MAX_DELIVERIES = int(os.environ.get("TESSERA_MAX_DELIVERIES", "3"))
-#: Redis list holding tasks that exceeded MAX_DELIVERIES, one JSON record each.
+#: Redis list holding tasks delivered more than TESSERA_MAX_DELIVERIES times, one JSON record each.
 DEAD_LETTER_KEY = "tessera:tasks:dead"
 _ATTEMPTS_TTL_S = 7 * 24 * 3600
 
@@ -45,9 +43,9 @@ def engine():
     global _engine
     with _engine_lock:
         if _engine is None:
-            from ops.settings import Settings, open_engine
+            from ops.runtime.assemble import open_engine
 
-            _engine = open_engine(Settings.from_env())
+            _engine = open_engine(Config.from_env())
             warm_up(_engine)
         return _engine
 
@@ -57,9 +55,9 @@ def reasoner():
     global _reasoner
     with _engine_lock:
         if _reasoner is None:
-            from ops.settings import Settings, open_reasoner
+            from ops.runtime.assemble import open_reasoner
 
-            model = open_reasoner(Settings.from_env())
+            model = open_reasoner(Config.from_env())
             if model is None:
                 from indexer.query.reasoning import ReasoningUnavailable
 
@@ -87,28 +85,22 @@ def heartbeat(name: str, stop: threading.Event, period_s: float = REASONER_TTL_S
         pass
 
 
-#: Seconds between two looks for pending marks that no queued task covers (a worker died between
-#: saving the state and queuing ``embed``, an embed task was dead-lettered).
-SWEEP_S = float(os.environ.get("TESSERA_SWEEP_S", "30"))
-
-
-def sweep(stop: threading.Event, period_s: float = SWEEP_S) -> None:
-    """Queue an ``embed`` task while pending marks remain; an embed task with nothing to do returns at once."""
+def sweep(stop: threading.Event, publish_embed, period_s: float) -> None:
+    """Every ``period_s`` (``TESSERA_SWEEP_S``), queue an ``embed`` task while pending marks remain that no
+    queued task may cover (a worker died between saving the state and queuing ``embed``, an embed task
+    was dead-lettered); an embed task with nothing to do returns at once."""
     from indexer.state import open_state
-    from ops.settings import Settings
 
     while not stop.wait(period_s):
         try:
-            settings = Settings.from_env()
-            state = open_state(settings.state_url, settings.data_dir)
+            config = Config.from_env()
+            state = open_state(config.state_url, config.data_dir)
             try:
                 waiting = bool(state.pending(1))
             finally:
                 state.close()
             if waiting:
-                from workers.app import PUBLISH_RETRY, app
-
-                app.send_task("tessera.embed", retry=True, retry_policy=PUBLISH_RETRY)
+                publish_embed()
         except Exception:
             log.exception("sweep for pending marks failed; trying again in %.0f s", period_s)
 
@@ -170,7 +162,7 @@ class TesseraTask(Task):
     max_retries = 8
 
     def __call__(self, *args, **kwargs):
-        from ops.metrics import TASK_SECONDS, TASKS
+        from ops.runtime.telemetry import TASK_SECONDS, TASKS
 
         start = time.perf_counter()
         outcome = "failure"
@@ -192,7 +184,7 @@ class TesseraTask(Task):
             key = f"tessera:tasks:attempts:{task_id}"
             attempts = with_redis(lambda r: r.incr(key))
             with_redis(lambda r: r.expire(key, _ATTEMPTS_TTL_S))
-            if attempts > MAX_DELIVERIES:
+            if attempts > Config.from_env().max_deliveries:
                 self._dead_letter(args, kwargs, "worker lost on every delivery", attempts=attempts - 1)
                 with_redis(lambda r: r.delete(key))
                 self.gave_up(args, kwargs, "worker_lost")
@@ -211,7 +203,7 @@ class TesseraTask(Task):
                 with_redis(lambda r: r.delete(f"tessera:tasks:attempts:{task_id}"))
 
     def _dead_letter(self, args, kwargs, reason: str, **extra) -> None:
-        from ops.metrics import TASKS_DEAD_LETTERED
+        from ops.runtime.telemetry import TASKS_DEAD_LETTERED
 
         record = {"task_id": self.request.id, "task": self.name,
                   "queue": (self.request.delivery_info or {}).get("routing_key"),
@@ -248,7 +240,7 @@ class AnsweringTask(TesseraTask):
     """
 
     def gave_up(self, args, kwargs, code: str) -> None:
-        from ops.metrics import record_result
+        from ops.runtime.telemetry import record_result
         from schemas import Result
         from workers.results import publish
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ops.metrics import record_ingest, record_result
+from ops.runtime.telemetry import record_ingest, record_result
 from workers.app import PUBLISH_RETRY, app
 from workers.runtime import AnsweringTask, TesseraTask, engine, log, reasoner, reasoner_alive
 

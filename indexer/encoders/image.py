@@ -9,8 +9,6 @@ the turn) and reported by code.
 
 from __future__ import annotations
 
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from indexer.encoders import models
 from indexer.images import ImageError, ImagePolicy, load
 
 #: Concurrent image fetches per process: network-bound, so more than the cores.
@@ -38,7 +37,6 @@ class ImageEmbedder:
         self.name = self.model_path.name
         self._model = None
         self._processor = None
-        self._lock = threading.Lock()
         self.dim = self._config_dim()
 
     def _config_dim(self) -> int:
@@ -52,18 +50,20 @@ class ImageEmbedder:
         return int(dim)
 
     def warm_up(self) -> None:
-        with self._lock:
-            if self._model is not None:
-                return
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from transformers import AutoModel, AutoProcessor
+        if self._model is not None:
+            return
+        self._processor, model = models.load(("clip", str(self.model_path), self.device), self._build)
+        self._siglip = "siglip" in model.config.model_type
+        self._model = model
 
-            self._processor = AutoProcessor.from_pretrained(str(self.model_path), local_files_only=True)
-            model = AutoModel.from_pretrained(str(self.model_path), local_files_only=True)
-            if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
-                raise ValueError(f"{self.model_path}: {type(model).__name__} is not a CLIP-family model")
-            self._model = model.to(self.device).eval()
-            self._siglip = "siglip" in model.config.model_type
+    def _build(self):
+        from transformers import AutoModel, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(self.model_path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(self.model_path), local_files_only=True)
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise ValueError(f"{self.model_path}: {type(model).__name__} is not a CLIP-family model")
+        return processor, model.to(self.device).eval()
 
     @staticmethod
     def _features(output) -> "torch.Tensor":  # noqa: F821
@@ -115,7 +115,7 @@ class ImageIndexer:
 
     def __init__(self, embedder: ImageEmbedder, policy: ImagePolicy | None = None, threads: int = FETCH_THREADS):
         self.embedder = embedder
-        self.policy = policy or ImagePolicy.from_env()
+        self.policy = policy or ImagePolicy()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-fetch")
 
     @property

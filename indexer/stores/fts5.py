@@ -1,6 +1,6 @@
 """The embedded keyword store: BM25 through SQLite FTS5, one table per unit kind.
 
-BM25 on FTS5 was chosen over tantivy (``python -m ops.bench_bm25``): on the LoCoMo turns the two are
+BM25 on FTS5 was chosen over tantivy (``python -m ops.bench.bm25``): on the LoCoMo turns the two are
 within 0.02 recall and both answer in under a millisecond, while FTS5 ships with Python, deletes and
 updates transactionally, and joins the visibility filter in the same statement as the ranking. One
 FTS table per unit kind keeps term statistics of turns, windows and fragments apart.

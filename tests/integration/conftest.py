@@ -1,6 +1,6 @@
 """Real Redis, a real Kafka-protocol broker (Tansu), real Celery workers and the real consumer.
 
-Every test gets a whole stack of its own on free loopback ports (``ops.stack``), so processes can be
+Every test gets a whole stack of its own on free loopback ports (``ops.stack.local``), so processes can be
 killed and restarted without touching other tests.
 """
 
@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from consumer.topics import MESSAGES, QUERIES
+from schemas.routing import MESSAGES, QUERIES
 from ops.demo.generate import generate
-from ops.settings import Settings, open_engine
-from ops.soak import index_progress
-from ops.stack import Stack
+from ops.runtime.config import Config
+from ops.runtime.assemble import open_engine
+from ops.bench.soak import index_progress
+from ops.stack.local import Stack
 
 #: Seconds before Redis hands an unacknowledged task to another worker, short so that tests see a
 #: killed worker's task come back quickly; ``TESSERA_TEST_VISIBILITY_TIMEOUT=300`` runs the fault
@@ -72,7 +73,7 @@ def produce(lines: list[bytes], topic: str = MESSAGES) -> None:
     from kafka import KafkaProducer
 
     from consumer.produce import _key_of, ensure_topics
-    from consumer.topics import bootstrap
+    from ops.runtime.config import bootstrap
 
     ensure_topics()
     producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=5)
@@ -95,7 +96,7 @@ def reference_engine(tmp_path: Path, lines: list[bytes], embedder):
     """The same events through ``tessera ingest``'s path, in this process."""
     from schemas import parse_message
 
-    engine = open_engine(Settings(data_dir=tmp_path / "reference", vector_store="sqlite"), embedder=embedder)
+    engine = open_engine(Config(data_dir=tmp_path / "reference", vector_store="sqlite"), embedder=embedder)
     engine.ingest([parse_message(line) for line in lines])
     return engine
 
@@ -106,7 +107,7 @@ def snapshot(engine) -> dict:
 
 
 def open_stack_engine(stack: Stack, embedder, state_url: str | None = None):
-    return open_engine(Settings(data_dir=stack.data_dir, vector_store="sqlite", state_url=state_url),
+    return open_engine(Config(data_dir=stack.data_dir, vector_store="sqlite", state_url=state_url),
                        embedder=embedder)
 
 
@@ -126,7 +127,8 @@ def committed(topic: str) -> int:
     """Sum over partitions of the consumer group's committed offsets (read without joining the group)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from consumer.topics import bootstrap, group_of
+    from ops.runtime.config import bootstrap
+    from schemas.routing import group_of
 
     probe = KafkaConsumer(bootstrap_servers=bootstrap(), group_id=group_of(topic), enable_auto_commit=False)
     try:

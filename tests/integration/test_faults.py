@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 
 from consumer.produce import ensure_topics
-from consumer.topics import MESSAGES
+from schemas.routing import MESSAGES
 from tests.integration.conftest import (
     TEST_VISIBILITY_TIMEOUT, committed, copies, index_progress, indexed, open_stack_engine, produce, reference_engine,
     snapshot, wait_until,
@@ -150,6 +150,6 @@ def test_the_consumer_rides_out_a_redis_outage_and_health_tells_what_is_down(sta
 
     stack.kill("consumer", signal.SIGKILL)
     assert stack.status()["health"]["consumer"] == "dead"
-    status = subprocess.run([sys.executable, "-m", "ops.cli", "--data-dir", str(stack.data_dir), "stack", "status"],
+    status = subprocess.run([sys.executable, "-m", "ops.cli.main", "--data-dir", str(stack.data_dir), "stack", "status"],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 1, status.stdout + status.stderr

@@ -6,7 +6,7 @@ import json
 import urllib.parse
 import urllib.request
 
-from ops.metrics import QUERY_STAGES
+from ops.runtime.telemetry import QUERY_STAGES
 from schemas import QUERY_SCHEMA
 from tests.integration.conftest import indexed, produce, produce_queries, wait_until
 

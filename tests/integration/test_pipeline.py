@@ -9,7 +9,7 @@ import signal
 import time
 
 from consumer.produce import iter_topic
-from consumer.topics import MESSAGES, RESULTS, dlq
+from schemas.routing import MESSAGES, RESULTS, dlq
 from ops.demo.topics import EXAMPLE_QUERIES
 from schemas import QUERY_SCHEMA, QueryJob
 from tests.integration.conftest import (
@@ -87,7 +87,7 @@ def test_query_jobs_come_back_on_the_results_topic(stack, demo_events):
     # keyed by the conversation alone is dead-lettered, never fanned out over the tenants.
     from kafka import KafkaProducer
 
-    from consumer.topics import bootstrap
+    from ops.runtime.config import bootstrap
 
     producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all")
     producer.send(MESSAGES, key=b"acme-dm-chloe-dev", value=None).get(timeout=30)
@@ -112,7 +112,10 @@ def test_a_task_that_keeps_killing_workers_is_dead_lettered(stack):
     """Deliveries are counted in Redis: one more than the limit and the task is parked, not run."""
     import redis
 
-    from workers.runtime import DEAD_LETTER_KEY, MAX_DELIVERIES
+    from ops.runtime.config import Config
+    from workers.runtime import DEAD_LETTER_KEY
+
+    MAX_DELIVERIES = Config.from_env().max_deliveries
 
     stack.start()
     client = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])
@@ -176,10 +179,11 @@ def test_consumer_restarted_mid_stream_resumes_from_its_commits(stack, demo_even
 
 def _ingest_in_process(data_dir, lines, seed):
     from indexer.encoders.text import SentenceTransformerEmbedder
-    from ops.settings import Settings, open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
     from schemas import parse_message
 
-    engine = open_engine(Settings(data_dir=data_dir, vector_store="sqlite"), embedder=SentenceTransformerEmbedder())
+    engine = open_engine(Config(data_dir=data_dir, vector_store="sqlite"), embedder=SentenceTransformerEmbedder())
     events = [parse_message(line) for line in lines]
     rng = random.Random(seed)
     for start in range(0, len(events), 7):
@@ -200,9 +204,10 @@ def test_concurrent_writers_on_one_data_dir_equal_one_writer(demo_events, embedd
     for w in workers:
         w.join(300)
         assert w.exitcode == 0
-    from ops.settings import Settings, open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
 
-    shared = open_engine(Settings(data_dir=data_dir, vector_store="sqlite"), embedder=embedder)
+    shared = open_engine(Config(data_dir=data_dir, vector_store="sqlite"), embedder=embedder)
     reference = reference_engine(tmp_path, demo_events, embedder)
     try:
         assert snapshot(shared) == snapshot(reference)
@@ -252,7 +257,9 @@ def test_every_query_job_gets_exactly_one_result(stack):
     without an answer and the third was never answered)."""
     import redis
 
-    from workers.runtime import MAX_DELIVERIES
+    from ops.runtime.config import Config
+
+    MAX_DELIVERIES = Config.from_env().max_deliveries
 
     stack.start()
     client = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])

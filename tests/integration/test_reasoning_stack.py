@@ -9,7 +9,7 @@ import signal
 import redis
 
 from consumer.produce import iter_topic
-from consumer.topics import RESULTS
+from schemas.routing import RESULTS
 from schemas import QUERY_SCHEMA
 from tests.integration.conftest import indexed, produce, produce_queries, wait_until
 from workers.runtime import REASONER_KEY
@@ -28,7 +28,7 @@ def results(wanted: set[str]):
 
 
 def test_reason_worker_in_the_stack(stack, demo_events, tmp_path, monkeypatch):
-    from ops import random_models
+    from ops.bench import random_models
 
     monkeypatch.setenv("TESSERA_VLM_MODEL", str(random_models.llava(tmp_path / "vlm")))
     stack.start()

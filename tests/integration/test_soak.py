@@ -4,7 +4,7 @@ killed ingest worker) injected during the load."""
 
 import os
 
-from ops import soak
+from ops.bench import soak
 from tests.integration.conftest import TEST_VISIBILITY_TIMEOUT
 
 

@@ -4,7 +4,7 @@ Both backends get the same work in one run, on this machine:
 - ingest: the dev split's message events through ``Tessera.ingest`` in batches of ``INGEST_BATCH``,
   with the text vectors computed once beforehand, so the figure is the state's and the stores' cost
   (encoding, the same for both, is reported apart and added for the end-to-end figure);
-- query: a synthetic corpus of ``--fragments`` fragments (``ops.synthetic``) on each state, then
+- query: a synthetic corpus of ``--fragments`` fragments (``ops.bench.synthetic``) on each state, then
   ``Tessera.query`` end to end (CPU path), whose state reads (fragments, turns, sender names) go to
   the backend under test. PostgreSQL runs durable (fsync on), like SQLite's ``synchronous=FULL``.
 """
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ops.settings import warm_up
+from ops.runtime.assemble import warm_up
 
 INGEST_BATCH = 256
 
@@ -41,7 +41,7 @@ def _ingest(engine, events, vectors) -> float:
 def _queries(engine, pool, layout, count: int) -> dict:
     from tqdm import tqdm
 
-    from ops.synthetic import sample_queries
+    from ops.bench.synthetic import sample_queries
     from schemas import QUERY_SCHEMA, QueryJob
 
     asks = sample_queries(pool, layout, count + 20)
@@ -61,17 +61,18 @@ def _queries(engine, pool, layout, count: int) -> dict:
 
 def run(locomo_dir: str, fragments: int, queries: int, encoder: str = "torch", work: Path | None = None) -> dict:
     from indexer.encoders.text import open_embedder
-    from ops.locomo import load, to_events
-    from ops.postgres import LocalPostgres
-    from ops.settings import Settings, open_engine
-    from ops.synthetic import Layout, generate, load_pool
+    from ops.eval.locomo import load, to_events
+    from ops.stack.postgres import LocalPostgres
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
+    from ops.bench.synthetic import Layout, generate, load_pool
 
     work = work or Path(tempfile.mkdtemp(prefix="tessera-bench-state-"))
     embedder = open_embedder(encoder)
     embedder.warm_up()
     turns, _ = load(locomo_dir)
     events = to_events(turns)
-    engine0 = open_engine(Settings(data_dir=work / "encode", vector_store="sqlite"), embedder=embedder)
+    engine0 = open_engine(Config(data_dir=work / "encode", vector_store="sqlite"), embedder=embedder)
     t = time.perf_counter()
     vectors = engine0.encode_events(events)
     encode_s = time.perf_counter() - t
@@ -83,7 +84,7 @@ def run(locomo_dir: str, fragments: int, queries: int, encoder: str = "torch", w
         for backend in ("sqlite", "postgres"):
             def engine_on(name: str):
                 url = server.create_database(f"{name}_{backend}") if backend == "postgres" else None
-                return open_engine(Settings(data_dir=work / f"{name}-{backend}", vector_store="sqlite",
+                return open_engine(Config(data_dir=work / f"{name}-{backend}", vector_store="sqlite",
                                             state_url=url), embedder=embedder)
 
             engine = engine_on("ingest")
@@ -121,7 +122,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ops.bench_state", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.state", description=__doc__)
     parser.add_argument("--locomo", default="../shared/datasets/locomo-dev")
     parser.add_argument("--fragments", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=300)

@@ -1,6 +1,6 @@
 """``tessera soak``: a bounded load and soak run against a real local stack on loopback.
 
-Starts Redis, the broker, an ingest worker, a query worker and the consumer (``ops.stack``), floods
+Starts Redis, the broker, an ingest worker, a query worker and the consumer (``ops.stack.local``), floods
 ``tessera.messages`` with ``--events`` message events (copies of the demo chats under new
 conversation ids) once one warm-up query has come back end to end, and while they are indexed sends query jobs at ``--query-rate`` per second for
 at least ``--query-seconds``. It reports sustained ingest throughput, query round-trip latency
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ops.runtime.config import export, export_default, overridden
 
 
 def _children(pid: int) -> list[int]:
@@ -128,22 +129,19 @@ def run(events: int, query_seconds: float, query_rate: float, out: Path, timeout
         faults: bool = False) -> dict:
     """The soak run; the settings it gives its stack (through the environment its processes inherit)
     do not outlive it in this process."""
-    saved = dict(os.environ)
-    try:
+    with overridden():
         return _run(events, query_seconds, query_rate, out, timeout_s, faults)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _run(events: int, query_seconds: float, query_rate: float, out: Path, timeout_s: float, faults: bool) -> dict:
     from kafka import KafkaConsumer, KafkaProducer
 
     from consumer.produce import _key_of
-    from consumer.topics import MESSAGES, QUERIES, RESULTS, bootstrap, dlq
+    from schemas.routing import MESSAGES, QUERIES, RESULTS, dlq
+    from ops.runtime.config import bootstrap
     from ops.demo.generate import generate
     from ops.demo.topics import EXAMPLE_QUERIES
-    from ops.stack import Stack
+    from ops.stack.local import Stack
     from schemas import QUERY_SCHEMA
     from tqdm import tqdm
 
@@ -152,14 +150,14 @@ def _run(events: int, query_seconds: float, query_rate: float, out: Path, timeou
     lines = _events(demo, events)
     hostile = None
     if faults:
-        from ops import random_models
+        from ops.bench import random_models
 
         hostile = _HostileImages()
         lines = _hostile(lines, hostile.base)
-        os.environ.update(TESSERA_IMAGE_MODEL=str(random_models.clip(work / "clip")),
-                          TESSERA_IMAGE_ALLOW_HOSTS="127.0.0.1", TESSERA_IMAGE_TIMEOUT_S="1")
+        export({"TESSERA_IMAGE_MODEL": str(random_models.clip(work / "clip")),
+                "TESSERA_IMAGE_ALLOW_HOSTS": "127.0.0.1", "TESSERA_IMAGE_TIMEOUT_S": "1"})
     stack = Stack(work / "stack")
-    os.environ.setdefault("TESSERA_VECTOR_STORE", "sqlite")
+    export_default("TESSERA_VECTOR_STORE", "sqlite")
     stack.up(workers=0, concurrency=1, prometheus=False)
     stack.start_worker(0, 1, queues="ingest,embed")
     stack.start_worker(1, 1, queues="query")
@@ -291,7 +289,7 @@ def _warm_up(queries: str, results: str, schema: str, timeout_s: float = 180.0) 
     """One query answered end to end before the clock starts: consumer groups joined, workers loaded."""
     from kafka import KafkaConsumer, KafkaProducer
 
-    from consumer.topics import bootstrap
+    from ops.runtime.config import bootstrap
 
     job = {"schema": schema, "job_id": "soak-warm-up", "tenant_id": "acme", "user_id": "anna", "query": "warm up"}
     producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all")

@@ -27,10 +27,10 @@ from typing import Sequence
 from tqdm import tqdm
 
 from indexer.text import STOPWORDS, words
-from ops.evaluate import BUDGETS, EVAL_TOP_K, asked_after, score
-from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
+from ops.eval.retrieval import BUDGETS, EVAL_TOP_K, asked_after, score
+from ops.eval.locomo import TENANT, LocomoTurn, Question, load, to_events
 from schemas import QUERY_SCHEMA, QueryJob, Result
-from ops.settings import warm_up
+from ops.runtime.assemble import warm_up
 
 TEMPORAL = 2
 
@@ -76,7 +76,8 @@ def _job(job_id: str, text: str, asked_at, history=()) -> QueryJob:
 
 
 def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "results", progress: bool = True) -> dict:
-    from ops.settings import Settings, open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
 
     turns, questions = load(directory)
     if not turns:
@@ -87,7 +88,7 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
         people.setdefault(t.conversation_id, set()).add(t.speaker)
     asked = asked_after(turns)
     work = Path(tempfile.mkdtemp(prefix="tessera-dialogue-"))
-    engine = open_engine(Settings(data_dir=work, vector_store="sqlite", clarify=False))
+    engine = open_engine(Config(data_dir=work, vector_store="sqlite", clarify=False))
     events = to_events(turns)
     for start in tqdm(range(0, len(events), 256), desc="ingest", disable=not progress, file=sys.stderr):
         engine.ingest(events[start:start + 256])

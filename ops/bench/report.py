@@ -7,7 +7,7 @@ Sections, each measured in the same run on this machine:
   torch encoder and the ONNX int8 encoder; with ``--stack``, the Kafka + Celery pipeline as well.
 * Encoders: recall on the dev split with each encoder, from one ``tessera eval`` per encoder.
 * Query latency at 10k, 100k (and with ``--sizes`` 1M) fragments of the synthetic corpus
-  (``ops.synthetic``), per vector store; each size is measured in a fresh process so its peak RSS is
+  (``ops.bench.synthetic``), per vector store; each size is measured in a fresh process so its peak RSS is
   its own; the peer baseline is brute-force dense search over all turns, filtered after scoring.
 * Memory over a sustained query run (RSS sampled every 50 queries) at the largest size.
 """
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ops.settings import warm_up
+from ops.runtime.assemble import warm_up
 
 PERCENTILES = (50, 95, 99)
 
@@ -53,8 +53,9 @@ def _pcts(values) -> dict[str, float]:
 def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, encoder: str) -> Path:
     """The synthetic corpus of ``fragments`` on ``store``, built once under ``root``."""
     from indexer.encoders.text import open_embedder
-    from ops.settings import Settings, open_engine
-    from ops.synthetic import Layout, generate, load_pool
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
+    from ops.bench.synthetic import Layout, generate, load_pool
 
     data = corpus_dir(root, store, fragments, encoder)
     done = data / "corpus.json"
@@ -62,7 +63,7 @@ def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, e
         return data
     embedder = open_embedder(encoder)
     pool = load_pool(embedder, pool_dir, cache=root / "cache")
-    engine = open_engine(Settings(data_dir=data, vector_store=store, encoder=encoder), embedder=embedder)
+    engine = open_engine(Config(data_dir=data, vector_store=store, encoder=encoder), embedder=embedder)
     t = time.perf_counter()
     counts = generate(engine, pool, Layout(fragments))
     engine.close()
@@ -114,14 +115,15 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
     from tqdm import tqdm
 
     from indexer.encoders.text import open_embedder
-    from ops.settings import Settings, open_engine
-    from ops.synthetic import Layout, load_pool, sample_queries
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
+    from ops.bench.synthetic import Layout, load_pool, sample_queries
     from schemas import QUERY_SCHEMA, QueryJob
 
     embedder = open_embedder(encoder)
     pool = load_pool(embedder, pool_dir, cache=cache)
     rss_start = _rss_mb()
-    engine = open_engine(Settings(data_dir=data, vector_store=store, encoder=encoder), embedder=embedder)
+    engine = open_engine(Config(data_dir=data, vector_store=store, encoder=encoder), embedder=embedder)
     t = time.perf_counter()
     warm_up(engine)
     load_s = time.perf_counter() - t
@@ -166,11 +168,11 @@ def _measure_in_child(root: Path, store: str, fragments: int, queries: int, enco
     """Build the corpus (once) and measure it, each in a fresh process so each peak RSS is its own."""
     data = corpus_dir(root, store, fragments, encoder)
     if not (data / "corpus.json").exists():
-        cmd = [sys.executable, "-m", "ops.bench", "build", str(root), "--store", store, "--fragments", str(fragments),
+        cmd = [sys.executable, "-m", "ops.bench.report", "build", str(root), "--store", store, "--fragments", str(fragments),
                "--encoder", encoder]
         subprocess.run(cmd + (["--pool", pool_dir] if pool_dir else []), check=True)
     out = root / f"measure-{store}-{fragments}.json"
-    cmd = [sys.executable, "-m", "ops.bench", "measure", str(data), "--store", store, "--fragments", str(fragments),
+    cmd = [sys.executable, "-m", "ops.bench.report", "measure", str(data), "--store", store, "--fragments", str(fragments),
            "--queries", str(queries), "--encoder", encoder, "--cache", str(root / "cache"), "--out", str(out)]
     if pool_dir:
         cmd += ["--pool", pool_dir]
@@ -186,9 +188,10 @@ def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
     from indexer.ingest.units import turn_of_event
     from indexer.model import EVERYONE, Unit
     from indexer.text import render_turn
-    from ops.cli import INGEST_BATCH, ingest_file
-    from ops.locomo import load, to_events
-    from ops.settings import Settings, open_engine
+    from ops.runtime.jsonl import INGEST_BATCH, ingest_file
+    from ops.eval.locomo import load, to_events
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
 
     turns, _ = load(locomo_dir)
     events = to_events(turns)
@@ -205,7 +208,7 @@ def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
         for start in range(0, len(texts), INGEST_BATCH):
             embedder.encode(texts[start:start + INGEST_BATCH])
         raw_s = time.perf_counter() - t
-        engine = open_engine(Settings(data_dir=work / f"data-{encoder}", encoder=encoder), embedder=embedder)
+        engine = open_engine(Config(data_dir=work / f"data-{encoder}", encoder=encoder), embedder=embedder)
         t = time.perf_counter()
         ok, failed = ingest_file(engine, str(events_file), progress=True)
         ingest_s = time.perf_counter() - t
@@ -215,7 +218,7 @@ def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
         rows[encoder] = {"raw_turns_per_s": len(texts) / raw_s, "ingest_turns_per_s": len(events) / ingest_s}
         if encoder == "torch":
             # Peer baseline: every message encoded alone and upserted alone, as a naive consumer does.
-            engine = open_engine(Settings(data_dir=work / "data-naive", encoder=encoder), embedder=embedder)
+            engine = open_engine(Config(data_dir=work / "data-naive", encoder=encoder), embedder=embedder)
             sample = events[:baseline_turns]
             t = time.perf_counter()
             for e in sample:
@@ -234,7 +237,7 @@ def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
 
 def _encoder_recall(locomo_dir: str, encoders: list[str]) -> dict:
     from indexer.encoders.text import open_embedder
-    from ops.evaluate import evaluate_locomo
+    from ops.eval.retrieval import evaluate_locomo
 
     out = {}
     for encoder in encoders:
@@ -245,7 +248,7 @@ def _encoder_recall(locomo_dir: str, encoders: list[str]) -> dict:
 
 
 def _stack(locomo_dir: str) -> dict:
-    from ops.bench_pipeline import run
+    from ops.bench.pipeline import run
 
     return run(locomo_dir)
 
@@ -373,7 +376,7 @@ def markdown(report: dict, plots: list[str]) -> str:
         lines.append("")
     scale = report.get("scale")
     if scale:
-        lines += ["## Query latency at scale (synthetic corpus, `ops/synthetic.py`; no GPU stage)", "",
+        lines += ["## Query latency at scale (synthetic corpus, `ops/bench/synthetic.py`; no GPU stage)", "",
                   "| store | fragments | units | p50 ms | p95 ms | p99 ms | brute force p50 / p99 ms |"
                   " index MiB | peak RSS MiB | index load s | build s | build peak RSS MiB | disk MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -399,7 +402,7 @@ def markdown(report: dict, plots: list[str]) -> str:
                   f" RSS {rss[0]:.0f} MiB after the first queries, {max(rss[half:]):.0f} MiB at most in the second half,"
                   f" {rss[-1]:.0f} MiB at the end ({largest['queries']} queries).", ""]
     if report.get("state"):
-        from ops.bench_state import markdown as state_markdown
+        from ops.bench.state import markdown as state_markdown
 
         lines += ["## Conversation state: PostgreSQL next to SQLite", "", state_markdown(report["state"])]
     for plot in plots:
@@ -413,14 +416,14 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}",
-                    "command": " ".join(["tessera bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "ops.bench"}
+                    "command": " ".join(["tessera bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "ops.bench.report"}
     if not args.skip_ingest:
         report["ingest"] = _ingest(args.locomo, args.encoders, args.baseline_turns)
         report["encoders"] = _encoder_recall(args.locomo, args.encoders)
     if args.stack:
         report["stack"] = _stack(args.locomo)
     if args.state_fragments:
-        from ops.bench_state import run as state_run
+        from ops.bench.state import run as state_run
 
         report["state"] = state_run(args.locomo, args.state_fragments, min(args.queries, 300))
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -462,7 +465,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.report", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("report"))
     m = sub.add_parser("measure", help="(internal) measure one corpus in this process")

@@ -7,81 +7,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, TextIO
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
-
-from tqdm import tqdm  # noqa: E402
-
-from ops.metrics import EVENTS_REJECTED, record_ingest  # noqa: E402
-
-from schemas import (  # noqa: E402
-    QUERY_SCHEMA, MessageEvent, QueryJob, Result, SchemaError, parse_message, parse_query,
-)
-from ops.settings import warm_up
-
-#: Events handed to the engine at once: one encoder pass and one store write per batch.
-INGEST_BATCH = 256
+from ops.runtime.assemble import open_engine, open_reasoner, warm_up
+from ops.runtime.config import Config, ConfigError, describe, export_default, prepare_process
+from ops.runtime.jsonl import answer, ingest_file, lines
+from schemas import QUERY_SCHEMA, QueryJob, Result
 
 
 def _engine(args, reasoning: bool = False, rebuild: bool = False):
     """The engine of the data dir; ``reasoning`` loads the VLM in-process when one is configured."""
-    from ops.settings import Settings, open_engine, open_reasoner
-
-    settings = Settings.from_env(args.data_dir)
-    return open_engine(settings, reasoner=open_reasoner(settings) if reasoning else None, rebuild=rebuild)
-
-
-def _lines(path: str) -> Iterator[tuple[int, bytes]]:
-    stream = sys.stdin.buffer if path == "-" else open(path, "rb")
-    with stream:
-        for number, line in enumerate(stream, start=1):
-            if line.strip():
-                yield number, line
-
-
-def ingest_file(engine, path: str, err: TextIO = sys.stderr, progress: bool = True) -> tuple[int, int]:
-    """Index every valid line; report each bad line by number and field. Returns (ok, failed).
-
-    Two stages overlap: this thread parses and encodes batch N+1 while a writer thread applies
-    batch N to the state and the stores, so the encoder, the bottleneck, never waits for disk.
-    """
-    size = os.path.getsize(path) if path != "-" else None
-    ok = failed = 0
-    batch: list[MessageEvent] = []
-    pending: Future | None = None
-
-    def hand_over(events: list[MessageEvent]) -> None:
-        nonlocal pending, ok
-        vectors = engine.encode_events(events)
-        if pending is not None:
-            pending.result()
-        pending = writer.submit(lambda: record_ingest(engine.ingest(events, vectors)))
-        ok += len(events)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer") as writer, \
-            tqdm(total=size, unit="B", unit_scale=True, desc="ingest", file=err, disable=not progress) as bar:
-        for number, raw in _lines(path):
-            bar.update(len(raw))
-            try:
-                batch.append(parse_message(raw))
-            except SchemaError as exc:
-                failed += 1
-                EVENTS_REJECTED.labels("file", exc.code).inc()
-                tqdm.write(f"{path}:{number}: {exc.code}: {exc}", file=err)
-                continue
-            if len(batch) >= INGEST_BATCH:
-                hand_over(batch)
-                batch = []
-        if batch:
-            hand_over(batch)
-        if pending is not None:
-            pending.result()
-    return ok, failed
+    config = Config.from_env(args.data_dir)
+    return open_engine(config, reasoner=open_reasoner(config) if reasoning else None, rebuild=rebuild)
 
 
 def cmd_ingest(args) -> int:
@@ -92,30 +28,6 @@ def cmd_ingest(args) -> int:
         engine.close()
     print(f"ingested {ok} events, {failed} rejected", file=sys.stderr)
     return 1 if failed else 0
-
-
-def answer_line(engine, raw: bytes | str, number: int) -> Result:
-    """One query job in, one result out; a job that breaks the schema gets status ``error``."""
-    try:
-        job = parse_query(raw)
-    except SchemaError as exc:
-        job_id = f"line-{number}"
-        try:
-            data = json.loads(raw)
-            if isinstance(data, dict) and isinstance(data.get("job_id"), str):
-                job_id = data["job_id"][:200]
-        except (ValueError, UnicodeDecodeError):
-            pass
-        return Result.failure(job_id, exc.code, f"line {number}: {exc}")
-    return engine.query(job)
-
-
-def answer(engine, raw: bytes | str, number: int) -> Result:
-    from ops.metrics import record_result
-
-    result = answer_line(engine, raw, number)
-    record_result(result)
-    return result
 
 
 def print_result(result: Result, engine, as_json: bool, tenant_id: str | None = None) -> None:
@@ -159,7 +71,7 @@ def cmd_query(args) -> int:
     try:
         if args.jobs:
             warm_up(engine)
-            for number, raw in _lines(args.jobs):
+            for number, raw in lines(args.jobs):
                 print(answer(engine, raw, number).to_json(), flush=True)
             return 0
         if not args.text and not args.image:
@@ -186,7 +98,7 @@ def cmd_demo(args) -> int:
     from ops.demo.generate import generate
     from ops.demo.topics import EXAMPLE_QUERIES
 
-    data_dir = Path(args.data_dir or os.environ.get("TESSERA_DATA_DIR") or ".tessera")
+    data_dir = Config.from_env(args.data_dir).data_dir
     events = generate(data_dir / "demo")
     print(f"demo corpus: {events}", file=sys.stderr)
     args.data_dir = str(data_dir)
@@ -206,19 +118,19 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ops.evaluate import main_eval
+    from ops.eval.retrieval import main_eval
 
     return main_eval(args.dir, args.out, progress=not args.quiet)
 
 
 def cmd_eval_dialogue(args) -> int:
-    from ops.eval_dialogue import main_dialogue
+    from ops.eval.dialogue import main_dialogue
 
     return main_dialogue(args.dir, args.out, progress=not args.quiet)
 
 
 def cmd_bench(args) -> int:
-    from ops.bench import run
+    from ops.bench.report import run
 
     run(args)
     print((Path(args.out) / "report.md").read_text())
@@ -284,7 +196,8 @@ def _dead_tasks(args) -> int:
     """Tasks in ``tessera:tasks:dead``: replay sends each again under a new id, drop removes them."""
     import redis
 
-    from workers.app import app, redis_url
+    from workers.app import app
+    from ops.runtime.config import redis_url
     from workers.runtime import DEAD_LETTER_KEY
 
     client = redis.Redis.from_url(redis_url())
@@ -312,13 +225,13 @@ def cmd_consume(args) -> int:
     import redis
 
     from consumer.loop import TesseraConsumer
-    from consumer.topics import MESSAGES, QUERIES
-    from workers.app import app, redis_url
+    from schemas.routing import MESSAGES, QUERIES
+    from workers.app import app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    max_poll = int(os.environ.get("TESSERA_CONSUMER_MAX_POLL", "256"))
+    config = Config.from_env()
     topics = {"messages": MESSAGES, "queries": QUERIES}
-    consumers = [TesseraConsumer(app, topics[name], redis.Redis.from_url(redis_url()), max_poll_records=max_poll)
+    consumers = [TesseraConsumer(app, topics[name], config, redis.Redis.from_url(config.redis_url))
                  for name in args.topics.split(",")]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: [c.stop() for c in consumers])
@@ -336,12 +249,11 @@ def cmd_consume(args) -> int:
     threads = [threading.Thread(target=run, args=(c,), name=c.topic) for c in consumers]
     for t in threads:
         t.start()
-    if os.environ.get("TESSERA_METRICS_PORT"):
-        from ops.metrics import serve
+    if config.metrics_port:
+        from ops.runtime.telemetry import serve
 
-        stall_s = float(os.environ.get("TESSERA_HEALTH_STALL_S", "60"))
-        serve(int(os.environ["TESSERA_METRICS_PORT"]),
-              health=lambda: all(t.is_alive() for t in threads) and all(c.healthy(stall_s) for c in consumers))
+        serve(config.metrics_port, host=config.metrics_host, health=lambda: all(t.is_alive() for t in threads) and all(
+            c.healthy(config.health_stall_s) for c in consumers))
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(0.5)
@@ -351,7 +263,7 @@ def cmd_consume(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from ops.stack import worker_command
+    from ops.stack.local import worker_command
 
     command = worker_command(args.queues, args.concurrency, args.name, args.pool)
     os.execv(command[0], command)
@@ -373,9 +285,9 @@ def cmd_results(args) -> int:
 
 
 def cmd_stack(args) -> int:
-    from ops.stack import Stack
+    from ops.stack.local import Stack
 
-    stack = Stack(args.data_dir or os.environ.get("TESSERA_DATA_DIR") or ".tessera")
+    stack = Stack(Config.from_env(args.data_dir).data_dir)
     if args.action == "up":
         info = stack.up(workers=args.workers, concurrency=args.concurrency)
         print(json.dumps(info, indent=2))
@@ -393,12 +305,28 @@ def cmd_stack(args) -> int:
 
 def use_stack_environment(data_dir: str | None) -> None:
     """Commands run next to a stack (``tessera stack up``) talk to its Redis and broker."""
-    from ops.stack import Stack
+    from ops.stack.local import Stack
 
-    stack = Stack(data_dir or os.environ.get("TESSERA_DATA_DIR") or ".tessera")
+    stack = Stack(Config.from_env(data_dir).data_dir)
     if stack.state_file.exists():
         for key, value in stack.env().items():
-            os.environ.setdefault(key, value)
+            export_default(key, value)
+
+
+def cmd_config(args) -> int:
+    """Every variable Tessera reads, its value here and its meaning; exit 1 when one does not parse."""
+    try:
+        rows = describe()
+    except ConfigError as exc:
+        print(f"tessera config: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([{"variable": n, "value": v, "meaning": m} for n, v, m in rows], indent=2))
+        return 0
+    width = max(len(n) for n, _, _ in rows)
+    for name, value, meaning in rows:
+        print(f"{name:<{width}}  {value}\n{'':<{width}}  {meaning}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,13 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval_dialogue)
 
-    from ops.bench import add_arguments
+    from ops.bench.report import add_arguments
 
     p = sub.add_parser("bench", help="benchmark report (Markdown + PNG): ingest, encoders, query latency at scale")
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    from ops import soak
+    from ops.bench import soak
 
     p = sub.add_parser("soak", help="bounded load and soak run on a local stack: throughput, latency, memory")
     soak.add_arguments(p)
@@ -494,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", action="store_true", help="the Redis list of dead tasks instead of parked conversations")
     p.set_defaults(func=cmd_dead_letters)
 
+    p = sub.add_parser("config", help="every setting (environment variable) with its value and meaning")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("delete", help="delete a conversation, or everything a user sent (forget me)")
     p.add_argument("--tenant", required=True)
     group = p.add_mutually_exclusive_group(required=True)
@@ -504,13 +436,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_process()
     args = build_parser().parse_args(argv)
-    if args.command != "stack":
+    try:
+        config = Config.from_env(args.data_dir)
+    except ConfigError as exc:
+        print(f"tessera: {exc}", file=sys.stderr)
+        return 2
+    if args.command not in ("stack", "config"):
         use_stack_environment(args.data_dir)
     if args.metrics_port:
-        from ops.metrics import serve
+        from ops.runtime.telemetry import serve
 
-        serve(args.metrics_port)
+        serve(args.metrics_port, host=config.metrics_host)
     return args.func(args)
 
 

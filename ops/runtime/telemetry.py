@@ -10,7 +10,6 @@ main process serves their sum (``serve``).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +21,7 @@ from prometheus_client import (
 )
 
 from indexer.model import SearchFilter, Unit
+from ops.runtime.config import Config
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -72,7 +72,7 @@ def record_build() -> None:
         v = version("tessera")
     except PackageNotFoundError:
         v = "unknown"
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    if not Config.from_env().multiproc_dir:
         BUILD.info({"version": v})
 
 
@@ -162,7 +162,7 @@ class InstrumentedStore:
 
 def registry() -> CollectorRegistry:
     """The registry to expose: the multiprocess sum when children count into files."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if Config.from_env().multiproc_dir:
         reg = CollectorRegistry()
         multiprocess.MultiProcessCollector(reg)
         return reg
@@ -193,10 +193,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(port: int, health=lambda: True, host: str | None = None) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` and ``/healthz`` from a daemon thread, on ``TESSERA_METRICS_HOST`` (loopback by default)."""
-    import os
-
-    host = host or os.environ.get("TESSERA_METRICS_HOST", "127.0.0.1")
+    """Serve ``/metrics`` and ``/healthz`` from a daemon thread, on ``host`` or ``TESSERA_METRICS_HOST`` (loopback)."""
+    host = host or Config.from_env().metrics_host
     record_build()
     handler = type("Handler", (_Handler,), {"health": staticmethod(health)})
     server = ThreadingHTTPServer((host, port), handler)

@@ -58,7 +58,7 @@ def load_pool(embedder, locomo_dir: str | Path | None = None, cache: Path | None
             caption = " ".join(f"[image: {i['caption']}]" for i in event["images"] if i.get("caption"))
             rows.append((event["sender_name"], (event["text"] + " " + caption).strip()))
     if locomo_dir:
-        from ops.locomo import load
+        from ops.eval.locomo import load
 
         turns, _ = load(locomo_dir)
         rows.extend((t.speaker, t.text) for t in turns)

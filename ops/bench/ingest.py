@@ -1,6 +1,6 @@
 """Ingest throughput of ``tessera ingest`` next to the raw MiniLM encoding of the same turns, one run.
 
-``python -m ops.bench_ingest DIR`` (LoCoMo-format files) writes JSON and prints a Markdown table.
+``python -m ops.bench.ingest DIR`` (LoCoMo-format files) writes JSON and prints a Markdown table.
 Both figures use the same encoder instance, the same texts (what the index stores for each turn:
 speaker, words, image captions) and the same batch size, on a fresh data dir.
 """
@@ -17,9 +17,10 @@ from pathlib import Path
 from indexer.encoders.text import SentenceTransformerEmbedder
 from indexer.ingest.units import turn_of_event
 from indexer.text import render_turn
-from ops.cli import INGEST_BATCH, ingest_file
-from ops.locomo import load, to_events
-from ops.settings import Settings, open_engine
+from ops.runtime.jsonl import INGEST_BATCH, ingest_file
+from ops.eval.locomo import load, to_events
+from ops.runtime.config import Config
+from ops.runtime.assemble import open_engine
 
 
 def run(directory: str, repeats: int = 3) -> dict:
@@ -38,7 +39,7 @@ def run(directory: str, repeats: int = 3) -> dict:
         work = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
         events_file = work / "events.jsonl"
         events_file.write_text("\n".join(e.model_dump_json(by_alias=True) for e in events) + "\n")
-        engine = open_engine(Settings(data_dir=work / "data"), embedder=embedder)
+        engine = open_engine(Config(data_dir=work / "data"), embedder=embedder)
         t = time.perf_counter()
         ok, failed = ingest_file(engine, str(events_file), progress=True)
         ingest_s = time.perf_counter() - t

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from ops.runtime.config import Config, child_environment, export
 
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_KAFKA_PORT = 9092
@@ -76,7 +77,7 @@ def worker_command(queues: str, concurrency: int, name: str, pool: str = "prefor
 
 
 def consumer_command() -> list[str]:
-    return [sys.executable, "-m", "ops.cli", "consume"]
+    return [sys.executable, "-m", "ops.cli.main", "consume"]
 
 
 class Stack:
@@ -127,7 +128,7 @@ class Stack:
             job = "worker" if name.startswith("worker") else name
             jobs.append(f"  - job_name: {name}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
                         f"        labels: {{service: {job}}}\n")
-        rules = Path(__file__).resolve().parent / "prometheus" / "alerts.yml"
+        rules = Path(__file__).resolve().parent.parent / "prometheus" / "alerts.yml"
         text = ("global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\n"
                 f"rule_files:\n  - {rules}\nscrape_configs:\n" + "".join(jobs))
         path = self.dir / "prometheus.yml"
@@ -152,8 +153,8 @@ class Stack:
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> int:
         log = open(self.dir / "logs" / f"{name}.log", "ab")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                   cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_environment(env),
+                                   cwd=Path(__file__).resolve().parents[2], start_new_session=True)
         return process.pid
 
     def up(self, workers: int = 1, concurrency: int = 1, prometheus: bool = True, worker_dirs: bool = False) -> dict:
@@ -168,14 +169,14 @@ class Stack:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.dir / "redis").mkdir(exist_ok=True)
         info = {"redis_port": free_port(DEFAULT_REDIS_PORT), "kafka_port": free_port(DEFAULT_KAFKA_PORT), "pids": {},
-                "state_url": os.environ.get("TESSERA_STATE_URL") or None, "worker_dirs": worker_dirs}
+                "state_url": Config.from_env().state_url, "worker_dirs": worker_dirs}
         env = self.env(info)
         info["pids"]["redis"] = self._spawn("redis", redis_command(info["redis_port"], self.dir / "redis"), env)
         info["pids"]["broker"] = self._spawn("broker", tansu_command(info["kafka_port"]), env)
         self.state_file.write_text(json.dumps(info, indent=2))
         wait_port(info["redis_port"])
         wait_port(info["kafka_port"])
-        os.environ.update(env)
+        export(env)
         from consumer.produce import ensure_topics, wait_for_broker
 
         wait_for_broker()
@@ -183,7 +184,7 @@ class Stack:
         self.state_file.write_text(json.dumps(info, indent=2))
         for i in range(workers):
             self.start_worker(i, concurrency)
-        if os.environ.get("TESSERA_VLM_MODEL"):
+        if Config.from_env().vlm_model:
             self.start_reasoner()
         self.start_consumer()
         if prometheus:

@@ -1,6 +1,6 @@
 """Why the embedded BM25 engine is SQLite FTS5: quality and speed next to tantivy and Qdrant edge, one run.
 
-``python -m ops.bench_bm25 DIR`` indexes the LoCoMo turns (the same rendered text) in each engine
+``python -m ops.bench.bm25 DIR`` indexes the LoCoMo turns (the same rendered text) in each engine
 and scores single-turn BM25 retrieval with the dataset's rules: FTS5 (porter), tantivy (en_stem,
 with the ``bench`` extra) and the edge store's sparse BM25 with IDF (``EdgeBM25Store``, the turn
 shard). End to end, ``TESSERA_KEYWORD_STORE=edge tessera eval locomo DIR`` against the default.
@@ -17,8 +17,8 @@ import numpy as np
 
 from indexer.stores.fts5 import match_expression
 from indexer.text import keywords
-from ops.evaluate import indexed_texts, score
-from ops.locomo import load
+from ops.eval.retrieval import indexed_texts, score
+from ops.eval.locomo import load
 
 
 def fts5(docs, questions):

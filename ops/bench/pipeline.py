@@ -1,6 +1,6 @@
 """End-to-end ingest through broker, consumer and one Celery worker, next to ``tessera ingest``.
 
-``python -m ops.bench_pipeline DIR`` (LoCoMo-format files): both paths index the same events in one
+``python -m ops.bench.pipeline DIR`` (LoCoMo-format files): both paths index the same events in one
 run on this machine. The distributed run starts a stack on loopback, warms it (group join, model
 load) with one event of another tenant, then floods the broker with every event at once and polls
 the BM25 store to see when each message becomes searchable (produced -> searchable latency).
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import tempfile
 import threading
@@ -20,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from indexer.encoders.text import SentenceTransformerEmbedder
-from ops.cli import ingest_file
-from ops.locomo import load, to_events
-from ops.settings import Settings, open_engine
-from ops.stack import Stack
+from ops.runtime.jsonl import ingest_file
+from ops.eval.locomo import load, to_events
+from ops.runtime.config import Config, export
+from ops.runtime.assemble import open_engine
+from ops.stack.local import Stack
 
 POLL_S = 0.1
 
@@ -51,7 +51,7 @@ def run(directory: str, timeout_s: float = 900, rate: float | None = None) -> di
 
     embedder = SentenceTransformerEmbedder()
     embedder.warm_up()
-    engine = open_engine(Settings(data_dir=work / "embedded"), embedder=embedder)
+    engine = open_engine(Config(data_dir=work / "embedded"), embedder=embedder)
     t = time.perf_counter()
     ingest_file(engine, str(work / "events.jsonl"))
     embedded_s = time.perf_counter() - t
@@ -59,13 +59,14 @@ def run(directory: str, timeout_s: float = 900, rate: float | None = None) -> di
 
     stack = Stack(work / "stack")
     # The workers encode as the embedded run above does (the report's row says torch).
-    os.environ["TESSERA_ENCODER"] = "torch"
+    export({"TESSERA_ENCODER": "torch"})
     stack.up(workers=1, concurrency=1)
     try:
-        os.environ.update(stack.env())
+        export(stack.env())
         from kafka import KafkaProducer
 
-        from consumer.topics import MESSAGES, bootstrap
+        from schemas.routing import MESSAGES
+        from ops.runtime.config import bootstrap
         from schemas.routing import message_key
 
         producer = KafkaProducer(bootstrap_servers=bootstrap(), acks="all", linger_ms=5)

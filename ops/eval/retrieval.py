@@ -23,7 +23,7 @@ from tqdm import tqdm
 from indexer.ingest.units import turn_of_event
 from indexer.stores.fts5 import match_expression
 from indexer.text import render_turn
-from ops.locomo import TENANT, LocomoTurn, Question, load, to_events
+from ops.eval.locomo import TENANT, LocomoTurn, Question, load, to_events
 from schemas import QUERY_SCHEMA, QueryJob
 
 BUDGETS = (5, 10, 30)
@@ -134,15 +134,16 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
                     progress: bool = True, embedder=None) -> dict:
     """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one."""
     from indexer.encoders.text import open_embedder
-    from ops.settings import Settings, open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
 
     turns, questions = load(directory)
     if not turns:
         raise SystemExit(f"no LoCoMo conversations (*.json) in {directory}")
-    embedder = embedder or open_embedder(Settings.from_env(data_dir).encoder)
+    embedder = embedder or open_embedder(Config.from_env(data_dir).encoder)
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
-    engine = open_engine(Settings.from_env(work), embedder=embedder)
+    engine = open_engine(Config.from_env(work), embedder=embedder)
     events = to_events(turns)
     t0 = time.perf_counter()
     batch = 256

@@ -1,6 +1,6 @@
 """Speed of the VLM reasoning stage: rerank the top 20 fragments of a query, per batch size.
 
-``python -m ops.bench_reasoning --shape 7b`` builds a LLaVA-1.5-7B-shaped model with random weights
+``python -m ops.bench.reasoning --shape 7b`` builds a LLaVA-1.5-7B-shaped model with random weights
 (speed does not depend on the weights), saves it, loads it through ``VlmReasoner`` (the production
 loading code: bf16 on CUDA) and times ``answer`` on realistic candidates: fragments of 6-10 chat
 turns, every other one with an image (576 image tokens each at 336 px). Reports, per batch size,
@@ -52,7 +52,7 @@ def run(shape: str, n_candidates: int, batch_sizes: list[int], repeats: int, out
 
     from indexer.images import ImagePolicy
     from indexer.query.reasoning import VlmReasoner
-    from ops import random_models
+    from ops.bench import random_models
     from schemas import QUERY_SCHEMA, QueryJob, ReasonRequest
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

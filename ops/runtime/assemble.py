@@ -1,0 +1,133 @@
+"""Builds the engine a configuration describes: state, stores, encoders, rewriter and reasoner, instrumented."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ops.runtime.config import Config
+from ops.runtime.telemetry import InstrumentedEmbedder, InstrumentedReasoner, InstrumentedStore
+
+
+def open_reasoner(config: Config):
+    """The VLM reasoning stage the settings name (None without ``TESSERA_VLM_MODEL``), with its metrics."""
+    if not config.vlm_model:
+        return None
+    from indexer.query.reasoning import VlmReasoner
+
+    return InstrumentedReasoner(VlmReasoner(config.vlm_model, device=config.vlm_device,
+                                            batch_size=config.vlm_batch, policy=config.image_policy))
+
+
+def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = False):
+    """Build the engine the settings describe; the embedder can be shared between engines.
+
+    ``reasoner`` makes the engine run the VLM stage in-process (embedded mode); distributed query
+    workers leave it out and hand candidates to the ``reason`` queue instead. A data dir indexed
+    with another vector store is refused, unless ``rebuild`` (``tessera reindex``), which drops the
+    old store's files for the caller to rebuild the index from the state.
+    """
+    from indexer.encoders.text import open_embedder
+    from indexer.engine import Tessera
+    from indexer.state import open_state
+    from indexer.stores.fts5 import SqliteBM25Store
+    from indexer.stores.sqlite_vectors import SqliteVectorStore
+
+    embedder = embedder or open_embedder(config.encoder, config.embed_model, batch_size=config.embed_batch,
+                                        cache_dir=config.model_cache)
+    data = Path(config.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    index = Path(config.index_dir) if config.index_dir else data
+    index.mkdir(parents=True, exist_ok=True)
+    _claim(index, "vector-store", config.vector_store, "TESSERA_VECTOR_STORE", rebuild,
+           {"qdrant": "qdrant", "sqlite": "vectors.sqlite", "edge": "edge"})
+    keyword_store = config.keyword_store or ("edge" if config.vector_store == "edge" else "fts5")
+    if not config.es_url:
+        _claim(index, "keyword-store", keyword_store, "TESSERA_KEYWORD_STORE", rebuild,
+               {"fts5": "bm25.sqlite", "edge": "edge-bm25"}, before="fts5")
+    images = None
+    if config.image_model:
+        from indexer.encoders.image import ImageEmbedder, ImageIndexer
+
+        images = ImageIndexer(ImageEmbedder(config.image_model), policy=config.image_policy)
+    image_dim = images.dim if images is not None else None
+    if config.vector_store == "edge":
+        from indexer.stores.edge import EdgeVectorStore
+
+        vectors = EdgeVectorStore(index / "edge", dim=embedder.dim, image_dim=image_dim)
+    elif config.vector_store == "sqlite":
+        vectors = SqliteVectorStore(index / "vectors.sqlite", dim=embedder.dim, image_dim=image_dim)
+    elif config.vector_store == "qdrant":
+        from indexer.stores.qdrant import QdrantVectorStore
+
+        vectors = QdrantVectorStore(path=index / "qdrant", url=config.qdrant_url, api_key=config.qdrant_api_key,
+                                    dim=embedder.dim, image_dim=image_dim)
+    else:
+        raise ValueError(f"TESSERA_VECTOR_STORE: unknown vector store {config.vector_store!r} (edge, sqlite or qdrant)")
+    backend = {"qdrant": "qdrant", "edge": "qdrant-edge"}.get(config.vector_store, "sqlite-vectors")
+    if config.es_url:
+        from indexer.stores.elasticsearch import ElasticsearchBM25Store
+
+        keywords = InstrumentedStore(ElasticsearchBM25Store(config.es_url, api_key=config.es_api_key),
+                                     "elasticsearch")
+    elif keyword_store == "edge":
+        from indexer.stores.edge import EdgeBM25Store
+
+        keywords = InstrumentedStore(EdgeBM25Store(index / "edge-bm25"), "qdrant-edge-bm25")
+    elif keyword_store == "fts5":
+        keywords = InstrumentedStore(SqliteBM25Store(index / "bm25.sqlite"), "sqlite-bm25")
+    else:
+        raise ValueError(f"TESSERA_KEYWORD_STORE: unknown keyword store {keyword_store!r} (edge or fts5)")
+    from indexer.query.rewrite import open_rewriter
+
+    return Tessera(open_state(config.state_url, data), InstrumentedStore(vectors, backend), keywords,
+                   InstrumentedEmbedder(embedder), images=images, rewriter=open_rewriter(config.rewrite_model),
+                   reasoner=reasoner, clarify=config.clarify)
+
+
+def _claim(index: Path, marker_name: str, store: str, variable: str, rebuild: bool, files: dict[str, str],
+           before: str | None = None) -> None:
+    """Record which store indexed ``index``; refuse another one, or with ``rebuild`` drop the old one's files.
+
+    ``before``: the store of data dirs from before the marker existed (their files are there, the marker not).
+    """
+    marker = index / marker_name
+    recorded = marker.read_text().strip() if marker.exists() else None
+    if recorded is None and before is not None and before != store and (index / files[before]).exists():
+        recorded = before
+    if recorded is not None and recorded != store:
+        if not rebuild:
+            raise ValueError(f"{index} was indexed with {recorded!r}, not {store!r} ({variable}): set it back, or run"
+                             f" `tessera reindex` to rebuild the index in {store!r} from the conversation state")
+        old = index / files.get(recorded, recorded)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            # A stale -wal beside a new database of the same name would be replayed into it.
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                old.with_name(old.name + suffix).unlink(missing_ok=True)
+    if recorded != store or not marker.exists():
+        # Several worker processes open the same data dir at once: readers never see a half-written marker.
+        tmp = marker.with_name(f".{marker_name}.{os.getpid()}")
+        tmp.write_text(store + "\n")
+        os.replace(tmp, marker)
+
+
+def warm_up(engine) -> None:
+    """Ready a serving process: one BLAS thread, every model loaded, the long-lived heap frozen.
+
+    A serving process holds millions of long-lived objects (the model, the index); without
+    ``gc.freeze`` every full collection walks them and stalls a query by hundreds of ms at 10k
+    fragments (measured with ``tessera bench``). NumPy's BLAS gets one thread: its threads spin
+    after each small search matmul and took the cores from the query encoder (a 10 ms query
+    embedding took 75 ms at 100k fragments). Process-wide, so the entry points call it, not the core.
+    """
+    import gc
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+    engine.warm_up()
+    gc.collect()
+    gc.freeze()
