@@ -51,4 +51,5 @@ def dlq(topic: str) -> str:
 #: reason (the GPU VLM stage).
 QUEUES = ("ingest", "embed", "query", "reason")
 #: Task name -> its queue.
-TASKS = {"tessera.ingest": "ingest", "tessera.embed": "embed", "tessera.query": "query", "tessera.reason": "reason"}
+TASKS = {"tessera.ingest": "ingest", "tessera.delete_conversation": "ingest", "tessera.embed": "embed",
+         "tessera.query": "query", "tessera.reason": "reason"}

@@ -124,3 +124,15 @@ def test_a_dead_workers_tasks_come_back_within_minutes_and_never_run_twice_at_on
         return
     assert VISIBILITY_TIMEOUT_S <= 300
     assert app.conf.task_soft_time_limit < app.conf.task_time_limit < VISIBILITY_TIMEOUT_S
+
+
+def test_every_task_the_workers_run_is_routed_by_the_shared_contract():
+    """The consumer publishes by the names in schemas/routing.py; the worker registers exactly those."""
+    import workers.tasks  # noqa: F401  (registers the tasks)
+    from schemas.routing import QUEUES, TASKS
+    from workers.app import app
+
+    registered = {name for name in app.tasks if name.startswith("tessera.")}
+    assert registered == set(TASKS)
+    assert set(TASKS.values()) <= set(QUEUES)
+    assert all(app.amqp.router.route({}, name)["queue"].name == queue for name, queue in TASKS.items())
