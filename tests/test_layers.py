@@ -23,7 +23,7 @@ LAYERS = [
     ["indexer.engine"],
     ["ops.runtime"],
     ["workers"],
-    ["consumer"],
+    ["consumer", "ops.serve"],
     ["ops.demo", "ops.stack"],
     ["ops.eval"],
     ["ops.bench"],

@@ -313,6 +313,60 @@ def use_stack_environment(data_dir: str | None) -> None:
             export_default(key, value)
 
 
+def cmd_serve(args) -> int:
+    """The HTTP API and the search page over this data dir's engine, until interrupted."""
+    import logging
+
+    import uvicorn
+
+    from ops.serve.app import Limits, create_app, warm_in_background
+    from ops.serve.keys import KeyStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = Config.from_env(args.data_dir)
+    engine = _engine(args, reasoning=True)
+    keys = KeyStore(config.state_url, config.data_dir)
+    app = create_app(engine, keys, Limits(config.api_rate, config.api_burst, config.api_max_body), config.image_policy)
+    warm_in_background(app, engine)
+    print(f"tessera serve: http://{args.host}:{args.port}/ (API at /v1, OpenAPI at /openapi.json)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        engine.close()
+        keys.close()
+    return 0
+
+
+def cmd_keys(args) -> int:
+    """API keys: ``create`` prints the new key as its last word (shown once), ``list``, ``revoke``."""
+    from ops.serve.keys import KeyStore
+
+    config = Config.from_env(args.data_dir)
+    keys = KeyStore(config.state_url, config.data_dir)
+    try:
+        if args.action == "create":
+            if not args.tenant:
+                print("tessera keys create: --tenant is required", file=sys.stderr)
+                return 2
+            record, key = keys.create(args.tenant, args.name or "")
+            print(f"key {record.key_id} for tenant {record.tenant_id} (shown once, keep it): {key}")
+        elif args.action == "list":
+            for record in keys.list(args.tenant):
+                state = "revoked" if record.revoked_at else "live"
+                print(f"{record.key_id}  {record.tenant_id}  {state}  {record.name}")
+        else:
+            if not args.key_id:
+                print("tessera keys revoke: give the key id", file=sys.stderr)
+                return 2
+            if not keys.revoke(args.key_id):
+                print(f"tessera keys revoke: no live key {args.key_id!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}", file=sys.stderr)
+    finally:
+        keys.close()
+    return 0
+
+
 def cmd_config(args) -> int:
     """Every variable Tessera reads, its value here and its meaning; exit 1 when one does not parse."""
     try:
@@ -421,6 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversation")
     p.add_argument("--tasks", action="store_true", help="the Redis list of dead tasks instead of parked conversations")
     p.set_defaults(func=cmd_dead_letters)
+
+    p = sub.add_parser("serve", help="the HTTP API (search, messages, deletes) and the search page")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="API keys of tessera serve: create (bound to one tenant), list, revoke")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="the key to revoke")
+    p.add_argument("--tenant")
+    p.add_argument("--name", help="what the key is for (shown by list)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("config", help="every setting (environment variable) with its value and meaning")
     p.add_argument("--json", action="store_true")

@@ -68,6 +68,9 @@ ENVIRONMENT = {
                               "answers 503 (default 60)",
     "TESSERA_SWEEP_S": "seconds between an embed worker's looks for pending marks no queued task covers (default 30)",
     "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
+    "TESSERA_API_RATE": "requests per second each API key may make to tessera serve (default 20; 429 above)",
+    "TESSERA_API_BURST": "requests an API key may make at once before its rate applies (default 40)",
+    "TESSERA_API_MAX_BODY": "largest request body tessera serve reads, bytes (default 8 MiB; 413 above)",
     "HF_HUB_OFFLINE": "set to 1 by every Tessera process: models load from local paths, never from a hub",
 }
 
@@ -127,6 +130,9 @@ class Config:
     health_stall_s: float = 60.0
     sweep_s: float = 30.0
     max_deliveries: int = 3
+    api_rate: float = 20.0
+    api_burst: int = 40
+    api_max_body: int = 8 * 2**20
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> "Config":
@@ -174,6 +180,9 @@ class Config:
             health_stall_s=get.number("TESSERA_HEALTH_STALL_S", float, 60.0, minimum=0.1),
             sweep_s=get.number("TESSERA_SWEEP_S", float, 30.0, minimum=0.1),
             max_deliveries=get.number("TESSERA_MAX_DELIVERIES", int, 3, minimum=1),
+            api_rate=get.number("TESSERA_API_RATE", float, 20.0, minimum=0.01),
+            api_burst=get.number("TESSERA_API_BURST", int, 40, minimum=1),
+            api_max_body=get.number("TESSERA_API_MAX_BODY", int, 8 * 2**20, minimum=1024),
         )
 
     @property

@@ -58,6 +58,9 @@ REASONING_BATCH = Histogram("tessera_reasoning_batch_size_candidates", "Candidat
                             buckets=BATCH_BUCKETS)
 GPU_MEMORY = Gauge("tessera_gpu_memory_bytes", "CUDA memory allocated by the reasoning worker", ["device"],
                    multiprocess_mode="max")
+HTTP_REQUESTS = Counter("tessera_http_requests_total", "HTTP API requests by route and status", ["route", "status"])
+HTTP_SECONDS = Histogram("tessera_http_request_duration_seconds", "HTTP API request time", ["route"],
+                         buckets=LATENCY_BUCKETS)
 IMAGES = Counter("tessera_images_total", "Message images by outcome: embedded, or the refusal code", ["outcome"])
 BUILD = Info("tessera_build", "Version of the running Tessera")
 

@@ -1,0 +1,1 @@
+"""The HTTP API (`tessera serve`), its API keys and the search page."""
