@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test eval eval-dialogue bench bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
+.PHONY: install system-deps demo serve test eval eval-dialogue bench bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
 
 install: $(STAMP) system-deps
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/tessera demo
+
+# The HTTP API and the search page on the demo data (make demo prints the page's URL with a key).
+serve: $(STAMP)
+	$(VENV)/bin/tessera serve --port $(or $(PORT),8080)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

@@ -114,6 +114,17 @@ def cmd_demo(args) -> int:
             print()
     finally:
         engine.close()
+    from ops.serve.keys import KeyStore
+
+    config = Config.from_env(data_dir)
+    keys = KeyStore(config.state_url, config.data_dir)
+    try:
+        key = keys.create("acme", "demo page")[1]
+    finally:
+        keys.close()
+    print("See it in the browser: run `make serve` (tessera serve), then open\n"
+          f"  http://127.0.0.1:8080/#key={key}&user=anna\n"
+          "(an API key of the demo tenant acme, searching as anna; `tessera keys list` shows it)")
     return 0
 
 
