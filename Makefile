@@ -29,9 +29,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tessera demo
 
-# The HTTP API and the search page on the demo data (make demo prints the page's URL with a key).
+# The HTTP API and the search page on the demo data (make demo prints the page's URL with a key);
+# the demo's images may be shown (file:// URIs are refused outside TESSERA_IMAGE_ROOTS).
 serve: $(STAMP)
-	$(VENV)/bin/tessera serve --port $(or $(PORT),8080)
+	TESSERA_IMAGE_ROOTS=$${TESSERA_IMAGE_ROOTS:-$(CURDIR)/.tessera/demo/images} $(VENV)/bin/tessera serve --port $(or $(PORT),8080)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
