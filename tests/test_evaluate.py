@@ -1,6 +1,8 @@
 import json
 
-from ops.eval.retrieval import evaluate_locomo, score
+import pytest
+
+from ops.eval.retrieval import evaluate_locomo, score, span_scores
 from ops.eval.locomo import Question
 
 
@@ -12,6 +14,22 @@ def test_score_follows_the_dataset_rules():
     assert row["recall@5"] == 0.5 and row["recall@30"] == 0.5
     assert row["mrr"] == 0.5 and row["conv_hit@1"] == 1.0
     assert score(q, [[]])["mrr"] == 0.0
+
+
+def test_span_scores_are_the_ffrs_precision_recall_and_f1_of_the_pointed_turns():
+    qs = [Question("c", "?", frozenset({"D1:2", "D1:3"}), 4), Question("c", "?", frozenset({"D2:1"}), 1)]
+    spans = [[[("c", "D1:2"), ("c", "D1:4")], [("c", "D1:3")]],  # first span: 1 of 2 right; with the next: 2 of 3
+             [[("x", "D2:1")], [("c", "D2:1")]]]                   # right id, wrong conversation first
+    with_image = {("c", "D1:2"), ("c", "D2:1")}
+    got = span_scores(qs, spans, with_image, ["ok", "clarify"])
+    assert got["span_precision@top1"] == pytest.approx((0.5 + 0) / 2)
+    assert got["span_recall@top1"] == pytest.approx((0.5 + 0) / 2)
+    assert got["span_f1@top1"] == pytest.approx((0.5 + 0) / 2)
+    assert got["span_precision@top3"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert got["span_recall@top3"] == pytest.approx((1 + 1) / 2)
+    assert got["image_f1@top1"] == pytest.approx((1 + 0) / 2)
+    assert got["clarify_share"] == 0.5
+    assert span_scores(qs[:1], [[]], with_image)["span_f1@top1"] == 0.0
 
 
 def test_eval_on_a_small_locomo_file(tmp_path):
@@ -31,3 +49,5 @@ def test_eval_on_a_small_locomo_file(tmp_path):
     assert report["rows"]["tessera (hybrid fragments + spans)"]["recall@5"] == 1.0
     assert len(report["rows"]) == 6
     assert json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert 0.0 <= report["spans"]["span_f1@top1"] <= 1.0 and "clarify_share" in report["spans"]
+    assert set(report["by_category"]) == {"1", "4"} and "span_f1@top1" in report["by_category"]["4"]

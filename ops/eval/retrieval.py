@@ -49,6 +49,35 @@ def score(questions: Sequence[Question], rankings: Sequence[Ranked]) -> dict[str
     out["conv_hit@1"] = float(np.mean(hit))
     return out
 
+def _prf(predicted: set, gold: set) -> tuple[float, float, float]:
+    hit = len(predicted & gold)
+    p = hit / len(predicted) if predicted else 0.0
+    r = hit / len(gold) if gold else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def span_scores(questions: Sequence[Question], spans: Sequence[list[list[tuple[str, str]]]],
+                with_image: set[tuple[str, str]], statuses: Sequence[str] = ()) -> dict[str, float]:
+    """FFRS-style fine-grained scores: precision, recall and F1 of the turns the first result (and the first
+    three) point at, against the evidence; image-id F1 on questions whose evidence has images; the share of
+    ``clarify`` answers. ``spans[i]`` holds question i's fragments, each a list of (conversation, message)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for q, fragments in zip(questions, spans):
+        gold = {(q.conversation_id, e) for e in q.evidence}
+        for name, depth in (("top1", 1), ("top3", 3)):
+            predicted = {t for f in fragments[:depth] for t in f}
+            for metric, value in zip(("precision", "recall", "f1"), _prf(predicted, gold)):
+                out[f"span_{metric}@{name}"].append(value)
+        gold_images = gold & with_image
+        if gold_images:
+            predicted = {t for f in fragments[:1] for t in f} & with_image
+            out["image_f1@top1"].append(_prf(predicted, gold_images)[2])
+    scores = {name: float(np.mean(values)) for name, values in out.items()}
+    if statuses:
+        scores["clarify_share"] = float(np.mean([s == "clarify" for s in statuses]))
+    return scores
+
+
 def asked_after(turns: Sequence[LocomoTurn]) -> dict:
     """When each conversation's questions are asked: a day after its last turn ("in June" is the last June)."""
     last: dict = {}
@@ -155,6 +184,8 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     qvectors = embedder.encode([q.text for q in questions])
     asked = asked_after(turns)
     system: list[Ranked] = []
+    spans: list[list[list[tuple[str, str]]]] = []
+    statuses: list[str] = []
     peer: dict[str, list[Ranked]] = defaultdict(list)
     latencies = []
     for i, q in enumerate(tqdm(questions, desc="questions", disable=not progress, file=sys.stderr)):
@@ -165,6 +196,8 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
         result = engine.query(job)
         latencies.append((time.perf_counter() - t) * 1000)
         system.append([(f.conversation_id, m) for f in result.fragments for m in f.message_ids])
+        spans.append([[(f.conversation_id, m) for m in f.message_ids] for f in result.fragments])
+        statuses.append(result.status)
         for name, ranked in baselines.rank_all(q.text, qvectors[i]).items():
             peer[name].append(ranked)
     engine.close()
@@ -172,12 +205,18 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     rows = {"tessera (hybrid fragments + spans)": score(questions, system)}
     for name, rankings in peer.items():
         rows[name] = score(questions, rankings)
+    with_image = {(t.conversation_id, t.message_id) for t in turns if t.caption}
+
+    def category(c: int, scorer, *lists):
+        picked = [i for i, q in enumerate(questions) if q.category == c]
+        return scorer([questions[i] for i in picked], *[[values[i] for i in picked] for values in lists])
     lat = np.array(latencies)
     report = {
         "dataset": str(directory), "conversations": len({t.conversation_id for t in turns}), "turns": len(turns),
         "questions": len(questions), "rows": rows,
-        "by_category": {str(c): score([q for q in questions if q.category == c],
-                                      [r for q, r in zip(questions, system) if q.category == c])
+        "spans": span_scores(questions, spans, with_image, statuses),
+        "by_category": {str(c): category(c, score, system) | category(
+                            c, lambda qs, sp, st: span_scores(qs, sp, with_image, st), spans, statuses)
                         for c in sorted({q.category for q in questions})},
         "query_latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                              "mean": float(lat.mean())},
@@ -196,8 +235,14 @@ def format_table(report: dict) -> str:
              "system".ljust(width) + "".join(c.rjust(12) for c in cols)]
     for name, row in report["rows"].items():
         lines.append(name.ljust(width) + "".join(f"{row[c]:12.3f}" for c in cols))
-    lines.append("by category (tessera): " + ", ".join(
-        f"{c}: r@10 {r['recall@10']:.3f} mrr {r['mrr']:.3f}" for c, r in report["by_category"].items()))
+    sp = report["spans"]
+    lines.append(f"spans (tessera): first result P/R/F1 {sp['span_precision@top1']:.3f} / {sp['span_recall@top1']:.3f}"
+                 f" / {sp['span_f1@top1']:.3f}, first three {sp['span_precision@top3']:.3f} /"
+                 f" {sp['span_recall@top3']:.3f} / {sp['span_f1@top3']:.3f}, image-id F1 {sp.get('image_f1@top1', 0):.3f},"
+                 f" clarify asked {sp['clarify_share']:.1%}")
+    lines.append("by category (tessera; 1 multi-hop, 2 temporal, 3 open-domain, 4 single-hop): " + ", ".join(
+        f"{c}: r@10 {r['recall@10']:.3f} mrr {r['mrr']:.3f} span F1 {r['span_f1@top1']:.3f}"
+        f" clarify {r['clarify_share']:.0%}" for c, r in report["by_category"].items()))
     lat = report["query_latency_ms"]
     lines.append(f"query latency ms: p50 {lat['p50']:.1f}, p99 {lat['p99']:.1f}, mean {lat['mean']:.1f}")
     return "\n".join(lines)
