@@ -84,6 +84,39 @@ class TokenBucket:
             return (1 - tokens) / self.rate
 
 
+class RequestContext:
+    """Request id, access log and metrics for every request, as plain ASGI (no per-request task or queue)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:128]
+        request_id = given or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            HTTP_REQUESTS.labels(route, str(status)).inc()
+            HTTP_SECONDS.labels(route).observe(elapsed)
+            log.info("%s %s %s %d %.1fms key=%s", request_id, scope["method"], scope["path"], status, elapsed * 1000,
+                     scope["state"].get("key_id", "-"))
+
+
 def problem_response(request: Request, problem: Problem) -> JSONResponse:
     body = {"type": f"/problems/{problem.code}", "title": HTTPStatus(problem.status).phrase, "status": problem.status,
             "detail": problem.detail, "code": problem.code, "instance": request.url.path,
@@ -103,26 +136,16 @@ def create_app(engine, keys: KeyStore, limits: Limits = Limits(), image_policy: 
         with engine_lock:
             return fn(*args)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        request.state.request_id = (request.headers.get("x-request-id") or "")[:128] or uuid.uuid4().hex
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Problem as problem:
-            response = problem_response(request, problem)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        elapsed = time.perf_counter() - started
-        HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
-        HTTP_SECONDS.labels(route).observe(elapsed)
-        response.headers["X-Request-Id"] = request.state.request_id
-        log.info("%s %s %s %d %.1fms key=%s", request.state.request_id, request.method, request.url.path,
-                 response.status_code, elapsed * 1000, getattr(request.state, "key_id", "-"))
-        return response
+    app.add_middleware(RequestContext)
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, problem: Problem):
         return problem_response(request, problem)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("request %s failed", getattr(request.state, "request_id", "-"))
+        return problem_response(request, Problem(500, "internal_error", "the server failed on this request"))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
