@@ -15,12 +15,25 @@ def test_clear_winner_is_not_questioned():
 
 
 def test_people_then_dates_then_images():
-    people = clarify("hike", [view("c1", 1.0, people=("Ann", "Bob")), view("c2", 0.95, people=("Ann", "Cem"))])
+    people = clarify("hike", [view("c1", 1.0, people=("Ann", "Bob")), view("c2", 0.97, people=("Ann", "Cem"))])
     assert people.facet == "people" and people.options == ("with Ann and Bob", "with Ann and Cem")
     months = clarify("hike", [view("c1", 1.0), view("c1", 0.97, month=7), view("c1", 0.96, month=5)])
     assert months.facet == "month" and months.options == ("in May 2023", "in July 2023")
     images = clarify("hike", [view("c1", 1.0, captions=("a lake",)), view("c1", 0.99, captions=("a glacier",))])
     assert images.facet == "image" and set(images.options) == {"the photo of a lake", "the photo of a glacier"}
+
+
+def test_a_question_is_asked_only_when_the_runner_up_is_within_the_ask_ratio():
+    """Candidates within CLOSE_RATIO give the options, but a clear enough lead is answered, not questioned."""
+    from indexer.query.clarify import ASK_RATIO, CLOSE_RATIO
+
+    assert CLOSE_RATIO < ASK_RATIO < 1
+    behind = (ASK_RATIO + CLOSE_RATIO) / 2
+    views = [view("c1", 1.0, people=("Bob",)), view("c2", behind, people=("Cem",))]
+    assert clarify("hike", views) is None
+    assert clarify("hike", views, ask_ratio=CLOSE_RATIO).options == ("with Bob", "with Cem")
+    close = [view("c1", 1.0, people=("Bob",)), view("c2", ASK_RATIO, people=("Cem",)), view("c3", behind, people=("Dan",))]
+    assert clarify("hike", close).options == ("with Bob", "with Cem", "with Dan")
 
 
 def test_at_most_five_options():

@@ -34,3 +34,22 @@ def test_reasoning_benchmark_runs_on_a_tiny_model(tmp_path):
     assert [r["batch_size"] for r in report["rows"]] == [1, 3]
     assert all(r["candidates_per_s"] > 0 for r in report["rows"])
     assert (tmp_path / "reasoning-bench.md").exists()
+
+
+def test_the_ask_threshold_is_chosen_on_the_other_conversations():
+    from ops.eval.dialogue import clarify_policy
+
+    def row(conversation, runner_up, gain, asked=True):
+        return {"conversation": conversation, "asked": asked, "runner_up": runner_up, "rr_before": 0.5,
+                "rr_after": 0.5 + gain}
+
+    # Close calls gain, loose ones lose; every conversation asks on 4 of 10 at the loosest rule.
+    rounds = []
+    for c in ("a", "b", "c"):
+        rounds += [row(c, 0.99, 0.3), row(c, 0.97, 0.1), row(c, 0.93, -0.2), row(c, 0.91, -0.1)]
+        rounds += [row(c, 0.5, 0.0, asked=False) for _ in range(6)]
+    policy = clarify_policy(rounds)
+    assert policy["sweep"]["0.90"]["ask_rate"] == 0.4
+    assert policy["chosen_per_held_out_conversation"] == {"a": 0.97, "b": 0.97, "c": 0.97}
+    assert policy["held_out"]["ask_rate"] == 0.2
+    assert abs(policy["held_out"]["mrr_gain"] - 0.04) < 1e-9

@@ -17,8 +17,12 @@ from typing import Callable, Sequence
 
 from indexer.text import STOPWORDS, words
 
-#: Candidates within this share of the best score count as "too close to call".
+#: Candidates within this share of the best score count as "too close to call" (and give the options).
 CLOSE_RATIO = 0.9
+#: A question is asked only when the runner-up is within this share of the best: the closer the two,
+#: the likelier the first answer is the wrong one and an answer to the question pays for the round.
+#: Chosen by ``tessera eval dialogue`` (leave-one-conversation-out on the dev split).
+ASK_RATIO = 0.96
 #: How many of the top candidates are looked at.
 CONSIDER = 5
 MIN_OPTIONS, MAX_OPTIONS = 2, 5
@@ -85,9 +89,9 @@ FACETS: tuple[tuple[str, str, Callable], ...] = (
 )
 
 
-def clarify(query: str, views: Sequence[SpanView]) -> Clarification | None:
-    """A question with options when the top candidates are ambiguous, else None."""
-    if len(views) < MIN_OPTIONS or views[0].score <= 0:
+def clarify(query: str, views: Sequence[SpanView], ask_ratio: float = ASK_RATIO) -> Clarification | None:
+    """A question with options when the top candidates (best first) are ambiguous, else None."""
+    if len(views) < MIN_OPTIONS or views[0].score <= 0 or views[1].score < ask_ratio * views[0].score:
         return None
     best = views[0].score
     close = [v for v in views[:CONSIDER] if v.score >= CLOSE_RATIO * best]

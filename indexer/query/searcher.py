@@ -14,7 +14,7 @@ from indexer.encoders.text import Embedder
 from indexer.images import ImageError
 from indexer.model import FragmentRecord, SearchFilter, Span, Turn
 from indexer.query import timeparse
-from indexer.query.clarify import CONSIDER, SpanView, answered_clarification, clarify
+from indexer.query.clarify import ASK_RATIO, CONSIDER, SpanView, answered_clarification, clarify
 from indexer.query.hybrid import HybridSearcher, SearchConfig
 from indexer.query.rewrite import Rewriter, RuleRewriter
 from indexer.state import ConversationState
@@ -42,6 +42,8 @@ class Searcher:
         self.images = images
         self.rewriter = rewriter or RuleRewriter()
         self.clarify = clarify
+        #: Ask only when the runner-up span is within this share of the best (``clarify.ASK_RATIO``).
+        self.ask_ratio = ASK_RATIO
         #: Time expressions of the query become filters (off: they are searched as words).
         self.time_filters = time_filters
         self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -148,7 +150,7 @@ class Searcher:
         if self.clarify and not job.filters.conversation_id and not answered_clarification([t.role for t in job.history]):
             views = [self._view(span, records[span.fragment_id], context(span), job.user_id)
                      for span in spans[:min(job.top_k, CONSIDER)]]
-            found = clarify(search_text, views)
+            found = clarify(search_text, views, self.ask_ratio)
             if found is not None:
                 question = ClarifyingQuestion(text=found.text, options=list(found.options))
         if reason and question is None:

@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from tqdm import tqdm
 
+from indexer.query.clarify import ASK_RATIO, CLOSE_RATIO
 from indexer.text import STOPWORDS, words
 from ops.eval.retrieval import BUDGETS, EVAL_TOP_K, asked_after, score
 from ops.eval.locomo import TENANT, LocomoTurn, Question, load, to_events
@@ -97,7 +99,8 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
 
     def run(text: str, q: Question, i: int, history=(), **switches) -> Result:
         for name, value in switches.items():
-            setattr(engine, name, value)
+            assert hasattr(engine.searcher, name), name
+            setattr(engine.searcher, name, value)
         try:
             return engine.query(_job(f"q{i}", text, asked[q.conversation_id], history))
         finally:
@@ -141,27 +144,42 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
     report["time"] = {"questions": len(tq), "with_time_expression": fired,
                       "rows": {k: score(tq, v) for k, v in rows.items()}}
 
-    # Clarification.
-    first_round, after, asked_n, answered = [], [], 0, 0
+    # Clarification: asked with the loosest rule (any runner-up within CLOSE_RATIO), so that every stricter
+    # ask threshold can be replayed exactly from the same answers (``clarify_policy``).
+    engine.searcher.ask_ratio = CLOSE_RATIO
+    first_round, after, rounds = [], [], []
     for i, q in enumerate(questions):
         result = run(q.text, q, i, clarify=True)
         first_round.append(ranked(result))
-        final = ranked(result)
+        final, option = ranked(result), None
         if result.status == "clarify":
-            asked_n += 1
             option = pick_option(result.clarifying_question.options, q, by_key, people)
             if option is not None:
-                answered += 1
                 history = [{"role": "user", "text": q.text},
                            {"role": "assistant", "text": result.clarifying_question.text}]
                 final = ranked(run(option, q, i, history=history, clarify=True))
         after.append(final)
+        scores = [f.score for f in result.fragments[:2]]
+        rounds.append({"conversation": q.conversation_id, "asked": result.status == "clarify",
+                       "question": result.clarifying_question.text if result.clarifying_question else None,
+                       "answered": option is not None,
+                       "runner_up": scores[1] / scores[0] if len(scores) == 2 and scores[0] > 0 else 0.0,
+                       "best": scores[0] if scores else 0.0,
+                       "rr_before": score([q], [first_round[-1]])["mrr"], "rr_after": score([q], [final])["mrr"]})
         bar.update(1)
     bar.close()
-    report["clarification"] = {"questions": len(questions), "asked": asked_n, "ask_rate": asked_n / len(questions),
-                               "answered_by_simulated_user": answered,
-                               "rows": {"without clarification": score(questions, first_round),
-                                        "after one clarifying round": score(questions, after)}}
+    policy = clarify_policy(rounds)
+    deployed = [a if r["asked"] and r["runner_up"] >= ASK_RATIO else b
+                for r, a, b in zip(rounds, after, first_round)]
+    report["clarification"] = {
+        "questions": len(questions), "asked": sum(r["asked"] for r in rounds),
+        "ask_rate": float(np.mean([r["asked"] for r in rounds])),
+        "answered_by_simulated_user": sum(r["answered"] for r in rounds),
+        "ask_ratio": ASK_RATIO, "asked_as_deployed": sum(r["asked"] and r["runner_up"] >= ASK_RATIO for r in rounds),
+        "policy": policy,
+        "rows": {"without clarification": score(questions, first_round),
+                 f"ask when any runner-up is within {CLOSE_RATIO} (before)": score(questions, after),
+                 f"ask when the runner-up is within {ASK_RATIO} (default)": score(questions, deployed)}}
     report["seconds"] = time.perf_counter() - started
     engine.close()
     if out_dir:
@@ -170,6 +188,42 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
         (out / "dialogue-eval.json").write_text(json.dumps(report, indent=2))
         (out / "dialogue-eval.md").write_text(format_report(report) + "\n")
     return report
+
+
+#: Ask thresholds tried: the runner-up span's score as a share of the best one's.
+ASK_GRID = (0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0)
+#: Most questions a policy may answer with a question (issue: users stop answering beyond it).
+MAX_ASK_RATE = 0.2
+
+
+def clarify_policy(rounds: list[dict]) -> dict:
+    """Each ask threshold replayed on the same answers, and the threshold chosen leave-one-conversation-out:
+    on each conversation the one that gains most MRR on the others while asking at most ``MAX_ASK_RATE``."""
+
+    def outcome(rows: list[dict], threshold: float) -> dict:
+        asked = [r["asked"] and r["runner_up"] >= threshold for r in rows]
+        gains = [r["rr_after"] - r["rr_before"] if a else 0.0 for r, a in zip(rows, asked)]
+        return {"ask_rate": float(np.mean(asked)), "mrr_gain": float(np.mean(gains))}
+
+    sweep = {f"{t:.2f}": outcome(rounds, t) for t in ASK_GRID}
+    by_question: dict[str, list[float]] = {}
+    for r in rounds:
+        if r["asked"]:
+            by_question.setdefault(r.get("question") or "?", []).append(r["rr_after"] - r["rr_before"])
+    held_out, chosen = [], {}
+    for conversation in sorted({r["conversation"] for r in rounds}):
+        train = [r for r in rounds if r["conversation"] != conversation]
+        allowed = [t for t in ASK_GRID if outcome(train, t)["ask_rate"] <= MAX_ASK_RATE]
+        best = max(allowed, key=lambda t: (outcome(train, t)["mrr_gain"], t))
+        chosen[conversation] = best
+        test = [r for r in rounds if r["conversation"] == conversation]
+        held_out += [(r, r["asked"] and r["runner_up"] >= best) for r in test]
+    return {"sweep": sweep, "chosen_per_held_out_conversation": chosen,
+            "by_question": {q: {"asked": len(g), "mrr_gain_sum": float(sum(g))} for q, g in by_question.items()},
+            "rounds": rounds,
+            "held_out": {"ask_rate": float(np.mean([a for _, a in held_out])),
+                         "mrr_gain": float(np.mean([r["rr_after"] - r["rr_before"] if a else 0.0
+                                                    for r, a in held_out]))}}
 
 
 def _had_time(engine, text: str, now) -> bool:
@@ -193,9 +247,15 @@ def format_report(report: dict) -> str:
              f"e.g. {r['example']['question']!r} -> {r['example']['turns']}", "", *_table(r["rows"]), "",
              f"## Time: {t['questions']} temporal questions ({t['with_time_expression']} with a time expression as asked)",
              "", *_table(t["rows"]), "",
-             f"## Clarification: asked {c['asked']} of {c['questions']} ({c['ask_rate']:.1%});"
+             f"## Clarification: asked {c['asked']} of {c['questions']} ({c['ask_rate']:.1%}) by the loosest rule,"
+             f" {c['asked_as_deployed']} ({c['asked_as_deployed'] / c['questions']:.1%}) by the default;"
              f" the simulated user found a consistent option {c['answered_by_simulated_user']} times", "",
-             *_table(c["rows"])]
+             *_table(c["rows"]), "", "Ask threshold (runner-up score / best score) replayed on the same answers:", "",
+             "| ask when runner-up within | asked | MRR gain |", "|---|---|---|",
+             *[f"| {t} | {o['ask_rate']:.1%} | {o['mrr_gain']:+.4f} |" for t, o in c["policy"]["sweep"].items()], "",
+             f"Leave-one-conversation-out (threshold chosen on the other conversations, at most {MAX_ASK_RATE:.0%} asked):"
+             f" chosen {c['policy']['chosen_per_held_out_conversation']}, held out: asked"
+             f" {c['policy']['held_out']['ask_rate']:.1%}, MRR gain {c['policy']['held_out']['mrr_gain']:+.4f}."]
     return "\n".join(lines)
 
 
