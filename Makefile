@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo serve test eval eval-dialogue bench bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
+.PHONY: install system-deps demo serve test eval eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
 
 install: $(STAMP) system-deps
 
@@ -51,6 +51,10 @@ bench-reasoning: $(STAMP)
 bench: $(STAMP) system-deps
 	$(PY) -m pip install -q -e '.[bench]'
 	$(VENV)/bin/tessera bench --stack $(BENCH_ARGS)
+
+# POST /v1/search next to Tessera.query at 100k fragments, 1 and 8 clients (results/bench/http.md).
+bench-http: $(STAMP)
+	$(PY) -m ops.bench.http --fragments $(or $(FRAGMENTS),100000) --out results/bench
 
 bench-ingest: $(STAMP)
 	$(PY) -m ops.bench.ingest ../shared/datasets/locomo-dev --out results/ingest-bench.json

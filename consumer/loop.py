@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import CommitFailedError, KafkaError
 
 from schemas.routing import dlq, group_of, MESSAGES, parse_message_key, QUERIES, QUEUES, RESULTS
 from ops.runtime.config import Config
@@ -50,8 +50,14 @@ class _Rebalance(ConsumerRebalanceListener):
         self.owner = owner
 
     def on_partitions_revoked(self, revoked):
-        # Everything polled was handed on synchronously; commit it before the partitions move.
-        self.owner.commit()
+        """``run`` commits after every batch it hands on, so little is uncommitted here; the listener runs on
+        the client's IO thread, where a blocking commit is refused. Offsets of partitions that move are
+        dropped: the next owner reads those records again, and their events are idempotent."""
+        self.owner.forget(revoked)
+
+    def on_partitions_lost(self, lost):
+        """Dropped from the group (a broker restart, a long stall): nothing can be committed for these."""
+        self.owner.forget(lost)
 
     def on_partitions_assigned(self, assigned):
         log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
@@ -129,6 +135,12 @@ class TesseraConsumer:
         offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._done.items()}
         try:
             self.consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # The group dropped this member (it rejoins at the next poll): the records handed on since the
+            # last commit come again, to whichever member gets their partitions; their events are idempotent.
+            log.warning("commit refused, no longer in the group (%s); those records will come again", exc)
+            self._done.clear()
+            return
         except KafkaError as exc:
             if not is_transient(exc):
                 raise
@@ -139,6 +151,11 @@ class TesseraConsumer:
         self.stats.commits += 1
         self.stats.committed.update({f"{tp.topic}/{tp.partition}": o for tp, o in self._done.items()})
         self._done.clear()
+
+    def forget(self, partitions) -> None:
+        """Offsets of partitions this consumer no longer owns are not committed by it."""
+        for tp in partitions:
+            self._done.pop(tp, None)
 
     # ---- records ------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ store counts with ``tessera ingest``'s path over the same events: nothing lost, 
 from __future__ import annotations
 
 import signal
+import time
 
 from consumer.produce import ensure_topics
 from schemas.routing import MESSAGES
@@ -153,3 +154,52 @@ def test_the_consumer_rides_out_a_redis_outage_and_health_tells_what_is_down(sta
     status = subprocess.run([sys.executable, "-m", "ops.cli.main", "--data-dir", str(stack.data_dir), "stack", "status"],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 1, status.stdout + status.stderr
+
+
+def test_a_consumer_dropped_from_its_group_keeps_consuming(stack, demo_events, monkeypatch):
+    """After a broker restart (or a long stall) the group may have dropped this member: its commit then fails
+    with CommitFailedError. The consumer lets those records come again (idempotent) and rejoins, instead of
+    dying (a clean-clone CI run lost its consumer this way in the broker-restart test)."""
+    import redis
+    from kafka import KafkaConsumer
+
+    from celery import Celery
+
+    from consumer.loop import TesseraConsumer
+    from ops.runtime.config import Config
+    from schemas.routing import TASKS
+
+    stack.start(workers=0)
+    stack.kill("consumer", signal.SIGKILL)
+    # A member that stops polling for longer than this is dropped by its own heartbeat thread.
+    monkeypatch.setitem(KafkaConsumer.DEFAULT_CONFIG, "max_poll_interval_ms", 3000)
+    config = Config.from_env()
+    # This process imported workers.app before the stack existed: a client app on the stack's Redis.
+    app = Celery("tessera-test", broker=config.redis_url,
+                 task_routes={name: {"queue": queue} for name, queue in TASKS.items()})
+    consumer = TesseraConsumer(app, MESSAGES, config, redis.Redis.from_url(config.redis_url))
+    try:
+        produce(demo_events[:5])
+        wait_until(lambda: _polled_without_commit(consumer) and consumer.stats.consumed >= 5, 120, "the first records")
+        consumer.commit()
+        produce(demo_events[5:10])
+        wait_until(lambda: _polled_without_commit(consumer), 60, "records polled, not yet committed")
+        time.sleep(8)  # past max_poll_interval_ms: the group drops this member
+        consumer.commit()  # CommitFailedError before the fix
+
+        def rejoined() -> bool:
+            _polled_without_commit(consumer)
+            consumer.commit()
+            return committed(MESSAGES) >= 10
+
+        wait_until(rejoined, 120, "offsets committed to the end after rejoining")
+    finally:
+        consumer.consumer.close(autocommit=False)
+        consumer.producer.close()
+
+
+def _polled_without_commit(consumer) -> bool:
+    """Poll and hand on one batch, leaving its offsets uncommitted (as between two commits of ``run``)."""
+    for tp, records in consumer.consumer.poll(timeout_ms=1000).items():
+        consumer._handle(tp, records)
+    return bool(consumer._done)
