@@ -113,50 +113,54 @@ def test_any_delivery_order_gives_the_log_order_state_and_no_leak(tmp_path, embe
                                     state_url=state_url), embedder=embedder)
 
     reference = engine_on("log", new_state_url(state_backend))
-    for e in events:
-        reference.ingest([e])
+    workers: list = []
+    try:
+        for e in events:
+            reference.ingest([e])
 
-    rng = random.Random(seed)
-    delivered = events + rng.sample(events, len(events) // 2)
-    rng.shuffle(delivered)
-    shared_url = new_state_url(state_backend)
-    workers = [engine_on("fleet", shared_url) for _ in range(WORKERS if vector_store != "edge" else 1)]
-    workers += [workers[0]] * (WORKERS - len(workers))
-    errors: list[BaseException] = []
+        rng = random.Random(seed)
+        delivered = events + rng.sample(events, len(events) // 2)
+        rng.shuffle(delivered)
+        shared_url = new_state_url(state_backend)
+        workers += [engine_on("fleet", shared_url) for _ in range(WORKERS if vector_store != "edge" else 1)]
+        workers += [workers[0]] * (WORKERS - len(workers))
+        errors: list[BaseException] = []
 
-    def work(engine, share):
-        try:
-            for start in range(0, len(share), 3):
-                engine.ingest(share[start:start + 3])
-        except BaseException as exc:
-            errors.append(exc)
+        def work(engine, share):
+            try:
+                for start in range(0, len(share), 3):
+                    engine.ingest(share[start:start + 3])
+            except BaseException as exc:
+                errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(w, delivered[i::WORKERS])) for i, w in enumerate(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    fleet = workers[0]
-    fleet.index_pending()
-    assert _state(fleet) == _state(reference)
+        threads = [threading.Thread(target=work, args=(w, delivered[i::WORKERS])) for i, w in enumerate(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        fleet = workers[0]
+        fleet.index_pending()
+        assert _state(fleet) == _state(reference)
 
-    texts, participants = _model(events)
-    for tenant, user, word in asks:
-        result = fleet.query(query(word, tenant=tenant, user=user, top_k=50))
-        assert result.status in ("ok", "clarify")
-        for fragment in result.fragments:
-            conv = (tenant, fragment.conversation_id)
-            assert conv in participants, f"{fragment.conversation_id} is not a conversation of tenant {tenant}"
-            allowed = participants[conv]
-            assert allowed is None or user in allowed, f"{user} sees {conv}, participants {allowed}"
-            for mid in fragment.message_ids:
-                assert (*conv, mid) in texts, f"deleted or foreign message {mid} returned"
-        visible = [k for k, text in texts.items() if k[0] == tenant and word in text.split()
-                   and (participants[k[:2]] is None or user in participants[k[:2]])]
-        if visible:
-            assert result.fragments, f"{user} of {tenant} may see {visible} with {word!r} but got nothing"
-    for engine in {id(e): e for e in [reference, *workers]}.values():
-        engine.close()
+        texts, participants = _model(events)
+        for tenant, user, word in asks:
+            result = fleet.query(query(word, tenant=tenant, user=user, top_k=50))
+            assert result.status in ("ok", "clarify")
+            for fragment in result.fragments:
+                conv = (tenant, fragment.conversation_id)
+                assert conv in participants, f"{fragment.conversation_id} is not a conversation of tenant {tenant}"
+                allowed = participants[conv]
+                assert allowed is None or user in allowed, f"{user} sees {conv}, participants {allowed}"
+                for mid in fragment.message_ids:
+                    assert (*conv, mid) in texts, f"deleted or foreign message {mid} returned"
+            visible = [k for k, text in texts.items() if k[0] == tenant and word in text.split()
+                       and (participants[k[:2]] is None or user in participants[k[:2]])]
+            if visible:
+                assert result.fragments, f"{user} of {tenant} may see {visible} with {word!r} but got nothing"
+    finally:
+        # Also when an example fails: Hypothesis replays many, and leaked pools would exhaust the server.
+        for engine in {id(e): e for e in [reference, *workers]}.values():
+            engine.close()
     COVERED["histories"] += 1
     COVERED["events"] += len(events)
