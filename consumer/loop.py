@@ -22,7 +22,7 @@ from schemas.routing import dlq, group_of, MESSAGES, parse_message_key, QUERIES,
 from ops.runtime.config import Config
 from indexer.errors import is_transient
 from ops.runtime.telemetry import (
-    CONSUMER_LAG, CONSUMER_PAUSED, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH, UNKNOWN_FIELDS,
+    CONSUMER_LAG, CONSUMER_PAUSED, CONSUMER_REJOINS, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_REJECTED, QUEUE_DEPTH, UNKNOWN_FIELDS,
 )
 from schemas import Result, SchemaError, forward, parse_message, parse_query, unknown_fields
 from schemas.parse import loads
@@ -32,6 +32,11 @@ log = logging.getLogger("tessera.consumer")
 
 #: Seconds between two measurements of consumer lag and queue depth.
 GAUGE_INTERVAL_S = 2.0
+
+#: A member silent this long leaves the group. Kafka's pre-3.0 default, not the client's 45 s: the Tansu
+#: broker holds every JoinGroup for half the session timeout (and a follower's SyncGroup for up to 80%),
+#: so each rebalance (a restart, a recreated topic) costs seconds instead of half a minute.
+SESSION_TIMEOUT_MS = 10_000
 
 
 @dataclass
@@ -81,17 +86,25 @@ class TesseraConsumer:
         #: Celery tasks waiting in the ingest and embed queues above which message partitions are paused
         #: (polling goes on: the group keeps the consumer, only fetching stops), and below which they resume.
         self.pause_above, self.resume_below = config.pause_above, config.resume_below
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=config.kafka_bootstrap, group_id=group_of(topic), enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=config.consumer_max_poll, client_id=f"tessera-{topic}",
-        )
+        self.config = config
         self.producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=0)
-        self.consumer.subscribe([topic], listener=_Rebalance(self))
+        self.consumer = self._connect()
         self.stats = ConsumerStats()
         self._done: dict[TopicPartition, int] = {}
         self._stop = threading.Event()
         self._gauges_at = 0.0
-        self.polled_at = self.started_at = time.monotonic()
+        self.polled_at = self.connected_at = time.monotonic()
+
+    def _connect(self, api_version=None) -> KafkaConsumer:
+        """A new group member; given the broker's API version, it does not block to ask for it."""
+        config = self.config
+        consumer = KafkaConsumer(
+            bootstrap_servers=config.kafka_bootstrap, group_id=group_of(self.topic), enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=config.consumer_max_poll, client_id=f"tessera-{self.topic}",
+            session_timeout_ms=SESSION_TIMEOUT_MS, **({"api_version": api_version} if api_version else {}),
+        )
+        consumer.subscribe([self.topic], listener=_Rebalance(self))
+        return consumer
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -103,6 +116,7 @@ class TesseraConsumer:
         deadline = time.monotonic() + max_seconds if max_seconds else None
         try:
             while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                self._rejoin_if_stuck()
                 self._measure()
                 self._backpressure()
                 batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
@@ -124,10 +138,38 @@ class TesseraConsumer:
         now = time.monotonic()
         if now - self.polled_at > stall_s:
             return False
+        return self._heartbeat_age(now) < stall_s
+
+    def _heartbeat_age(self, now: float) -> float:
+        """Seconds since this member last heartbeated to its group, or since its client was made."""
         heartbeat = self.consumer.metrics().get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago")
         if heartbeat is None or heartbeat == float("inf"):
-            return now - self.started_at < stall_s
-        return heartbeat < stall_s
+            return now - self.connected_at
+        return heartbeat
+
+    def _rejoin_if_stuck(self) -> None:
+        """A member that polls but has not heartbeated for ``consumer_rejoin_s`` gets a new client.
+
+        The client heartbeats only while it holds a group generation. A join whose answer never comes
+        (a broker restarted under it; JoinGroup waits ``max.poll.interval.ms`` + 5 s, 305 s by default)
+        leaves it polling outside the group with nothing assigned: the new client leaves the old
+        member behind and joins afresh. Offsets handed on but not committed come again (idempotent).
+        """
+        now = time.monotonic()
+        silent = self._heartbeat_age(now)
+        if silent < self.config.consumer_rejoin_s:
+            return
+        log.warning("%s: no group heartbeat for %.0f s while polling; joining again with a new client", self.topic, silent)
+        old = self.consumer
+        self.consumer = self._connect(api_version=old.config.get("api_version"))
+        self.connected_at = now
+        self._done.clear()
+        self.stats.paused = False
+        CONSUMER_REJOINS.labels(self.topic).inc()
+        try:
+            old.close(autocommit=False, timeout_ms=5000)
+        except Exception as exc:  # the old client is dropped whatever its state; close is best effort
+            log.warning("closing the stuck client failed: %s", exc)
 
     def commit(self) -> None:
         if not self._done:

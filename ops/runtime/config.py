@@ -66,6 +66,8 @@ ENVIRONMENT = {
     " stopped at 90% of it (soft limit 80%), so none runs twice at once",
     "TESSERA_HEALTH_STALL_S": "seconds without a poll or a group heartbeat after which the consumer's /healthz "
                               "answers 503 (default 60)",
+    "TESSERA_CONSUMER_REJOIN_S": "seconds a consumer may poll without a group heartbeat before it drops its Kafka client"
+                                 " and joins again with a new one (default 60)",
     "TESSERA_SWEEP_S": "seconds between an embed worker's looks for pending marks no queued task covers (default 30)",
     "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
     "TESSERA_API_RATE": "requests per second each API key may make to tessera serve (default 20; 429 above)",
@@ -128,6 +130,7 @@ class Config:
     resume_below: int = 50
     visibility_timeout_s: int = 300
     health_stall_s: float = 60.0
+    consumer_rejoin_s: float = 60.0
     sweep_s: float = 30.0
     max_deliveries: int = 3
     api_rate: float = 20.0
@@ -178,6 +181,7 @@ class Config:
             resume_below=get.number("TESSERA_RESUME_BELOW", int, 50, minimum=0),
             visibility_timeout_s=get.number("TESSERA_VISIBILITY_TIMEOUT", int, 300, minimum=2),
             health_stall_s=get.number("TESSERA_HEALTH_STALL_S", float, 60.0, minimum=0.1),
+            consumer_rejoin_s=get.number("TESSERA_CONSUMER_REJOIN_S", float, 60.0, minimum=1.0),
             sweep_s=get.number("TESSERA_SWEEP_S", float, 30.0, minimum=0.1),
             max_deliveries=get.number("TESSERA_MAX_DELIVERIES", int, 3, minimum=1),
             api_rate=get.number("TESSERA_API_RATE", float, 20.0, minimum=0.01),

@@ -39,6 +39,8 @@ CONSUMER_LAG = Gauge("tessera_consumer_lag_records", "Records behind the partiti
                      multiprocess_mode="max")
 CONSUMER_PAUSED = Gauge("tessera_consumer_paused", "1 while backpressure pauses the partitions", ["topic"],
                         multiprocess_mode="max")
+CONSUMER_REJOINS = Counter("tessera_consumer_rejoins_total",
+                           "Kafka clients a consumer dropped after polling without a group heartbeat", ["topic"])
 QUEUE_DEPTH = Gauge("tessera_celery_queue_depth_tasks", "Tasks waiting in a Celery queue", ["queue"],
                     multiprocess_mode="max")
 TASK_SECONDS = Histogram("tessera_task_duration_seconds", "Celery task run time", ["task"], buckets=LATENCY_BUCKETS)

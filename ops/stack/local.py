@@ -65,9 +65,11 @@ def redis_command(port: int, directory: Path) -> list[str]:
             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
 
 
-def tansu_command(port: int) -> list[str]:
+def tansu_command(port: int, advertised_port: int | None = None) -> list[str]:
+    """A broker on ``port`` that tells clients to connect to ``advertised_port`` (default: the same)."""
     url = f"tcp://127.0.0.1:{port}"
-    return [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
+    return [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
             "--storage-engine", "memory://tansu/"]
 
 

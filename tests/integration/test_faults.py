@@ -198,6 +198,59 @@ def test_a_consumer_dropped_from_its_group_keeps_consuming(stack, demo_events, m
         consumer.producer.close()
 
 
+def test_a_consumer_whose_join_is_never_answered_joins_again_with_a_new_client(stack, demo_events, monkeypatch,
+                                                                                tmp_path):
+    """A JoinGroup the broker never answers (lost in a restart) holds the client outside its group for
+    ``max.poll.interval.ms`` + 5 s, 305 s: it polls, but gets no partitions and sends no heartbeat (CI saw
+    the broker-restart test wait 300 s for that). After ``TESSERA_CONSUMER_REJOIN_S`` without a heartbeat,
+    the consumer drops that client and joins with a new one."""
+    import subprocess
+    import threading
+
+    import redis
+    from celery import Celery
+
+    from consumer.loop import TesseraConsumer
+    from ops.runtime.config import Config
+    from ops.stack.local import free_port, tansu_command, wait_port
+    from schemas.routing import TASKS
+    from tests.integration.kafka_proxy import JOIN_GROUP, LossyKafkaProxy
+
+    stack.start(workers=0)
+    stack.kill("consumer", signal.SIGKILL)
+    broker_port = free_port()
+    proxy = LossyKafkaProxy(broker_port)
+    with open(tmp_path / "lossy-broker.log", "wb") as log:
+        broker = subprocess.Popen(tansu_command(broker_port, advertised_port=proxy.port), stdout=log,
+                                  stderr=subprocess.STDOUT)
+    consumer = thread = None
+    try:
+        wait_port(broker_port)
+        monkeypatch.setenv("TESSERA_KAFKA_BOOTSTRAP", f"127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("TESSERA_CONSUMER_REJOIN_S", "20")  # a first join and heartbeat take ~7 s
+        ensure_topics()
+        proxy.lose_next(JOIN_GROUP)
+        config = Config.from_env()
+        app = Celery("tessera-test", broker=config.redis_url,
+                     task_routes={name: {"queue": queue} for name, queue in TASKS.items()})
+        consumer = TesseraConsumer(app, MESSAGES, config, redis.Redis.from_url(config.redis_url))
+        thread = threading.Thread(target=consumer.run, daemon=True)
+        thread.start()
+        produce(demo_events[:5])
+        wait_until(lambda: consumer.stats.consumed >= 5, 120, "records consumed by a member that joined again")
+        assert proxy.dropped.get(JOIN_GROUP) == 1, "the first JoinGroup was lost"
+        assert consumer.healthy(30.0)
+        wait_until(lambda: committed(MESSAGES) >= 5, 60, "their offsets committed")
+    finally:
+        if consumer is not None:
+            consumer.stop()
+        if thread is not None:
+            thread.join(60)
+        broker.kill()
+        broker.wait()
+        proxy.close()
+
+
 def _polled_without_commit(consumer) -> bool:
     """Poll and hand on one batch, leaving its offsets uncommitted (as between two commits of ``run``)."""
     for tp, records in consumer.consumer.poll(timeout_ms=1000).items():
