@@ -121,6 +121,21 @@ def test_ranking_puts_the_better_match_first(store):
     assert search(store, "hike", 0, SearchFilter("t1", "ann"))[0] == "a"
 
 
+@pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p / "e", dim=DIM), lambda p: EdgeBM25Store(p / "k")])
+def test_edge_scope_words_cannot_be_forged_with_the_separator(tmp_path, make):
+    """The edge stores filter on one scope word per (tenant, principal) alone; an identifier holding the
+    separator could spell another pair's word, so it is refused on both paths instead of searched."""
+    store = make(tmp_path)
+    try:
+        store.upsert(UNITS)
+        with pytest.raises(ValueError, match="U\\+001F"):
+            search(store, "glacier", 1, SearchFilter("t1\x1fbob", "ann"))
+        with pytest.raises(ValueError, match="U\\+001F"):
+            store.upsert([unit("x", "glacier", 1, visible=("ann\x1f*",))])
+    finally:
+        store.close()
+
+
 def test_query_syntax_never_reaches_fts():
     assert match_expression('glacier" OR tenant_id:* NEAR(') == '"glacier" OR "tenant" OR "id" OR "near"'
     assert match_expression("  ") is None

@@ -55,9 +55,17 @@ _KEYWORDS = ("scope", "conversation_id", "fragment_id", "sender_ids", "visible_t
 _FLOATS = ("start_ts", "end_ts")
 
 
+#: Joins tenant and principal in a scope keyword; identifiers cannot hold it (``schemas.ID_PATTERN``).
+SCOPE_SEPARATOR = "\x1f"
+
+
 def scope(tenant_id: str, principal: str) -> str:
-    """One keyword per (tenant, principal): "everyone in tenant A" is a different word from tenant B's."""
-    return f"{tenant_id}\x1f{principal}"
+    """One keyword per (tenant, principal): "everyone in tenant A" is a different word from tenant B's.
+
+    A separator inside either part could make two pairs one word, so it is refused (fail closed)."""
+    if SCOPE_SEPARATOR in tenant_id or SCOPE_SEPARATOR in principal:
+        raise ValueError(f"identifier contains U+001F: {tenant_id!r}, {principal!r}")
+    return f"{tenant_id}{SCOPE_SEPARATOR}{principal}"
 
 
 def payload_of(unit: Unit) -> dict:
@@ -66,16 +74,13 @@ def payload_of(unit: Unit) -> dict:
 
 
 def build_filter(flt: SearchFilter) -> Filter:
-    """Tenant and visibility first, as one condition on ``scope``: its index yields exactly the points
-    the user may see, where ``visible_to`` alone would yield every tenant's team conversations (the
-    turn list at 100k fragments: 20.7 ms with ``visible_to`` and the tenant, 6.8 ms with ``scope``).
-    The tenant and visibility conditions stay as well: a point passes only if all three agree."""
-    must = [
-        FieldCondition(key="scope", match=MatchAny(any=[scope(flt.tenant_id, flt.user_id),
-                                                        scope(flt.tenant_id, EVERYONE)])),
-        FieldCondition(key="tenant_id", match=MatchValue(value=flt.tenant_id)),
-        FieldCondition(key="visible_to", match=MatchAny(any=[flt.user_id, EVERYONE])),
-    ]
+    """Tenant and visibility as one condition on ``scope``: its index yields exactly the points the user
+    may see, and each point is checked once. Conditions on ``tenant_id`` and ``visible_to`` beside it
+    select nothing more (a scope word is an unambiguous tenant and principal) but are checked per
+    visible point: at 100k fragments they made the six lists 40 ms instead of 27 (the turn list,
+    before ``scope``, was 20.7 ms with ``visible_to`` and the tenant)."""
+    must = [FieldCondition(key="scope", match=MatchAny(any=[scope(flt.tenant_id, flt.user_id),
+                                                            scope(flt.tenant_id, EVERYONE)]))]
     if flt.conversation_id:
         must.append(FieldCondition(key="conversation_id", match=MatchValue(value=flt.conversation_id)))
     if flt.sender_ids:
