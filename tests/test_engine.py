@@ -176,3 +176,27 @@ def test_a_late_old_edit_never_overwrites_a_newer_one(make_engine):
     assert report.stale == 1 and report.upserted == 0
     assert engine.state.get_turn("t1", "c1", "m010").text.startswith("Take the laptop to the kiosk")
     assert engine.keywords.search("railway station", "turn", SearchFilter("t1", "u1"), 10) == []
+
+
+def test_spans_read_only_the_fragments_they_need_and_stay_the_same(make_engine):
+    """Fragment records are read in chunks as the best-first span walk asks for them: the same spans
+    as reading every candidate's fragment, from fewer records."""
+    from indexer.query.searcher import FragmentsOnDemand
+    from indexer.model import SearchFilter
+
+    engine = make_engine()
+    for c in range(6):
+        engine.ingest(dialogue(f"c{c}"))
+    searcher = engine.searcher
+    text = "glacier hike and the laptop battery"
+    lists = searcher.hybrid.recall(text, searcher.embedder.encode([text])[0], SearchFilter("t1", "u1"))
+    candidates = searcher.hybrid.fuse(lists, set())
+    ranked = [c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)]
+    everything = engine.state.fragments_by_id(list(dict.fromkeys(ranked)))
+    expected = searcher.hybrid.spans(candidates, lambda f: everything[f].message_ids if f in everything else None, 2)
+    for chunk in (1, 2, 100):
+        lazy = FragmentsOnDemand(engine.state, ranked, chunk)
+        assert searcher.hybrid.spans(candidates, lazy.message_ids, 2) == expected
+        assert all(lazy[s.fragment_id].fragment_id == s.fragment_id for s in expected)
+        if chunk == 1:
+            assert len(lazy.records) < len(everything)

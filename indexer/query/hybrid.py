@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -161,8 +161,10 @@ class HybridSearcher:
                 cand.score += c.speaker_bonus
         return candidates
 
-    def spans(self, candidates: dict[str, Candidate], fragment_turns: dict[str, tuple[str, ...]], top_k: int) -> list[Span]:
-        """Best-first spans of adjacent, similarly scored turns of one fragment."""
+    def spans(self, candidates: dict[str, Candidate], turns_of: Callable[[str], Sequence[str] | None],
+              top_k: int) -> list[Span]:
+        """Best-first spans of adjacent, similarly scored turns of one fragment; ``turns_of`` gives a
+        fragment's message ids in order (None for a fragment gone since it was recalled)."""
         c = self.config
         by_message = {(cand.conversation_id, cand.message_id): cand for cand in candidates.values()}
         ordered = sorted(candidates.values(), key=lambda x: (-x.score, x.conversation_id, x.message_id))
@@ -172,7 +174,7 @@ class HybridSearcher:
             key = (cand.conversation_id, cand.message_id)
             if key in covered:
                 continue
-            order = fragment_turns.get(cand.fragment_id)
+            order = turns_of(cand.fragment_id)
             if not order or cand.message_id not in order:
                 continue
             pos = order.index(cand.message_id)

@@ -132,10 +132,10 @@ class Searcher:
         timings["fusion"] = (time.perf_counter() - t3) * 1000
         t4 = time.perf_counter()
         reason = vlm_available and job.reasoning != "fast"
-        fragment_ids = list(dict.fromkeys(c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)))
-        records = self.state.fragments_by_id(fragment_ids)
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
-        spans = self.hybrid.spans(candidates, {fid: r.message_ids for fid, r in records.items()}, depth)
+        records = FragmentsOnDemand(self.state, [c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)],
+                                    chunk=2 * depth)
+        spans = self.hybrid.spans(candidates, records.message_ids, depth)
         # Whole fragments are read only for what needs their context (the clarifying check, the VLM);
         # a result fragment needs the turns of its span, or reuses the whole fragment already read.
         whole: dict[str, dict[str, Turn]] = {}
@@ -199,3 +199,39 @@ class Searcher:
             context_message_ids=list(record.message_ids), start_at=record.start_at, end_at=record.end_at,
             score=round(span.score, 6), snippet=snippet(" ".join(render_turn(t) for t in ordered)), images=images,
         )
+
+
+class FragmentsOnDemand:
+    """Fragment records of the candidates, read a chunk at a time in the order spans ask for them.
+
+    Spans walk the candidates best-first and stop at ``top_k``: the first few fragments usually
+    suffice, where reading every candidate's fragment (about 220 at 100k fragments) took 3.3 of a
+    query's 46 ms. A fragment asked for out of order reads the chunks up to it, so the spans are
+    the same as with every record read up front.
+    """
+
+    def __init__(self, state, fragment_ids: list[str], chunk: int):
+        self.state = state
+        self.order = list(dict.fromkeys(fragment_ids))
+        self.position = {fid: i for i, fid in enumerate(self.order)}
+        self.chunk = max(1, chunk)
+        self.read = 0
+        self.records: dict[str, FragmentRecord] = {}
+
+    def message_ids(self, fragment_id: str) -> tuple[str, ...] | None:
+        record = self.get(fragment_id)
+        return record.message_ids if record is not None else None
+
+    def get(self, fragment_id: str) -> FragmentRecord | None:
+        wanted = self.position.get(fragment_id)
+        while wanted is not None and self.read <= wanted:
+            batch = self.order[self.read:self.read + self.chunk]
+            self.records.update(self.state.fragments_by_id(batch))
+            self.read += len(batch)
+        return self.records.get(fragment_id)
+
+    def __getitem__(self, fragment_id: str) -> FragmentRecord:
+        record = self.get(fragment_id)
+        if record is None:
+            raise KeyError(fragment_id)
+        return record
