@@ -203,3 +203,41 @@ def test_a_sqlite_state_from_before_stamps_and_tombstones_is_migrated(tmp_path):
             assert state.next_version() == 1
     finally:
         state.close()
+
+
+def test_writers_of_one_tenant_naming_the_same_senders_in_any_order_never_deadlock(make_state):
+    """Two workers, each holding other conversations of one tenant, write turns by the same two people
+    in opposite orders. The sender-name lookup rows they share are written at commit, in one sorted
+    batch, so neither waits for the other while holding what the other needs (on PostgreSQL, inserting
+    them as each turn came raised DeadlockDetected in the order-independence property test)."""
+    first = make_state()
+    second = make_state(same=True)
+    if type(first).__name__ == "SqliteState":
+        pytest.skip("SQLite: one writer at a time holds the whole file")
+
+    def by(sender: str, name: str, mid: str) -> list:
+        return [(Turn(mid, sender, T, "hello", name), None, (1.0, f"e-{mid}"))]
+
+    first_wrote, second_wrote, errors = threading.Event(), threading.Event(), []
+
+    def run_second():
+        try:
+            with second.transaction():
+                second.put_turns("t", "c2", by("ann", "Ann", "m2"))
+                second_wrote.set()
+                assert first_wrote.wait(10)
+                second.put_turns("t", "c3", by("bob", "Bob", "m3"))
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run_second)
+    with first.transaction():
+        first.put_turns("t", "c1", by("bob", "Bob", "m1"))
+        thread.start()
+        assert second_wrote.wait(10)
+        first_wrote.set()
+        time.sleep(0.5)  # the other writer is now at its second turn
+        first.put_turns("t", "c4", by("ann", "Ann", "m4"))
+    thread.join(30)
+    assert not errors, errors
+    assert first.senders_named("t", ["ann", "bob"]) == {"ann", "bob"}

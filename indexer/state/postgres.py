@@ -135,12 +135,23 @@ class PostgresState(SqlState):
             yield
             return
         with self._pool.connection() as conn:
-            self._local.conn = conn
+            self._local.conn, self._local.tokens = conn, set()
             try:
                 with conn.transaction():
                     yield
+                    self._insert_sender_tokens(self._local.tokens)
             finally:
-                self._local.conn = None
+                self._local.conn = self._local.tokens = None
+
+    def _add_sender_tokens(self, tokens: set[tuple[str, str, str]]) -> None:
+        """Written at commit in one sorted batch: writers of other conversations of one tenant share
+        these rows, and inserting them as turns came made two such writers wait for each other
+        (DeadlockDetected). Sorted, the second waits for the first to commit, never in a cycle."""
+        pending = getattr(self._local, "tokens", None)
+        if pending is None:
+            self._insert_sender_tokens(tokens)
+        else:
+            pending.update(tokens)
 
     def lock_conversations(self, keys: Iterable[ConversationKey]) -> None:
         for key in sorted({conversation_lock_key(*k) for k in keys}):

@@ -141,9 +141,17 @@ class SqlState:
               turn.sent_at.isoformat(), turn.sent_at.timestamp(), turn.text, images_json(turn.images), reply_to,
               blob(turn.vector), stamp[0], blob(turn.image_vector), stamp[1]) for turn, reply_to, stamp in turns],
         )
-        tokens = {(tenant_id, tok, turn.sender_id) for turn, _, _ in turns for tok in name_tokens(turn.sender_name)}
-        self._executemany("INSERT INTO sender_tokens (tenant_id, token, sender_id) VALUES (?,?,?)"
-                          " ON CONFLICT DO NOTHING", sorted(tokens))
+        self._add_sender_tokens({(tenant_id, tok, turn.sender_id) for turn, _, _ in turns
+                                 for tok in name_tokens(turn.sender_name)})
+
+    def _add_sender_tokens(self, tokens: set[tuple[str, str, str]]) -> None:
+        """Rows of the sender-name lookup; a backend with concurrent writers defers them to its commit."""
+        self._insert_sender_tokens(tokens)
+
+    def _insert_sender_tokens(self, tokens: set[tuple[str, str, str]]) -> None:
+        if tokens:
+            self._executemany("INSERT INTO sender_tokens (tenant_id, token, sender_id) VALUES (?,?,?)"
+                              " ON CONFLICT DO NOTHING", sorted(tokens))
 
     def delete_turns(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> None:
         self._executemany("DELETE FROM messages WHERE tenant_id=? AND conversation_id=? AND message_id=?",
