@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from indexer.model import Turn
 
@@ -49,3 +50,59 @@ def name_tokens(name: str | None) -> set[str]:
 def snippet(text: str, limit: int = 280) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+#: Chat shorthand and the words people search with. The shorthand stays beside its expansion, so
+#: an exact search for it still matches.
+SHORTHAND = {
+    "pls": "please", "plz": "please", "thx": "thanks", "ty": "thanks", "tmrw": "tomorrow", "tmr": "tomorrow",
+    "2moro": "tomorrow", "2day": "today", "tonite": "tonight", "nite": "night", "b4": "before", "gr8": "great",
+    "bday": "birthday", "xmas": "christmas", "congrats": "congratulations", "pic": "picture photo",
+    "pics": "pictures photos", "vid": "video", "vids": "videos", "msg": "message", "convo": "conversation",
+    "ppl": "people", "bc": "because", "cuz": "because", "coz": "because", "bf": "boyfriend", "gf": "girlfriend",
+    "bro": "brother", "sis": "sister", "fav": "favorite", "fave": "favorite", "vacay": "vacation",
+    "appt": "appointment", "hw": "homework", "luv": "love", "gonna": "going", "wanna": "want", "gotta": "got",
+    "u": "you", "ur": "your", "r": "are", "ya": "you", "yep": "yes", "yup": "yes", "yeah": "yes", "nope": "no",
+    "kk": "ok", "k": "ok", "omg": "oh my god", "lol": "laughing", "lmao": "laughing", "rofl": "laughing",
+    "btw": "by the way", "idk": "i don't know", "imo": "in my opinion", "nvm": "never mind", "bbq": "barbecue",
+}
+_TOKEN = re.compile(r"[^\W_]+|[^\w\s]", re.UNICODE)
+_RUN = re.compile(r"(\w)\1{2,}")
+_LAUGH = re.compile(r"^(?:ha|he|hi|ja|xa){2,}h?$|^a?(?:ha){2,}$")
+_BRITISH = re.compile(r"^(\w{3,})our(\w*)$")
+#: Words of emoji names that say nothing alone ("face with tears of joy").
+_NAME_FILLER = frozenset({"with", "of", "and", "sign", "symbol", "variation", "selector", "emoji", "modifier"})
+
+
+def chat_text(text: str) -> str:
+    """Text as keyword search should see it in chats: elongations, shorthand, emoji and British
+    spellings also written the way a searcher types them.
+
+    Variants are added beside what was written, never instead ("sooo" keeps its token and gains
+    "so" and "soo"; which one is the word depends on the word, and no dictionary is at hand), and
+    the same function runs on the indexed text and on the query, so both meet on the same tokens.
+    """
+    out: list[str] = []
+    for token in _TOKEN.findall(text):
+        if len(token) == 1 and not token.isalnum():
+            out.extend(_emoji_words(token))
+            continue
+        out.append(token)
+        lower = token.lower()
+        if _RUN.search(lower):
+            out += [_RUN.sub(r"\1", lower), _RUN.sub(r"\1\1", lower)]
+        if _LAUGH.match(lower):
+            out.append("laughing")
+        if lower in SHORTHAND:
+            out.append(SHORTHAND[lower])
+        british = _BRITISH.match(lower)
+        if british:
+            out.append(f"{british.group(1)}or{british.group(2)}")
+    return " ".join(out)
+
+
+def _emoji_words(char: str) -> list[str]:
+    """The words of a pictograph's Unicode name (U+1F382 "birthday cake"); other punctuation says nothing."""
+    if unicodedata.category(char) != "So":
+        return []
+    return [w for w in unicodedata.name(char, "").lower().replace("-", " ").split() if w not in _NAME_FILLER]

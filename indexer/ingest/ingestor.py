@@ -19,7 +19,7 @@ from indexer.encoders.text import Embedder
 from indexer.errors import is_transient
 from indexer.ingest.changes import PendingChange, fold_conversation
 from indexer.ingest.segmenter import SegmenterConfig, segment
-from indexer.ingest.units import fragment_units, turn_of_event
+from indexer.ingest.units import fragment_units, keyword_units, turn_of_event
 from indexer.model import EVERYONE, FragmentRecord, IngestReport, SortKey, Unit
 from indexer.state import ConversationState
 from indexer.stores.base import KeywordStore, VectorStore
@@ -223,7 +223,7 @@ class Ingestor:
             self.keywords.delete(removed)
         if units:
             self.vectors.upsert(units)
-            self.keywords.upsert(units)
+            self.keywords.upsert(keyword_units(units))
         report.fragments_deleted += len(stale)
         return report
 

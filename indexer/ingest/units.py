@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import dataclasses
+
 import numpy as np
 
 from indexer import ids
 from indexer.model import FragmentRecord, ImageInfo, SortKey, Turn, Unit
-from indexer.text import render_turn
+from indexer.text import chat_text, render_turn
 from schemas import MessageEvent
 
 
@@ -51,3 +53,8 @@ def fragment_units(fragment: FragmentRecord, members: Sequence[Turn], visible_to
         units.append(Unit(ids.turn_unit_id(fragment.tenant_id, fragment.conversation_id, turn.message_id, "window"),
                           "window", text=" ".join(texts[lo:hi]), vector=unit_vector(vecs[lo:hi], weights), **base))
     return units
+
+
+def keyword_units(units: Sequence[Unit]) -> list[Unit]:
+    """The units as the keyword stores index them: their text as chat search sees it (``chat_text``)."""
+    return [dataclasses.replace(u, text=chat_text(u.text)) for u in units]

@@ -22,6 +22,7 @@ import numpy as np
 
 from indexer.model import Hit, SearchFilter, Span
 from indexer.stores.base import KeywordStore, VectorStore
+from indexer.text import chat_text
 
 
 @dataclass(frozen=True)
@@ -101,19 +102,20 @@ class HybridSearcher:
         c = self.config
         depths = (("turn", c.turn_depth), ("window", c.turn_depth), ("fragment", c.fragment_depth))
         lists: dict[tuple[str, str], list[Hit]] = {}
+        keyword_text = chat_text(text)
 
         def dense(kind: str, depth: int) -> list[Hit]:
             return self.vectors.search(vector, kind, flt, depth) if vector is not None else []
 
         if self._pool is not None:
-            pending = {kind: self._pool.submit(self.keywords.search, text, kind, flt, depth) for kind, depth in depths}
+            pending = {kind: self._pool.submit(self.keywords.search, keyword_text, kind, flt, depth) for kind, depth in depths}
             for kind, depth in depths:
                 lists[("dense", kind)] = dense(kind, depth)
             for kind, future in pending.items():
                 lists[("bm25", kind)] = future.result()
         else:
             for kind, depth in depths:
-                lists[("bm25", kind)] = self.keywords.search(text, kind, flt, depth)
+                lists[("bm25", kind)] = self.keywords.search(keyword_text, kind, flt, depth)
                 lists[("dense", kind)] = dense(kind, depth)
         for i, query in enumerate(image_queries):
             lists[("image", f"q{i}")] = self.vectors.search(query, "turn", flt, c.turn_depth, "image")
@@ -124,7 +126,7 @@ class HybridSearcher:
         c = self.config
         scores: dict[str, float] = defaultdict(float)
         times: dict[str, float] = {}
-        for hits in (self.keywords.search(text, "turn", flt, c.turn_depth),
+        for hits in (self.keywords.search(chat_text(text), "turn", flt, c.turn_depth),
                      self.vectors.search(vector, "turn", flt, c.turn_depth)):
             for unit_id, value in normalise(hits).items():
                 scores[unit_id] += value
