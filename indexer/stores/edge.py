@@ -5,7 +5,7 @@ only the points of its kind. The configuration follows what was measured on this
 random 384-d vectors, a tenant AND participant filter, top 30) and what the data looks like:
 
 * Every search carries a selective filter (tenant, then the user's conversations), so the points
-  to score are found through payload indexes (keyword indexes on tenant, participants,
+  to score are found through payload indexes (keyword indexes on the scope word, the tenant,
   conversation and senders, float indexes on the times) and scored exactly. No HNSW graph is built
   (``m=0``): building it took 393 of 413 s of ingest at 100k points and bought nothing for such
   filters.
@@ -51,7 +51,10 @@ FULL_SCAN_THRESHOLD = 2**31 - 1
 OVERSAMPLING = 2.0
 #: Points per update operation: bounds the memory of one WAL record.
 UPSERT_BATCH = 1024
-_KEYWORDS = ("scope", "conversation_id", "fragment_id", "sender_ids", "visible_to")
+#: Keyword payload indexes: the fields filters name (``build_filter``), beside ``tenant_id`` (the BM25 IDF corpus
+#: and counts). ``visible_to`` and ``fragment_id`` stay in the payload unindexed: no filter names them, and their
+#: indexes cost 12% of the index's memory at 10k fragments (966 against 1102 MB RSS, latency unchanged).
+_KEYWORDS = ("scope", "conversation_id", "sender_ids")
 _FLOATS = ("start_ts", "end_ts")
 
 
