@@ -222,10 +222,14 @@ class Ingestor:
             self.vectors.delete(removed)
             self.keywords.delete(removed)
         if units:
-            self.vectors.upsert(units)
-            self.keywords.upsert(keyword_units(units))
+            self.write_units(units)
         report.fragments_deleted += len(stale)
         return report
+
+    def write_units(self, units: Sequence[Unit]) -> None:
+        """Both indexes; the keyword stores get the text as chat search sees it (``keyword_units``)."""
+        self.vectors.upsert(units)
+        self.keywords.upsert(keyword_units(units))
 
     def delete_conversation(self, tenant_id: str, conversation_id: str) -> IngestReport:
         """Erase a conversation of one tenant from every store; its messages stay erased if replayed."""

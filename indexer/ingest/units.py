@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 

@@ -185,7 +185,7 @@ def _measure_in_child(root: Path, store: str, fragments: int, queries: int, enco
 def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
     from indexer import ids
     from indexer.encoders.text import open_embedder
-    from indexer.ingest.units import keyword_units, turn_of_event
+    from indexer.ingest.units import turn_of_event
     from indexer.model import EVERYONE, Unit
     from indexer.text import render_turn
     from ops.runtime.jsonl import INGEST_BATCH, ingest_file
@@ -228,8 +228,7 @@ def _ingest(locomo_dir: str, encoders: list[str], baseline_turns: int) -> dict:
                 ts = turn.sent_at.timestamp()
                 unit = Unit(ids.turn_unit_id(e.tenant_id, e.conversation_id, e.message_id, "turn"), "turn", e.tenant_id, e.conversation_id,
                             e.conversation_id, [e.message_id], [e.sender_id], [EVERYONE], ts, ts, text, vector)
-                engine.vectors.upsert([unit])
-                engine.keywords.upsert(keyword_units([unit]))
+                engine.ingestor.write_units([unit])
             rows["one upsert per message"] = {"ingest_turns_per_s": len(sample) / (time.perf_counter() - t)}
             engine.close()
     return {"turns": len(texts), "batch": INGEST_BATCH, "rows": rows}

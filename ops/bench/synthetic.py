@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from indexer import ids
 from indexer.model import EVERYONE, FragmentRecord, Turn
-from indexer.ingest.units import fragment_units, keyword_units
+from indexer.ingest.units import fragment_units
 
 TURNS_PER_FRAGMENT = 5
 FRAGMENTS_PER_CONVERSATION = 10
@@ -111,8 +111,7 @@ def generate(engine, pool: Pool, layout: Layout, batch_conversations: int = 100,
         with engine.state.transaction():
             for c in batch:
                 units.extend(_conversation(engine, pool, layout, c, rng))
-        engine.vectors.upsert(units)
-        engine.keywords.upsert(keyword_units(units))
+        engine.ingestor.write_units(units)
         units_written += len(units)
         bar.update(len(batch) * FRAGMENTS_PER_CONVERSATION)
     bar.close()
