@@ -31,3 +31,25 @@ def test_onnx_vectors_match_the_torch_encoder(embedder, tmp_path, quantize, floo
 def test_an_unknown_encoder_is_named():
     with pytest.raises(ValueError, match="TESSERA_ENCODER: unknown encoder 'tensorrt'"):
         open_embedder("tensorrt")
+
+
+@pytest.mark.parametrize("encoder", ["torch", "onnx-int8"])
+def test_an_encoder_of_another_size_indexes_and_answers(tmp_path, monkeypatch, encoder):
+    """TESSERA_EMBED_MODEL may name a model whose vectors are not 384 wide: the stores take its size."""
+    from ops.bench import random_models
+    from ops.runtime.assemble import open_engine
+    from ops.runtime.config import Config
+    from tests.conftest import dialogue, query
+
+    model = random_models.sentence_encoder(tmp_path / "model", dim=48)
+    monkeypatch.setenv("TESSERA_EMBED_MODEL", str(model))
+    monkeypatch.setenv("TESSERA_ENCODER", encoder)
+    monkeypatch.setenv("TESSERA_MODEL_CACHE", str(tmp_path / "cache"))
+    engine = open_engine(Config.from_env(tmp_path / "data"))
+    try:
+        report = engine.ingest(dialogue(participants=["u1", "u2"]))
+        assert report.index_failures == 0 and report.fragments_written > 0
+        result = engine.query(query("support group"))
+        assert result.status in ("ok", "clarify") and result.fragments
+    finally:
+        engine.close()

@@ -50,7 +50,7 @@ class SentenceTransformerEmbedder:
         self.device = device
         self.name = self.model_path.name if model_path else "all-MiniLM-L6-v2"
         self._model = None
-        self.dim = 384
+        self.dim = model_dim(self.model_path)
 
     def warm_up(self) -> None:
         if self._model is not None:
@@ -74,6 +74,29 @@ class SentenceTransformerEmbedder:
             convert_to_numpy=True, show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
+
+
+def model_dim(model_path: Path) -> int:
+    """Width of the model's sentence vectors, from its module configs: the stores are created with it
+    before the weights are loaded (a model that is not 384 wide must not meet MiniLM-sized stores)."""
+    dim = None
+    for module in json.loads((model_path / "modules.json").read_text()):
+        kind = module["type"].rsplit(".", 1)[-1]
+        config = model_path / module.get("path", "") / "config.json"
+        if kind == "Transformer":
+            dim = json.loads((model_path / "config.json").read_text())["hidden_size"]
+        elif kind == "Pooling":
+            # Both config formats: flags per mode (sentence-transformers 2-4), or a named mode or list (5+).
+            pooling = json.loads(config.read_text())
+            named = pooling.get("pooling_mode")
+            modes = (len(named) if isinstance(named, list) else 1) if named else \
+                sum(1 for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True)
+            dim = pooling.get("word_embedding_dimension", pooling.get("embedding_dimension")) * max(1, modes)
+        elif kind == "Dense":
+            dim = json.loads(config.read_text())["out_features"]
+    if dim is None:
+        raise ValueError(f"{model_path}: no Transformer, Pooling or Dense module gives the vector size")
+    return int(dim)
 
 
 def _max_seq_length(model_path: Path) -> int:
@@ -143,7 +166,7 @@ class OnnxEmbedder:
         self.threads = threads or os.cpu_count() or 1
         base = self.model_path.name if model_path else "all-MiniLM-L6-v2"
         self.name = f"{base}-onnx{'-int8' if quantize else ''}"
-        self.dim = 384
+        self.dim = model_dim(self.model_path)
         self.max_length = _max_seq_length(self.model_path)
         self._session = None
         self._tokenizer = None

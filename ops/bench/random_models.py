@@ -2,7 +2,7 @@
 
 No weights can be downloaded here, so tests build these, save them to a folder and production code
 loads them through the same ``from_pretrained`` paths as real checkpoints: a LLaVA VLM (its processor
-needs no torchvision), a CLIP model and a BART rewriter, all sharing a byte-level BPE tokenizer
+needs no torchvision), a CLIP model, a BART rewriter and a sentence encoder, all sharing a byte-level BPE tokenizer
 trained on a few sentences (no hub access).
 """
 
@@ -109,3 +109,25 @@ def bart(path: Path, seed: int = 0) -> Path:
     BartForConditionalGeneration(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def sentence_encoder(path: Path, dim: int = 48, seed: int = 0) -> Path:
+    """A sentence-transformers model (BERT, mean pooling) whose vectors have ``dim`` dimensions, not MiniLM's 384."""
+    import shutil
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    base = Path(path) / "transformer"
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=dim, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=2 * dim, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id)).save_pretrained(base)
+    tok.save_pretrained(base)
+    encoder = SentenceTransformer(modules=[Transformer(str(base), max_seq_length=128), Pooling(dim, "mean")])
+    encoder.save(str(path))
+    shutil.rmtree(base)
+    return Path(path)
