@@ -241,3 +241,29 @@ def test_writers_of_one_tenant_naming_the_same_senders_in_any_order_never_deadlo
     thread.join(30)
     assert not errors, errors
     assert first.senders_named("t", ["ann", "bob"]) == {"ann", "bob"}
+
+
+def test_aliases_name_a_sender_once_heard_in_enough_fragments_and_leave_with_them(make_state):
+    state = make_state()
+    with state.transaction():
+        state.put_turns("t", "c", [(turn("m1", "one"), None, (1.0, "e1"))])
+        state.put_sender_aliases("t", "c", {"f1": [("mel", "melanie"), ("sarah", "bob")]})
+    assert state.senders_named("t", ["mel"]) == set(), "heard in one fragment only"
+    with state.transaction():
+        state.put_sender_aliases("t", "c", {"f2": [("mel", "melanie")], "f3": [("mel", "melanie")]})
+    assert state.senders_named("t", ["mel", "sarah"]) == {"melanie"}
+    assert state.senders_named("t2", ["mel"]) == set(), "aliases belong to one tenant"
+    with state.transaction():
+        state.put_sender_aliases("t", "c", {"f2": [("sarah", "bob")], "f3": []})
+    assert state.senders_named("t", ["mel", "sarah"]) == {"bob"}, "a fragment's aliases are replaced, not added"
+    with state.transaction():
+        state.delete_fragments(["f1"])
+    assert state.senders_named("t", ["sarah"]) == set()
+    with state.transaction():
+        state.put_sender_aliases("t", "c", {"f4": [("mel", "melanie")], "f5": [("mel", "melanie")]})
+        state.put_sender_aliases("t", "c2", {"f6": [("mel", "melanie")], "f7": [("mel", "melanie")]})
+        state.erase_conversation("t", "c", 10.0)
+    assert state.senders_named("t", ["mel"]) == {"melanie"}, "the other conversation still says it"
+    with state.transaction():
+        state.forget_sender_tokens("t", "melanie")
+    assert state.senders_named("t", ["mel"]) == set()

@@ -17,6 +17,7 @@ from indexer import ids
 from indexer.encoders.image import ImageBatch, ImageIndexer, turn_image_vector
 from indexer.encoders.text import Embedder
 from indexer.errors import is_transient
+from indexer.ingest.aliases import fragment_aliases
 from indexer.ingest.changes import PendingChange, fold_conversation
 from indexer.ingest.segmenter import SegmenterConfig, segment
 from indexer.ingest.units import fragment_units, keyword_units, turn_of_event
@@ -195,6 +196,7 @@ class Ingestor:
         old_by_id = {f.fragment_id: f for f in affected_old}
         units: list[Unit] = []
         written: list[FragmentRecord] = []
+        aliases: dict[str, list[tuple[str, str]]] = {}
         new_ids = set()
         # One number per rewrite, larger than any before: a store with external versions (Elasticsearch)
         # keeps the newest write of each unit whatever order the writes reach it in.
@@ -210,12 +212,14 @@ class Ingestor:
                     and not change.changed_messages.intersection(record.message_ids)):
                 continue
             written.append(record)
+            aliases[record.fragment_id] = fragment_aliases(members)
             units.extend(fragment_units(record, members, visible_to, version))
             report.fragments_written += 1
         stale = [f.fragment_id for f in affected_old if f.fragment_id not in new_ids]
         gone = [ids.turn_unit_id(tenant_id, conversation_id, m, kind)
                 for m in change.removed_messages for kind in ("turn", "window")]
         self.state.put_fragments(written)
+        self.state.put_sender_aliases(tenant_id, conversation_id, aliases)
         self.state.delete_fragments(stale)
         removed = stale + gone
         if removed:

@@ -77,7 +77,12 @@ class ConversationState(Protocol):
 
     def forget_sender_tokens(self, tenant_id: str, sender_id: str) -> None: ...
 
-    def senders_named(self, tenant_id: str, tokens: Sequence[str]) -> set[str]: ...
+    def senders_named(self, tenant_id: str, tokens: Sequence[str]) -> set[str]:
+        """Senders whose name holds one of ``tokens``, or whom others call so (``ingest.aliases``)."""
+
+    def put_sender_aliases(self, tenant_id: str, conversation_id: str,
+                           aliases: dict[str, Sequence[tuple[str, str]]]) -> None:
+        """Replace the (alias, sender_id) pairs heard in each fragment of ``aliases``; they leave with it."""
 
     def merge_pending(self, tenant_id: str, conversation_id: str, change: dict, merge) -> None: ...
 

@@ -65,6 +65,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE pending ADD COLUMN last_error TEXT;
     ALTER TABLE pending ADD COLUMN parked_at DOUBLE PRECISION;
     """,
+    """
+    CREATE TABLE sender_aliases (
+        tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, fragment_id TEXT NOT NULL, token TEXT NOT NULL,
+        sender_id TEXT NOT NULL, PRIMARY KEY (fragment_id, token, sender_id)
+    );
+    CREATE INDEX sender_aliases_token ON sender_aliases(tenant_id, token);
+    """,
 ]
 #: Advisory lock key of the migration step (any constant outside the conversation keys' use).
 _MIGRATION_LOCK = 7_215_550_001

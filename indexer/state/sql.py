@@ -21,8 +21,11 @@ from indexer.text import name_tokens
 
 TURN_COLUMNS = "message_id, sender_id, sender_name, sent_at, text, images, vector, image_vector"
 #: Tables of one conversation's derived rows (tombstones and the conversation row stay on erasure).
-CONVERSATION_TABLES = ("messages", "fragments", "pending")
+CONVERSATION_TABLES = ("messages", "fragments", "pending", "sender_aliases")
 _SAVEPOINTS = itertools.count()
+#: An alias names its sender once heard in this many fragments (``ingest.aliases``): one "congrats Sarah!"
+#: about a third person, said in reply to Bob, must not make "sarah" mean Bob.
+MIN_ALIAS_FRAGMENTS = 2
 
 
 def _turn_from_row(row) -> Turn:
@@ -199,13 +202,27 @@ class SqlState:
 
     def forget_sender_tokens(self, tenant_id: str, sender_id: str) -> None:
         self._execute("DELETE FROM sender_tokens WHERE tenant_id=? AND sender_id=?", (tenant_id, sender_id))
+        self._execute("DELETE FROM sender_aliases WHERE tenant_id=? AND sender_id=?", (tenant_id, sender_id))
 
     def senders_named(self, tenant_id: str, tokens: Sequence[str]) -> set[str]:
-        """Senders of the tenant whose name contains one of ``tokens``."""
+        """Senders of the tenant whose name contains one of ``tokens``, or whom others call so in at least
+        ``MIN_ALIAS_FRAGMENTS`` fragments."""
         if not tokens:
             return set()
-        return {r[0] for r in self._all(f"SELECT sender_id FROM sender_tokens WHERE tenant_id=?"
-                                        f" AND token IN ({_marks(len(tokens))})", [tenant_id, *tokens])}
+        marks = _marks(len(tokens))
+        named = {r[0] for r in self._all(f"SELECT sender_id FROM sender_tokens WHERE tenant_id=?"
+                                         f" AND token IN ({marks})", [tenant_id, *tokens])}
+        named.update(r[0] for r in self._all(
+            f"SELECT sender_id FROM sender_aliases WHERE tenant_id=? AND token IN ({marks})"
+            " GROUP BY sender_id, token HAVING COUNT(*) >= ?", [tenant_id, *tokens, MIN_ALIAS_FRAGMENTS]))
+        return named
+
+    def put_sender_aliases(self, tenant_id: str, conversation_id: str,
+                           aliases: dict[str, Sequence[tuple[str, str]]]) -> None:
+        self._executemany("DELETE FROM sender_aliases WHERE fragment_id=?", [(f,) for f in sorted(aliases)])
+        self._executemany("INSERT INTO sender_aliases (tenant_id, conversation_id, fragment_id, token, sender_id)"
+                          " VALUES (?,?,?,?,?)", [(tenant_id, conversation_id, f, token, sender)
+                                                  for f in sorted(aliases) for token, sender in aliases[f]])
 
     # ---- pending marks ------------------------------------------------------------------------------
 
@@ -307,6 +324,7 @@ class SqlState:
 
     def delete_fragments(self, fragment_ids: Sequence[str]) -> None:
         self._executemany("DELETE FROM fragments WHERE fragment_id=?", [(f,) for f in fragment_ids])
+        self._executemany("DELETE FROM sender_aliases WHERE fragment_id=?", [(f,) for f in fragment_ids])
 
     def erase_conversation(self, tenant_id: str, conversation_id: str, before: float) -> None:
         self.put_tombstones(tenant_id, conversation_id, [(r[0], (before, "erased")) for r in self._all(

@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS sender_tokens (
     tenant_id TEXT NOT NULL, token TEXT NOT NULL, sender_id TEXT NOT NULL,
     PRIMARY KEY (tenant_id, token, sender_id)
 );
+CREATE TABLE IF NOT EXISTS sender_aliases (
+    tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL, fragment_id TEXT NOT NULL, token TEXT NOT NULL,
+    sender_id TEXT NOT NULL, PRIMARY KEY (fragment_id, token, sender_id)
+);
+CREATE INDEX IF NOT EXISTS sender_aliases_token ON sender_aliases(tenant_id, token);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('unit_version', 0);
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, conversation_id TEXT NOT NULL);
