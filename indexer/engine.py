@@ -44,6 +44,8 @@ class Tessera:
                                  time_filters)
         #: In-process reasoning stage (embedded mode); the distributed query task hands off instead.
         self.reasoner = reasoner
+        #: The stored turn vectors are another text model's: a reindex must encode again (``open_engine``).
+        self.reencode_needed = False
 
     # ---- ingest (see Ingestor) ------------------------------------------------------------------------
 

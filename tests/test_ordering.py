@@ -140,6 +140,34 @@ def test_reindex_rebuilds_lost_indexes_from_the_state_and_resumes(make_engine, t
     assert _found(rebuilt, "sourdough starter")
 
 
+def test_a_data_dir_of_another_text_model_is_refused_then_reencoded_by_reindex(tmp_path, embedder):
+    """Vectors of two text models do not mix (nor fit, when their widths differ): a clear refusal naming
+    the variable, then ``reindex`` on the new model drops the old vectors and encodes every turn again."""
+    from ops.bench import random_models
+    from ops.runtime.config import Config
+    from ops.runtime.assemble import open_engine
+
+    old = open_engine(Config(data_dir=tmp_path / "data"), embedder=embedder)
+    old.ingest(dialogue("c1"))
+    expected = old.vectors.count()
+    old.close()
+    model = random_models.sentence_encoder(tmp_path / "model", dim=48)
+    config = Config(data_dir=tmp_path / "data", embed_model=str(model), encoder="torch")
+    with pytest.raises(ValueError, match="TESSERA_EMBED_MODEL.*tessera reindex"):
+        open_engine(config)
+    moved = open_engine(config, rebuild=True)
+    try:
+        assert moved.reencode_needed
+        report = moved.reindex(reencode=moved.reencode_needed)
+        assert report.index_failures == 0 and moved.vectors.count() == expected
+        assert moved.query(query("sourdough starter")).fragments
+    finally:
+        moved.close()
+    again = open_engine(config)
+    assert not again.reencode_needed
+    again.close()
+
+
 def test_a_data_dir_of_another_vector_store_is_refused_then_moved_by_reindex(tmp_path, embedder):
     """Data dirs from before the edge store: a clear refusal, then ``tessera reindex`` moves them over."""
     from ops.runtime.config import Config

@@ -49,6 +49,8 @@ class SentenceTransformerEmbedder:
         self.batch_size = batch_size
         self.device = device
         self.name = self.model_path.name if model_path else "all-MiniLM-L6-v2"
+        #: The weights, whatever runs them: vectors of one model are comparable across encoders.
+        self.model = self.name
         self._model = None
         self.dim = model_dim(self.model_path)
 
@@ -166,6 +168,7 @@ class OnnxEmbedder:
         self.threads = threads or os.cpu_count() or 1
         base = self.model_path.name if model_path else "all-MiniLM-L6-v2"
         self.name = f"{base}-onnx{'-int8' if quantize else ''}"
+        self.model = base
         self.dim = model_dim(self.model_path)
         self.max_length = _max_seq_length(self.model_path)
         self._session = None

@@ -169,7 +169,7 @@ def cmd_reindex(args) -> int:
     engine = _engine(args, rebuild=True)
     try:
         with tqdm(desc="reindex", unit="conversation", file=sys.stderr, disable=args.quiet) as bar:
-            report = engine.reindex(reencode=args.reencode, progress=bar.update)
+            report = engine.reindex(reencode=args.reencode or engine.reencode_needed, progress=bar.update)
     finally:
         engine.close()
     print(f"reindexed: {report.fragments_written} fragments written, {report.encoded} texts encoded",

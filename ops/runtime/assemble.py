@@ -40,8 +40,10 @@ def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = Fa
     data.mkdir(parents=True, exist_ok=True)
     index = Path(config.index_dir) if config.index_dir else data
     index.mkdir(parents=True, exist_ok=True)
-    _claim(index, "vector-store", config.vector_store, "TESSERA_VECTOR_STORE", rebuild,
-           {"qdrant": "qdrant", "sqlite": "vectors.sqlite", "edge": "edge"})
+    vector_files = {"qdrant": "qdrant", "sqlite": "vectors.sqlite", "edge": "edge"}
+    _claim(index, "vector-store", config.vector_store, "TESSERA_VECTOR_STORE", rebuild, vector_files)
+    text_model = f"{getattr(embedder, 'model', embedder.name)} ({embedder.dim})"
+    reencode = _claim_text_model(data, index / vector_files[config.vector_store], text_model, rebuild)
     keyword_store = config.keyword_store or ("edge" if config.vector_store == "edge" else "fts5")
     if not config.es_url:
         _claim(index, "keyword-store", keyword_store, "TESSERA_KEYWORD_STORE", rebuild,
@@ -81,9 +83,43 @@ def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = Fa
         raise ValueError(f"TESSERA_KEYWORD_STORE: unknown keyword store {keyword_store!r} (edge or fts5)")
     from indexer.query.rewrite import open_rewriter
 
-    return Tessera(open_state(config.state_url, data), InstrumentedStore(vectors, backend), keywords,
-                   InstrumentedEmbedder(embedder), images=images, rewriter=open_rewriter(config.rewrite_model),
-                   reasoner=reasoner, clarify=config.clarify)
+    engine = Tessera(open_state(config.state_url, data), InstrumentedStore(vectors, backend), keywords,
+                     InstrumentedEmbedder(embedder), images=images, rewriter=open_rewriter(config.rewrite_model),
+                     reasoner=reasoner, clarify=config.clarify)
+    engine.reencode_needed = reencode
+    return engine
+
+
+def _claim_text_model(data: Path, vector_files: Path, model: str, rebuild: bool) -> bool:
+    """Record which text model (and width) made the data dir's vectors; refuse another, or with ``rebuild``
+    drop the vector store's files. True when the stored turn vectors are another model's (encode again).
+
+    The state keeps each turn's vector, so the marker sits beside it; data dirs from before the marker are
+    taken to be the current model's.
+    """
+    marker = data / "text-model"
+    recorded = marker.read_text().strip() if marker.exists() else None
+    changed = recorded is not None and recorded != model
+    if changed and not rebuild:
+        raise ValueError(f"{data} was indexed with the text model {recorded}, not {model} (TESSERA_EMBED_MODEL):"
+                         " set it back, or run `tessera reindex --reencode` to encode every turn with the new one")
+    if changed:
+        _drop(vector_files)
+    if changed or recorded is None:
+        tmp = marker.with_name(f".text-model.{os.getpid()}")
+        tmp.write_text(model + "\n")
+        os.replace(tmp, marker)
+    return changed
+
+
+def _drop(path: Path) -> None:
+    """Delete a store's directory, or its database file with the files SQLite keeps beside it."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        # A stale -wal beside a new database of the same name would be replayed into it.
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
 def _claim(index: Path, marker_name: str, store: str, variable: str, rebuild: bool, files: dict[str, str],
@@ -100,13 +136,7 @@ def _claim(index: Path, marker_name: str, store: str, variable: str, rebuild: bo
         if not rebuild:
             raise ValueError(f"{index} was indexed with {recorded!r}, not {store!r} ({variable}): set it back, or run"
                              f" `tessera reindex` to rebuild the index in {store!r} from the conversation state")
-        old = index / files.get(recorded, recorded)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            # A stale -wal beside a new database of the same name would be replayed into it.
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                old.with_name(old.name + suffix).unlink(missing_ok=True)
+        _drop(index / files.get(recorded, recorded))
     if recorded != store or not marker.exists():
         # Several worker processes open the same data dir at once: readers never see a half-written marker.
         tmp = marker.with_name(f".{marker_name}.{os.getpid()}")
