@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo serve test eval eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
+.PHONY: install system-deps demo serve test eval eval-long eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
 
 install: $(STAMP) system-deps
 
@@ -39,6 +39,10 @@ test: $(STAMP) system-deps
 
 eval: $(STAMP)
 	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --out results/locomo-eval.json
+
+# The long-chat stress: the dev conversations as one chat of 1,451 turns among six people.
+eval-long: $(STAMP)
+	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --one-conversation --out results/locomo-eval-long.json
 
 eval-dialogue: $(STAMP)
 	$(VENV)/bin/tessera eval dialogue ../shared/datasets/locomo-dev --out results

@@ -51,3 +51,20 @@ def test_eval_on_a_small_locomo_file(tmp_path):
     assert json.loads((tmp_path / "out.json").read_text())["rows"]
     assert 0.0 <= report["spans"]["span_f1@top1"] <= 1.0 and "clarify_share" in report["spans"]
     assert set(report["by_category"]) == {"1", "4"} and "span_f1@top1" in report["by_category"]["4"]
+
+
+def test_the_long_chat_stress_makes_one_conversation_of_all_in_time_order(tmp_path):
+    from ops.eval.locomo import into_one_conversation, load
+
+    for name, (day, speakers) in {"1": ("18 May", ("Ann", "Bob")), "2": ("17 May", ("Cem", "Dia"))}.items():
+        data = {"session_1_date_time": f"1:47 pm on {day}, 2023",
+                "session_1": [{"speaker": s, "dia_id": f"D1:{k + 1}", "text": f"turn {k} of {name}"}
+                              for k, s in enumerate(speakers)],
+                "qa": [{"question": f"q{name}", "evidence": ["D1:2"], "category": 4}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    turns, questions = into_one_conversation(*load(tmp_path))
+    assert [t.message_id for t in turns] == ["2:D1:1", "2:D1:2", "1:D1:1", "1:D1:2"], "time order across chats"
+    assert {t.conversation_id for t in turns} == {q.conversation_id for q in questions} == {"all"}
+    assert sorted(q.evidence for q in questions) == [frozenset({"1:D1:2"}), frozenset({"2:D1:2"})]
+    report = evaluate_locomo(tmp_path, data_dir=tmp_path / "d", progress=False, one_conversation=True)
+    assert report["conversations"] == 1 and report["questions"] == 2

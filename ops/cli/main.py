@@ -131,7 +131,7 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from ops.eval.retrieval import main_eval
 
-    return main_eval(args.dir, args.out, progress=not args.quiet)
+    return main_eval(args.dir, args.out, progress=not args.quiet, one_conversation=args.one_conversation)
 
 
 def cmd_eval_dialogue(args) -> int:
@@ -428,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = evsub.add_parser("locomo", help="LoCoMo-format JSON files in DIR")
     e.add_argument("dir")
     e.add_argument("--out", default="results/locomo-eval.json", help="where the JSON table goes")
+    e.add_argument("--one-conversation", action="store_true",
+                   help="the long-chat stress: all conversations as one, sessions in time order")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
     e = evsub.add_parser("dialogue", help="rewriting, time filters and clarifying questions on LoCoMo-format DIR")

@@ -63,6 +63,21 @@ def load(directory: str | Path) -> tuple[list[LocomoTurn], list[Question]]:
     return turns, questions
 
 
+def into_one_conversation(turns: list[LocomoTurn], questions: list[Question],
+                          conversation_id: str = "all") -> tuple[list[LocomoTurn], list[Question]]:
+    """The long-chat stress: every conversation's sessions as one conversation, in time order.
+
+    The three dev conversations make one chat of 1,451 turns among six people, their sessions
+    interleaved by date (as a group chat's threads are); message ids keep their conversation
+    (``26:D1:3``) and the questions point at them, so the same questions score the same evidence.
+    """
+    merged = sorted((LocomoTurn(conversation_id, t.session, f"{t.conversation_id}:{t.message_id}", t.speaker, t.text,
+                                t.caption, t.sent_at) for t in turns), key=lambda t: (t.sent_at, t.message_id))
+    asked = [Question(conversation_id, q.text, frozenset(f"{q.conversation_id}:{e}" for e in q.evidence), q.category)
+             for q in questions]
+    return merged, asked
+
+
 def to_events(turns: list[LocomoTurn]) -> list[MessageEvent]:
     events = []
     for t in turns:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from indexer.ingest.units import turn_of_event
 from indexer.stores.fts5 import match_expression
 from indexer.text import render_turn
-from ops.eval.locomo import TENANT, LocomoTurn, Question, load, to_events
+from ops.eval.locomo import TENANT, LocomoTurn, Question, into_one_conversation, load, to_events
 from schemas import QUERY_SCHEMA, QueryJob
 
 BUDGETS = (5, 10, 30)
@@ -160,8 +160,10 @@ class _Baselines:
         }
 
 def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
-                    progress: bool = True, embedder=None) -> dict:
-    """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one."""
+                    progress: bool = True, embedder=None, one_conversation: bool = False) -> dict:
+    """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one.
+    ``one_conversation``: the long-chat stress (``locomo.into_one_conversation``), each question asked
+    when it was asked of its own conversation."""
     from indexer.encoders.text import open_embedder
     from ops.runtime.config import Config
     from ops.runtime.assemble import open_engine
@@ -169,6 +171,10 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     turns, questions = load(directory)
     if not turns:
         raise SystemExit(f"no LoCoMo conversations (*.json) in {directory}")
+    asked = asked_after(turns)
+    asked_at = [asked[q.conversation_id] for q in questions]
+    if one_conversation:
+        turns, questions = into_one_conversation(turns, questions)
     embedder = embedder or open_embedder(Config.from_env(data_dir).encoder)
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
@@ -182,7 +188,6 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
 
     baselines = _Baselines(turns, embedder)
     qvectors = embedder.encode([q.text for q in questions])
-    asked = asked_after(turns)
     system: list[Ranked] = []
     spans: list[list[list[tuple[str, str]]]] = []
     statuses: list[str] = []
@@ -191,7 +196,7 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     for i, q in enumerate(tqdm(questions, desc="questions", disable=not progress, file=sys.stderr)):
         job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"q{i}", "tenant_id": TENANT,
                                        "user_id": "evaluator", "query": q.text, "top_k": EVAL_TOP_K,
-                                       "reasoning": "fast", "asked_at": asked[q.conversation_id].isoformat()})
+                                       "reasoning": "fast", "asked_at": asked_at[i].isoformat()})
         t = time.perf_counter()
         result = engine.query(job)
         latencies.append((time.perf_counter() - t) * 1000)
@@ -247,8 +252,8 @@ def format_table(report: dict) -> str:
     lines.append(f"query latency ms: p50 {lat['p50']:.1f}, p99 {lat['p99']:.1f}, mean {lat['mean']:.1f}")
     return "\n".join(lines)
 
-def main_eval(directory: str, out: str | None, progress: bool = True) -> int:
-    report = evaluate_locomo(directory, out, progress=progress)
+def main_eval(directory: str, out: str | None, progress: bool = True, one_conversation: bool = False) -> int:
+    report = evaluate_locomo(directory, out, progress=progress, one_conversation=one_conversation)
     print(format_table(report))
     return 0
 
