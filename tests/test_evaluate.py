@@ -68,3 +68,23 @@ def test_the_long_chat_stress_makes_one_conversation_of_all_in_time_order(tmp_pa
     assert sorted(q.evidence for q in questions) == [frozenset({"1:D1:2"}), frozenset({"2:D1:2"})]
     report = evaluate_locomo(tmp_path, data_dir=tmp_path / "d", progress=False, one_conversation=True)
     assert report["conversations"] == 1 and report["questions"] == 2
+
+
+def test_cross_validation_chooses_on_the_other_conversations_and_scores_the_held_out_one(tmp_path):
+    from ops.eval.crossval import DEFAULT, cross_validate, format_report
+
+    for name, (pet, instrument) in {"1": ("Pixel", "violin"), "2": ("Mochi", "cello")}.items():
+        data = {"session_1_date_time": "1:47 pm on 18 May, 2023",
+                "session_1": [{"speaker": "Ann", "dia_id": "D1:1", "text": f"I adopted a cat named {pet}."},
+                              {"speaker": "Bob", "dia_id": "D1:2", "text": f"Cute! I started learning the {instrument}."},
+                              {"speaker": "Ann", "dia_id": "D1:3", "text": "The weather is lovely today."}],
+                "qa": [{"question": f"What instrument is Bob learning, the {instrument}?", "evidence": ["D1:2"],
+                        "category": 4},
+                       {"question": f"What is the cat {pet} called?", "evidence": ["D1:1"], "category": 4}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    report = cross_validate(tmp_path, {"span_max_turns": (1,)}, data_dir=tmp_path / "d", progress=False)
+    assert report["variants"] == [DEFAULT, "span_max_turns=1"]
+    assert [f["held_out"] for f in report["folds"]] == ["1", "2"] and all(f["questions"] == 2 for f in report["folds"])
+    assert all(f["chosen"] in report["variants"] for f in report["folds"])
+    assert report["all_questions"][DEFAULT]["recall@10"] == 1.0
+    assert "pooled" in format_report(report)

@@ -14,6 +14,9 @@ from ops.runtime.jsonl import answer, ingest_file, lines
 from schemas import QUERY_SCHEMA, QueryJob, Result
 
 
+#: Where `tessera eval locomo` writes its table.
+EVAL_OUT = "results/locomo-eval.json"
+
 def _engine(args, reasoning: bool = False, rebuild: bool = False):
     """The engine of the data dir; ``reasoning`` loads the VLM in-process when one is configured."""
     config = Config.from_env(args.data_dir)
@@ -130,6 +133,12 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from ops.eval.retrieval import main_eval
+
+    if args.cross_validate:
+        from ops.eval.crossval import main_cross_validate
+
+        out = args.out if args.out != EVAL_OUT else "results/locomo-cv.json"
+        return main_cross_validate(args.dir, out, progress=not args.quiet)
 
     return main_eval(args.dir, args.out, progress=not args.quiet, one_conversation=args.one_conversation)
 
@@ -427,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     evsub = p.add_subparsers(dest="dataset", required=True)
     e = evsub.add_parser("locomo", help="LoCoMo-format JSON files in DIR")
     e.add_argument("dir")
-    e.add_argument("--out", default="results/locomo-eval.json", help="where the JSON table goes")
+    e.add_argument("--out", default=EVAL_OUT, help="where the JSON table goes")
+    e.add_argument("--cross-validate", action="store_true",
+                   help="leave-one-conversation-out check of the tuned search settings (results/locomo-cv.json)")
     e.add_argument("--one-conversation", action="store_true",
                    help="the long-chat stress: all conversations as one, sessions in time order")
     e.add_argument("--quiet", action="store_true")

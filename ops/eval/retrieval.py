@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
@@ -159,6 +160,31 @@ class _Baselines:
             "sentence-window hybrid (four lists, RRF)": [k[i] for i in window],
         }
 
+@dataclass
+class Answers:
+    """What the system answered each question: the flattened turns, the spans, the status, the time."""
+
+    system: list[Ranked] = field(default_factory=list)
+    spans: list[list[list[tuple[str, str]]]] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def ask_all(engine, questions: Sequence[Question], asked_at: Sequence, progress: bool = True) -> Answers:
+    answers = Answers()
+    for i, q in enumerate(tqdm(questions, desc="questions", disable=not progress, file=sys.stderr)):
+        job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"q{i}", "tenant_id": TENANT,
+                                       "user_id": "evaluator", "query": q.text, "top_k": EVAL_TOP_K,
+                                       "reasoning": "fast", "asked_at": asked_at[i].isoformat()})
+        t = time.perf_counter()
+        result = engine.query(job)
+        answers.latencies_ms.append((time.perf_counter() - t) * 1000)
+        answers.system.append([(f.conversation_id, m) for f in result.fragments for m in f.message_ids])
+        answers.spans.append([[(f.conversation_id, m) for m in f.message_ids] for f in result.fragments])
+        answers.statuses.append(result.status)
+    return answers
+
+
 def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
                     progress: bool = True, embedder=None, one_conversation: bool = False) -> dict:
     """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one.
@@ -188,21 +214,10 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
 
     baselines = _Baselines(turns, embedder)
     qvectors = embedder.encode([q.text for q in questions])
-    system: list[Ranked] = []
-    spans: list[list[list[tuple[str, str]]]] = []
-    statuses: list[str] = []
+    answers = ask_all(engine, questions, asked_at, progress)
+    system, spans, statuses, latencies = answers.system, answers.spans, answers.statuses, answers.latencies_ms
     peer: dict[str, list[Ranked]] = defaultdict(list)
-    latencies = []
-    for i, q in enumerate(tqdm(questions, desc="questions", disable=not progress, file=sys.stderr)):
-        job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"q{i}", "tenant_id": TENANT,
-                                       "user_id": "evaluator", "query": q.text, "top_k": EVAL_TOP_K,
-                                       "reasoning": "fast", "asked_at": asked_at[i].isoformat()})
-        t = time.perf_counter()
-        result = engine.query(job)
-        latencies.append((time.perf_counter() - t) * 1000)
-        system.append([(f.conversation_id, m) for f in result.fragments for m in f.message_ids])
-        spans.append([[(f.conversation_id, m) for m in f.message_ids] for f in result.fragments])
-        statuses.append(result.status)
+    for i, q in enumerate(questions):
         for name, ranked in baselines.rank_all(q.text, qvectors[i]).items():
             peer[name].append(ranked)
     engine.close()
