@@ -129,10 +129,15 @@ class SearchFilter:
     sent_before: float | None = None
 
 
+#: Payload fields a search hit must carry back: what fusion, spans and dating read. A store may return more.
+HIT_FIELDS = ("conversation_id", "fragment_id", "message_ids", "sender_ids", "start_ts")
+
+
 @dataclass(frozen=True)
 class Hit:
     unit_id: str
     score: float
+    #: At least ``HIT_FIELDS`` of the unit's payload.
     payload: dict
 
 

@@ -50,7 +50,6 @@ class SearchConfig:
 
 @dataclass
 class Candidate:
-    unit_id: str
     message_id: str
     conversation_id: str
     fragment_id: str
@@ -58,15 +57,15 @@ class Candidate:
     score: float = 0.0
 
 
-def normalise(hits: list[Hit]) -> dict[str, float]:
-    """Min-max scale a list's scores to [0, 1]; a single hit scores 1."""
+def normalise(hits: list[Hit]) -> list[float]:
+    """Min-max scale a list's scores to [0, 1], in the list's order; a single hit scores 1."""
     if not hits:
-        return {}
+        return []
     scores = np.array([h.score for h in hits], dtype=np.float64)
     lo, hi = float(scores.min()), float(scores.max())
     if hi - lo < 1e-12:
-        return {h.unit_id: 1.0 for h in hits}
-    return {h.unit_id: (h.score - lo) / (hi - lo) for h in hits}
+        return [1.0] * len(hits)
+    return ((scores - lo) / (hi - lo)).tolist()
 
 
 def _message_of(hit: Hit) -> str:
@@ -78,7 +77,7 @@ def _candidate_of(candidates: dict[str, Candidate], hit: Hit) -> Candidate:
     key = hit.payload["conversation_id"] + "\x1f" + _message_of(hit)
     cand = candidates.get(key)
     if cand is None:
-        cand = candidates[key] = Candidate(hit.unit_id, _message_of(hit), hit.payload["conversation_id"],
+        cand = candidates[key] = Candidate(_message_of(hit), hit.payload["conversation_id"],
                                            hit.payload["fragment_id"], list(hit.payload["sender_ids"]))
     return cand
 
@@ -124,16 +123,17 @@ class HybridSearcher:
     def locate(self, text: str, vector: np.ndarray, flt: SearchFilter) -> float | None:
         """When the turn that best matches ``text`` was sent (dates "before the trip")."""
         c = self.config
-        scores: dict[str, float] = defaultdict(float)
-        times: dict[str, float] = {}
+        scores: dict[tuple[str, str], float] = defaultdict(float)
+        times: dict[tuple[str, str], float] = {}
         for hits in (self.keywords.search(chat_text(text), "turn", flt, c.turn_depth),
                      self.vectors.search(vector, "turn", flt, c.turn_depth)):
-            for unit_id, value in normalise(hits).items():
-                scores[unit_id] += value
-            times.update((h.unit_id, h.payload["start_ts"]) for h in hits)
+            for hit, value in zip(hits, normalise(hits)):
+                turn = (hit.payload["conversation_id"], _message_of(hit))
+                scores[turn] += value
+                times[turn] = hit.payload["start_ts"]
         if not scores:
             return None
-        return times[max(scores, key=lambda u: (scores[u], u))]
+        return times[max(scores, key=lambda t: (scores[t], t))]
 
     def fuse(self, lists: dict[tuple[str, str], list[Hit]], named_senders: set[str]) -> dict[str, Candidate]:
         """Score every recalled turn; keyed by (conversation, message) so turn and window hits meet."""
@@ -141,22 +141,19 @@ class HybridSearcher:
         fragment_score: dict[str, float] = defaultdict(float)
         for method in ("bm25", "dense"):
             hits = lists[(method, "fragment")]
-            norm = normalise(hits)
-            for hit in hits:
-                fragment_score[hit.payload["fragment_id"]] += norm[hit.unit_id] / 2
+            for hit, value in zip(hits, normalise(hits)):
+                fragment_score[hit.payload["fragment_id"]] += value / 2
         candidates: dict[str, Candidate] = {}
         for method, weight in (("bm25", c.keyword_weight), ("dense", c.dense_weight)):
             for kind, share in (("turn", 1 - c.window_share), ("window", c.window_share)):
                 hits = lists[(method, kind)]
-                norm = normalise(hits)
-                for hit in hits:
-                    _candidate_of(candidates, hit).score += weight * share * norm[hit.unit_id]
+                for hit, value in zip(hits, normalise(hits)):
+                    _candidate_of(candidates, hit).score += weight * share * value
         for key, hits in lists.items():
             if key[0] != "image":
                 continue
-            norm = normalise(hits)
-            for hit in hits:
-                _candidate_of(candidates, hit).score += c.image_weight * norm[hit.unit_id]
+            for hit, value in zip(hits, normalise(hits)):
+                _candidate_of(candidates, hit).score += c.image_weight * value
         for cand in candidates.values():
             cand.score += c.fragment_weight * fragment_score.get(cand.fragment_id, 0.0)
             if named_senders and named_senders.intersection(cand.sender_ids):
