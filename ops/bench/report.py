@@ -77,6 +77,42 @@ def corpus_dir(root: Path, store: str, fragments: int, encoder: str) -> Path:
     return root / "corpora" / f"{store}-{fragments}-{encoder}"
 
 
+#: A corpus is built only when its projected build peak fits in this share of the machine's memory.
+MEMORY_SHARE = 0.9
+
+
+def projected_build_peak_mb(root: Path, store: str, fragments: int, encoder: str) -> tuple[float, int] | None:
+    """The build peak of ``fragments``, scaled linearly from the largest smaller corpus of the same store and
+    encoder already built (and that corpus's size); None when there is none to scale from."""
+    base = None
+    for done in (root / "corpora").glob(f"{store}-*-{encoder}/corpus.json"):
+        built = json.loads(done.read_text())
+        if built.get("build_peak_rss_mb") and built["fragments"] < fragments and \
+                (base is None or built["fragments"] > base["fragments"]):
+            base = built
+    if base is None:
+        return None
+    return base["build_peak_rss_mb"] * fragments / base["fragments"], base["fragments"]
+
+
+def _memory_total_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def too_big(root: Path, store: str, fragments: int, encoder: str, total_mb: float) -> str | None:
+    """Why a corpus is not built on this machine (a build that runs out of memory takes the machine with it)."""
+    if (corpus_dir(root, store, fragments, encoder) / "corpus.json").exists():
+        return None
+    projected = projected_build_peak_mb(root, store, fragments, encoder)
+    if projected is None or projected[0] <= MEMORY_SHARE * total_mb:
+        return None
+    return (f"projected build peak {projected[0]:,.0f} MiB (from the {projected[1]:,}-fragment build) is more than"
+            f" {MEMORY_SHARE:.0%} of this machine's {total_mb:,.0f} MiB")
+
+
 def _disk_mb(path: Path) -> float:
     """Bytes the corpus takes on disk (state, vector store, BM25 index), as allocated."""
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file()) / 2**20
@@ -402,6 +438,8 @@ def markdown(report: dict, plots: list[str]) -> str:
         lines += ["", f"Sustained run at {largest['fragments']:,} fragments ({largest['store']}):"
                   f" RSS {rss[0]:.0f} MiB after the first queries, {max(rss[half:]):.0f} MiB at most in the second half,"
                   f" {rss[-1]:.0f} MiB at the end ({largest['queries']} queries).", ""]
+    for skipped in report.get("scale_not_run", []):
+        lines += [f"Not run: {skipped['store']} at {skipped['fragments']:,} fragments: {skipped['reason']}.", ""]
     if report.get("state"):
         from ops.bench.state import markdown as state_markdown
 
@@ -435,6 +473,11 @@ def run(args) -> dict:
                 continue
             queries = args.qdrant_queries if store == "qdrant" else args.queries
             if store == "sqlite" and n > args.sqlite_max:
+                continue
+            reason = too_big(out, store, n, args.scale_encoder, _memory_total_mb())
+            if reason:
+                print(f"not run: {store} at {n:,} fragments: {reason}", file=sys.stderr)
+                report.setdefault("scale_not_run", []).append({"store": store, "fragments": n, "reason": reason})
                 continue
             report["scale"].append(_measure_in_child(out, store, n, queries, args.scale_encoder, args.locomo))
             (out / "report.json").write_text(json.dumps(report, indent=2))
