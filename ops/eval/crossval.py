@@ -32,6 +32,7 @@ GRID: dict[str, tuple] = {
     "span_ratio": (0.8, 0.95),
     "span_max_turns": (1, 2),
     "turn_depth": (100, 300),
+    "keyword_depth": (50, 200),
 }
 
 
