@@ -103,8 +103,9 @@ class HybridSearcher:
         No ``vector`` (a query by image alone): the dense text lists are empty.
         """
         c = self.config
-        depths = (("turn", c.turn_depth), ("window", c.turn_depth), ("fragment", c.fragment_depth))
-        keyword_depths = {"turn": c.keyword_depth, "window": c.keyword_depth, "fragment": c.fragment_depth}
+        # (kind, dense depth, keyword depth)
+        depths = (("turn", c.turn_depth, c.keyword_depth), ("window", c.turn_depth, c.keyword_depth),
+                  ("fragment", c.fragment_depth, c.fragment_depth))
         lists: dict[tuple[str, str], list[Hit]] = {}
         keyword_text = chat_text(text)
 
@@ -112,15 +113,15 @@ class HybridSearcher:
             return self.vectors.search(vector, kind, flt, depth) if vector is not None else []
 
         if self._pool is not None:
-            pending = {kind: self._pool.submit(self.keywords.search, keyword_text, kind, flt, keyword_depths[kind])
-                       for kind, _ in depths}
-            for kind, depth in depths:
+            pending = {kind: self._pool.submit(self.keywords.search, keyword_text, kind, flt, keyword_depth)
+                       for kind, _, keyword_depth in depths}
+            for kind, depth, _ in depths:
                 lists[("dense", kind)] = dense(kind, depth)
             for kind, future in pending.items():
                 lists[("bm25", kind)] = future.result()
         else:
-            for kind, depth in depths:
-                lists[("bm25", kind)] = self.keywords.search(keyword_text, kind, flt, keyword_depths[kind])
+            for kind, depth, keyword_depth in depths:
+                lists[("bm25", kind)] = self.keywords.search(keyword_text, kind, flt, keyword_depth)
                 lists[("dense", kind)] = dense(kind, depth)
         for i, query in enumerate(image_queries):
             lists[("image", f"q{i}")] = self.vectors.search(query, "turn", flt, c.turn_depth, "image")
