@@ -147,22 +147,31 @@ def test_a_data_dir_of_another_text_model_is_refused_then_reencoded_by_reindex(t
     from ops.runtime.config import Config
     from ops.runtime.assemble import open_engine
 
+    from ops.runtime.assemble import text_model_reencoded
+
     old = open_engine(Config(data_dir=tmp_path / "data"), embedder=embedder)
-    old.ingest(dialogue("c1"))
+    old.ingest(dialogue("c1") + dialogue("c2"))
     expected = old.vectors.count()
+    with old.state.transaction():
+        old.state.set_cursor("reindex", ("t1", "c1"))  # a reindex of the old model, stopped half way
     old.close()
     model = random_models.sentence_encoder(tmp_path / "model", dim=48)
     config = Config(data_dir=tmp_path / "data", embed_model=str(model), encoder="torch")
     with pytest.raises(ValueError, match="TESSERA_EMBED_MODEL.*tessera reindex"):
         open_engine(config)
+    open_engine(config, rebuild=True).close()  # `tessera reindex` stopped before its first conversation
+    with pytest.raises(ValueError, match="has not finished"):
+        open_engine(config)
     moved = open_engine(config, rebuild=True)
     try:
         assert moved.reencode_needed
+        assert moved.state.get_cursor("reindex") is None, "the old walk must not skip conversations"
         report = moved.reindex(reencode=moved.reencode_needed)
         assert report.index_failures == 0 and moved.vectors.count() == expected
         assert moved.query(query("sourdough starter")).fragments
     finally:
         moved.close()
+    text_model_reencoded(tmp_path / "data")
     again = open_engine(config)
     assert not again.reencode_needed
     again.close()

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ops.runtime.assemble import open_engine, open_reasoner, warm_up
+from ops.runtime.assemble import open_engine, open_reasoner, text_model_reencoded, warm_up
 from ops.runtime.config import Config, ConfigError, describe, export_default, prepare_process
 from ops.runtime.jsonl import answer, ingest_file, lines
 from schemas import QUERY_SCHEMA, QueryJob, Result
@@ -16,6 +16,7 @@ from schemas import QUERY_SCHEMA, QueryJob, Result
 
 #: Where `tessera eval locomo` writes its table.
 EVAL_OUT = "results/locomo-eval.json"
+
 
 def _engine(args, reasoning: bool = False, rebuild: bool = False):
     """The engine of the data dir; ``reasoning`` loads the VLM in-process when one is configured."""
@@ -179,6 +180,8 @@ def cmd_reindex(args) -> int:
     try:
         with tqdm(desc="reindex", unit="conversation", file=sys.stderr, disable=args.quiet) as bar:
             report = engine.reindex(reencode=args.reencode or engine.reencode_needed, progress=bar.update)
+        if engine.reencode_needed:
+            text_model_reencoded(Config.from_env(args.data_dir).data_dir)
     finally:
         engine.close()
     print(f"reindexed: {report.fragments_written} fragments written, {report.encoded} texts encoded",

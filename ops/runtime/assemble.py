@@ -86,30 +86,62 @@ def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = Fa
     engine = Tessera(open_state(config.state_url, data), InstrumentedStore(vectors, backend), keywords,
                      InstrumentedEmbedder(embedder), images=images, rewriter=open_rewriter(config.rewrite_model),
                      reasoner=reasoner, clarify=config.clarify)
-    engine.reencode_needed = reencode
+    if reencode == "start":
+        # The vector index is gone: a reindex stopped earlier must not resume past what it had written.
+        with engine.state.transaction():
+            engine.state.set_cursor("reindex", None)
+    engine.reencode_needed = reencode is not None
     return engine
 
 
-def _claim_text_model(data: Path, vector_files: Path, model: str, rebuild: bool) -> bool:
-    """Record which text model (and width) made the data dir's vectors; refuse another, or with ``rebuild``
-    drop the vector store's files. True when the stored turn vectors are another model's (encode again).
+#: The data dir's record of the text model that made its vectors.
+TEXT_MODEL_MARKER = "text-model"
+#: Follows the model in the record while a reindex to it has not finished.
+_REENCODING = " reencoding"
 
-    The state keeps each turn's vector, so the marker sits beside it; data dirs from before the marker are
-    taken to be the current model's.
+
+def _claim_text_model(data: Path, vector_files: Path, model: str, rebuild: bool) -> str | None:
+    """Record which text model (and width) made the data dir's vectors; refuse another, or with ``rebuild``
+    drop the vector store's files. "start" or "resume" when the stored turn vectors are another model's
+    and a reindex must encode them again; None when they are this model's.
+
+    The state keeps each turn's vector, so the record sits beside it; data dirs from before it are taken
+    to be the current model's. Until the reindex that encodes again has finished (``text_model_reencoded``)
+    the record says so: another process refuses the half-encoded data dir, and a resumed reindex encodes
+    the rest without dropping what it already wrote.
     """
-    marker = data / "text-model"
+    marker = data / TEXT_MODEL_MARKER
     recorded = marker.read_text().strip() if marker.exists() else None
-    changed = recorded is not None and recorded != model
-    if changed and not rebuild:
-        raise ValueError(f"{data} was indexed with the text model {recorded}, not {model} (TESSERA_EMBED_MODEL):"
-                         " set it back, or run `tessera reindex --reencode` to encode every turn with the new one")
-    if changed:
-        _drop(vector_files)
-    if changed or recorded is None:
-        tmp = marker.with_name(f".text-model.{os.getpid()}")
-        tmp.write_text(model + "\n")
-        os.replace(tmp, marker)
-    return changed
+    if recorded is None:
+        _write_marker(marker, model)
+        return None
+    if recorded == model:
+        return None
+    if recorded == model + _REENCODING:
+        if not rebuild:
+            raise ValueError(f"{data}: the reindex that encodes every turn with {model} has not finished:"
+                             " run `tessera reindex` to finish it")
+        return "resume"
+    if not rebuild:
+        raise ValueError(f"{data} was indexed with the text model {recorded.removesuffix(_REENCODING)}, not {model}"
+                         " (TESSERA_EMBED_MODEL): set it back, or run `tessera reindex --reencode` to encode every"
+                         " turn with the new one")
+    _drop(vector_files)
+    _write_marker(marker, model + _REENCODING)
+    return "start"
+
+
+def text_model_reencoded(data_dir: str | Path) -> None:
+    """The reindex that encoded every turn with the recorded model has finished (``tessera reindex``)."""
+    marker = Path(data_dir) / TEXT_MODEL_MARKER
+    _write_marker(marker, marker.read_text().strip().removesuffix(_REENCODING))
+
+
+def _write_marker(marker: Path, value: str) -> None:
+    """Several worker processes open the same data dir at once: readers never see a half-written marker."""
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, marker)
 
 
 def _drop(path: Path) -> None:
@@ -138,10 +170,7 @@ def _claim(index: Path, marker_name: str, store: str, variable: str, rebuild: bo
                              f" `tessera reindex` to rebuild the index in {store!r} from the conversation state")
         _drop(index / files.get(recorded, recorded))
     if recorded != store or not marker.exists():
-        # Several worker processes open the same data dir at once: readers never see a half-written marker.
-        tmp = marker.with_name(f".{marker_name}.{os.getpid()}")
-        tmp.write_text(store + "\n")
-        os.replace(tmp, marker)
+        _write_marker(marker, store)
 
 
 def warm_up(engine) -> None:
