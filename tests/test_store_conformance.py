@@ -116,6 +116,15 @@ def test_narrowing_filters(store):
     assert search(store, "glacier", 0, SearchFilter("t1", "ann"), kind="fragment") == []
 
 
+def test_narrowing_filters_never_widen_visibility(store):
+    """A narrowing condition joins the visibility condition; it never stands in for it."""
+    store.upsert(UNITS)
+    assert set(search(store, "glacier", 1, SearchFilter("t1", "bob", conversation_id="c1", sent_before=400.0))) == {"a"}
+    assert set(search(store, "glacier", 1, SearchFilter("t1", "bob", sent_before=400.0))) == {"a"}
+    assert search(store, "glacier", 2, SearchFilter("t3", "ann", conversation_id="c1")) == []
+    assert search(store, "glacier", 2, SearchFilter("t2", "ann", conversation_id="c2")) == []
+
+
 def test_ranking_puts_the_better_match_first(store):
     store.upsert(UNITS)
     assert search(store, "hike", 0, SearchFilter("t1", "ann"))[0] == "a"

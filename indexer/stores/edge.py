@@ -77,13 +77,16 @@ def payload_of(unit: Unit) -> dict:
 
 
 def build_filter(flt: SearchFilter) -> Filter:
-    """Tenant and visibility as one condition on ``scope``: its index yields exactly the points the user
-    may see, and each point is checked once. Conditions on ``tenant_id`` and ``visible_to`` beside it
-    select nothing more (a scope word is an unambiguous tenant and principal) but are checked per
-    visible point: at 100k fragments they made the six lists 40 ms instead of 27 (the turn list,
-    before ``scope``, was 20.7 ms with ``visible_to`` and the tenant)."""
-    must = [FieldCondition(key="scope", match=MatchAny(any=[scope(flt.tenant_id, flt.user_id),
-                                                            scope(flt.tenant_id, EVERYONE)]))]
+    """Visibility as "the user's scope word or the tenant's everyone word" (``should``: at least one), the
+    other conditions as ``must``. A scope word is an unambiguous tenant and principal, so its index yields
+    exactly the points the user may see, each checked once. Two ``should`` matches walk those points faster
+    than one ``MatchAny`` of both words (at 100k fragments, 6,000 visible turns: a dense list 3.2 against
+    4.0 ms, a BM25 list 2.1 against 2.9 ms); conditions on ``tenant_id`` and ``visible_to`` beside it select
+    nothing more but are checked per visible point (at 100k fragments the six lists took 40 ms with them
+    instead of 27)."""
+    visible = [FieldCondition(key="scope", match=MatchValue(value=scope(flt.tenant_id, principal)))
+               for principal in (flt.user_id, EVERYONE)]
+    must = []
     if flt.conversation_id:
         must.append(FieldCondition(key="conversation_id", match=MatchValue(value=flt.conversation_id)))
     if flt.sender_ids:
@@ -92,7 +95,7 @@ def build_filter(flt: SearchFilter) -> Filter:
         must.append(FieldCondition(key="end_ts", range=RangeFloat(gte=flt.sent_after)))
     if flt.sent_before is not None:
         must.append(FieldCondition(key="start_ts", range=RangeFloat(lte=flt.sent_before)))
-    return Filter(must=must)
+    return Filter(must=must or None, should=visible)
 
 
 def _vector_params(size: int) -> EdgeVectorParams:
