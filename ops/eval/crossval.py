@@ -26,7 +26,9 @@ DEFAULT = "default"
 #: Values tried on either side of each default (``SearchConfig``).
 GRID: dict[str, tuple] = {
     "keyword_weight": (0.35, 0.65),
+    "dense_weight": (0.15, 0.35),
     "window_share": (0.3, 0.7),
+    "dense_window_share": (0.5, 0.8),
     "fragment_weight": (0.15, 0.45),
     "speaker_bonus": (0.1, 0.3),
     "span_ratio": (0.8, 0.95),
