@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo serve test eval eval-long eval-cv eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
+.PHONY: install system-deps demo serve test eval eval-long eval-messy eval-cv eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
 
 install: $(STAMP) system-deps
 
@@ -43,6 +43,10 @@ eval: $(STAMP)
 # The long-chat stress: the dev conversations as one chat of 1,451 turns among six people.
 eval-long: $(STAMP)
 	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --one-conversation --out results/locomo-eval-long.json
+
+# The messy-chat stress: a message a sentence, casual spelling, "lol" and "nice!!" between turns.
+eval-messy: $(STAMP)
+	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --messy --out results/locomo-eval-messy.json
 
 # Leave-one-conversation-out check of the tuned search settings (results/locomo-cv.json).
 eval-cv: $(STAMP)

@@ -70,6 +70,30 @@ def test_the_long_chat_stress_makes_one_conversation_of_all_in_time_order(tmp_pa
     assert report["conversations"] == 1 and report["questions"] == 2
 
 
+def test_the_messy_chat_stress_sends_a_message_a_sentence_and_scores_pieces_as_their_turn(tmp_path):
+    from ops.eval.locomo import into_messy_chat, load, to_events, turn_of
+
+    data = {"session_1_date_time": "1:47 pm on 18 May, 2023",
+            "session_1": [{"speaker": "Ann", "dia_id": "D1:1", "text": "Thank you so much! I adopted a cat. Her name is Pixel."},
+                          {"speaker": "Bob", "dia_id": "D1:2", "text": "Really? You are lucky.", "img_url": ["http://x/y.jpg"],
+                           "blip_caption": "a grey cat"}],
+            "qa": [{"question": "What is the cat called?", "evidence": ["D1:1"], "category": 4}]}
+    (tmp_path / "1.json").write_text(json.dumps(data))
+    turns, _ = load(tmp_path)
+    messy = into_messy_chat(turns, reaction_share=1.0)
+    assert [t.message_id for t in messy] == ["D1:1+0", "D1:1+1", "D1:1+2", "r.D1:1", "D1:2+0", "D1:2+1", "r.D1:2"]
+    assert [t.text for t in messy][:3] == ["ty sooo much!", "i adopted a cat.", "her name is pixel."]
+    assert messy[3].speaker == "Bob" and messy[6].speaker == "Ann"
+    assert [t.caption for t in messy[4:6]] == [None, "a grey cat"], "the image comes with the last piece"
+    assert [t.sent_at for t in messy] == sorted(t.sent_at for t in messy)
+    assert into_messy_chat(turns, reaction_share=1.0) == messy
+    assert len(to_events(messy)) == 7, "pieces and reactions are valid message ids"
+    assert {turn_of(t.message_id) for t in messy} == {"D1:1", "D1:2", "r.D1:1", "r.D1:2"}
+    report = evaluate_locomo(tmp_path, data_dir=tmp_path / "d", progress=False, messy=True)
+    assert report["turns"] == len(into_messy_chat(turns))
+    assert report["rows"]["tessera (hybrid fragments + spans)"]["recall@5"] == 1.0, "a piece of D1:1 counts as D1:1"
+
+
 def test_cross_validation_chooses_on_the_other_conversations_and_scores_the_held_out_one(tmp_path):
     from ops.eval.crossval import DEFAULT, cross_validate, format_report
 

@@ -141,7 +141,8 @@ def cmd_eval(args) -> int:
         out = args.out if args.out != EVAL_OUT else "results/locomo-cv.json"
         return main_cross_validate(args.dir, out, progress=not args.quiet)
 
-    return main_eval(args.dir, args.out, progress=not args.quiet, one_conversation=args.one_conversation)
+    return main_eval(args.dir, args.out, progress=not args.quiet, one_conversation=args.one_conversation,
+                     messy=args.messy)
 
 
 def cmd_eval_dialogue(args) -> int:
@@ -444,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave-one-conversation-out check of the tuned search settings (results/locomo-cv.json)")
     e.add_argument("--one-conversation", action="store_true",
                    help="the long-chat stress: all conversations as one, sessions in time order")
+    e.add_argument("--messy", action="store_true",
+                   help="the messy-chat stress: a message a sentence, casual spelling, reactions between turns")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
     e = evsub.add_parser("dialogue", help="rewriting, time filters and clarifying questions on LoCoMo-format DIR")

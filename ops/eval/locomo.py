@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import random
+import re
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -76,6 +78,58 @@ def into_one_conversation(turns: list[LocomoTurn], questions: list[Question],
     asked = [Question(conversation_id, q.text, frozenset(f"{q.conversation_id}:{e}" for e in q.evidence), q.category)
              for q in questions]
     return merged, asked
+
+
+#: Casual spellings of the messy-chat stress, whole words or phrases, lower case.
+CASUAL = {"you": "u", "are": "r", "because": "bc", "really": "rly", "okay": "ok", "tonight": "tonite",
+          "please": "pls", "thanks": "thx", "thank you": "ty", "people": "ppl", "going to": "gonna",
+          "want to": "wanna", "great": "gr8", "love": "luv", "to be honest": "tbh", "by the way": "btw",
+          "so": "sooo", "yes": "yesss", "see you": "cu"}
+#: Replies between turns of the messy-chat stress: words that answer nothing.
+REACTIONS = ("lol", "omg", "nice!!", "haha yes", "wow", "ikr", "aww", "ok!", "\U0001F602\U0001F602", "yesss",
+             "no way", "\U0001F44D")
+#: Joins a turn's id and the number of its piece (``D1:3+0``); a reaction is ``r.D1:3``.
+PIECE = "+"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def casual(text: str) -> str:
+    """Lower case, no apostrophes, chat spellings (``CASUAL``), phrases before their words."""
+    out = text.lower().replace("'", "").replace("\u2019", "")
+    for word, spelled in sorted(CASUAL.items(), key=lambda item: -len(item[0])):
+        out = re.sub(rf"\b{re.escape(word)}\b", spelled, out)
+    return out
+
+
+def into_messy_chat(turns: list[LocomoTurn], reaction_share: float = 0.35,
+                    seed: int = 5) -> list[LocomoTurn]:
+    """The messy-chat stress: each turn sent as one message a sentence (``D1:3+0``, ``D1:3+1``, a second
+    apart, the image with the last), in casual spelling, and after about a third of the turns a reaction
+    by the other person ("lol", "nice!!": ``r.D1:3``). Questions stay as written; a piece answers for its
+    turn (``turn_of``)."""
+    rnd = random.Random(seed)
+    speakers: dict[str, list[str]] = {}
+    for t in turns:
+        people = speakers.setdefault(t.conversation_id, [])
+        if t.speaker not in people:
+            people.append(t.speaker)
+    out = []
+    for t in turns:
+        pieces = [p for p in _SENTENCE_END.split(t.text) if p.strip()] or [t.text]
+        for k, piece in enumerate(pieces):
+            out.append(replace(t, message_id=f"{t.message_id}{PIECE}{k}", text=casual(piece),
+                               caption=t.caption if k == len(pieces) - 1 else None,
+                               sent_at=t.sent_at + timedelta(seconds=k)))
+        if rnd.random() < reaction_share:
+            other = next((s for s in speakers[t.conversation_id] if s != t.speaker), t.speaker)
+            out.append(replace(t, message_id=f"r.{t.message_id}", speaker=other, text=rnd.choice(REACTIONS),
+                               caption=None, sent_at=t.sent_at + TURN_SPACING / 2))
+    return out
+
+
+def turn_of(message_id: str) -> str:
+    """The turn a piece of the messy-chat stress came from; any other id unchanged."""
+    return message_id.split(PIECE, 1)[0]
 
 
 def to_events(turns: list[LocomoTurn]) -> list[MessageEvent]:

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from indexer.ingest.units import turn_of_event
 from indexer.stores.fts5 import match_expression
 from indexer.text import render_turn
-from ops.eval.locomo import TENANT, LocomoTurn, Question, into_one_conversation, load, to_events
+from ops.eval.locomo import (
+    TENANT, LocomoTurn, Question, into_messy_chat, into_one_conversation, load, to_events, turn_of,
+)
 from schemas import QUERY_SCHEMA, QueryJob
 
 BUDGETS = (5, 10, 30)
@@ -186,10 +188,11 @@ def ask_all(engine, questions: Sequence[Question], asked_at: Sequence, progress:
 
 
 def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
-                    progress: bool = True, embedder=None, one_conversation: bool = False) -> dict:
+                    progress: bool = True, embedder=None, one_conversation: bool = False, messy: bool = False) -> dict:
     """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one.
     ``one_conversation``: the long-chat stress (``locomo.into_one_conversation``), each question asked
-    when it was asked of its own conversation."""
+    when it was asked of its own conversation. ``messy``: the messy-chat stress (``locomo.into_messy_chat``),
+    a piece of a turn found counting as its turn, for Tessera and the baselines alike."""
     from indexer.encoders.text import open_embedder
     from ops.runtime.config import Config
     from ops.runtime.assemble import open_engine
@@ -201,6 +204,8 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     asked_at = [asked[q.conversation_id] for q in questions]
     if one_conversation:
         turns, questions = into_one_conversation(turns, questions)
+    if messy:
+        turns = into_messy_chat(turns)
     embedder = embedder or open_embedder(Config.from_env(data_dir).encoder)
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
@@ -215,17 +220,22 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     baselines = _Baselines(turns, embedder)
     qvectors = embedder.encode([q.text for q in questions])
     answers = ask_all(engine, questions, asked_at, progress)
-    system, spans, statuses, latencies = answers.system, answers.spans, answers.statuses, answers.latencies_ms
+
+    def as_turns(ranked: Ranked) -> Ranked:
+        return list(dict.fromkeys((c, turn_of(m)) for c, m in ranked)) if messy else ranked
+    system = [as_turns(r) for r in answers.system]
+    spans = [[as_turns(span) for span in found] for found in answers.spans]
+    statuses, latencies = answers.statuses, answers.latencies_ms
     peer: dict[str, list[Ranked]] = defaultdict(list)
     for i, q in enumerate(questions):
         for name, ranked in baselines.rank_all(q.text, qvectors[i]).items():
-            peer[name].append(ranked)
+            peer[name].append(as_turns(ranked))
     engine.close()
 
     rows = {"tessera (hybrid fragments + spans)": score(questions, system)}
     for name, rankings in peer.items():
         rows[name] = score(questions, rankings)
-    with_image = {(t.conversation_id, t.message_id) for t in turns if t.caption}
+    with_image = {(t.conversation_id, turn_of(t.message_id)) for t in turns if t.caption}
 
     def category(c: int, scorer, *lists):
         picked = [i for i, q in enumerate(questions) if q.category == c]
@@ -267,8 +277,9 @@ def format_table(report: dict) -> str:
     lines.append(f"query latency ms: p50 {lat['p50']:.1f}, p99 {lat['p99']:.1f}, mean {lat['mean']:.1f}")
     return "\n".join(lines)
 
-def main_eval(directory: str, out: str | None, progress: bool = True, one_conversation: bool = False) -> int:
-    report = evaluate_locomo(directory, out, progress=progress, one_conversation=one_conversation)
+def main_eval(directory: str, out: str | None, progress: bool = True, one_conversation: bool = False,
+              messy: bool = False) -> int:
+    report = evaluate_locomo(directory, out, progress=progress, one_conversation=one_conversation, messy=messy)
     print(format_table(report))
     return 0
 
