@@ -49,8 +49,9 @@ class SearchConfig:
     dense_window_share: float = 1.0
     #: Weight of the enclosing fragment's own relevance.
     fragment_weight: float = 0.3
-    #: Bonus for a turn sent by someone the query names.
-    speaker_bonus: float = 0.2
+    #: Bonus for a turn sent by someone the query names. 0.3 since dense evidence weighs less: chosen
+    #: leave-one-conversation-out on two of three folds, held-out MRR 0.554 / 0.640 against 0.545 / 0.626.
+    speaker_bonus: float = 0.3
     #: A neighbour joins a span when it scores at least this share of the span's best turn.
     span_ratio: float = 0.9
     #: Longest span, in turns.

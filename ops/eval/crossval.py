@@ -30,7 +30,7 @@ GRID: dict[str, tuple] = {
     "window_share": (0.3, 0.7),
     "dense_window_share": (0.5, 0.8),
     "fragment_weight": (0.15, 0.45),
-    "speaker_bonus": (0.1, 0.3),
+    "speaker_bonus": (0.2, 0.4),
     "span_ratio": (0.8, 0.95),
     "span_max_turns": (1, 2),
     "turn_depth": (100, 300),
