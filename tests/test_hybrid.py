@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
 
 from indexer import ids
-from indexer.ingest.units import fragment_units, keyword_units
+from indexer.ingest.units import fragment_units, keyword_units, vector_units
 from indexer.model import EVERYONE, FragmentRecord, SearchFilter, Turn
-from indexer.query.hybrid import HybridSearcher, SearchConfig
+from indexer.query.hybrid import HybridSearcher
 from indexer.stores.edge import EdgeBM25Store, EdgeVectorStore
 from indexer.text import render_turn
 
@@ -28,22 +29,36 @@ def searcher(tmp_path, embedder):
     record = FragmentRecord(ids.fragment_id("t1", "c1", "m0"), "t1", "c1", tuple(t.message_id for t in turns), turns[0].sent_at, turns[-1].sent_at)
     units = fragment_units(record, turns, [EVERYONE])
     vectors_store, keywords = EdgeVectorStore(tmp_path / "vectors", embedder.dim), EdgeBM25Store(tmp_path / "bm25")
-    vectors_store.upsert(units)
+    vectors_store.upsert(vector_units(units))
     keywords.upsert(keyword_units(units))
     yield HybridSearcher(vectors_store, keywords)
     vectors_store.close()
     keywords.close()
 
 
-def test_dense_evidence_comes_from_windows_unless_turns_are_given_a_share(searcher, embedder):
+def test_dense_evidence_comes_from_windows_and_turns_are_not_vector_indexed(searcher, embedder):
     query = "how long did the marathon take"
-    flt = SearchFilter("t1", "ann")
-    lists = searcher.recall(query, embedder.encode([query])[0], flt)
-    assert lists[("dense", "turn")] == []
+    lists = searcher.recall(query, embedder.encode([query])[0], SearchFilter("t1", "ann"))
+    assert set(lists) == {("bm25", "turn"), ("bm25", "window"), ("bm25", "fragment"), ("dense", "window"),
+                          ("dense", "fragment")}
     assert {h.payload["message_ids"][0] for h in lists[("dense", "window")]} == {"m0", "m1", "m2", "m3"}
-    assert lists[("bm25", "turn")] and lists[("dense", "fragment")]
+    assert searcher.vectors.count("t1") == 4 + 1, "a window per turn and the fragment"
+    assert searcher.vectors.search(embedder.encode([query])[0], "turn", SearchFilter("t1", "ann"), 10) == []
+    candidates = searcher.fuse(lists, set())
+    assert {c.message_id for c in candidates.values()} == {"m0", "m1", "m2", "m3"}
 
-    searcher.config = dataclasses.replace(SearchConfig(), dense_window_share=0.5)
-    lists = searcher.recall(query, embedder.encode([query])[0], flt)
-    assert {h.payload["message_ids"][0] for h in lists[("dense", "turn")]} == {"m0", "m1", "m2", "m3"}
 
+def test_a_turn_with_an_image_keeps_its_vector_for_the_image_lists():
+    image = dataclasses.replace(fragment_units(*_fragment(1))[1], image_vector=np.ones(4, dtype=np.float32))
+    kept = vector_units(fragment_units(*_fragment(2)) + [image])
+    assert sorted(u.kind for u in kept) == ["fragment", "turn", "window", "window"]
+    assert [u.unit_id for u in kept if u.kind == "turn"] == [image.unit_id]
+
+
+def _fragment(n: int):
+    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    turns = [Turn(f"m{i}", "ann", start + timedelta(minutes=i), "hi", vector=np.eye(4, dtype=np.float32)[i])
+             for i in range(n)]
+    record = FragmentRecord(ids.fragment_id("t1", "c1", "m0"), "t1", "c1", tuple(t.message_id for t in turns),
+                            start, turns[-1].sent_at)
+    return record, turns, [EVERYONE]

@@ -20,7 +20,7 @@ from indexer.errors import is_transient
 from indexer.ingest.aliases import fragment_aliases
 from indexer.ingest.changes import PendingChange, fold_conversation
 from indexer.ingest.segmenter import SegmenterConfig, segment
-from indexer.ingest.units import fragment_units, keyword_units, turn_of_event
+from indexer.ingest.units import fragment_units, keyword_units, turn_of_event, vector_units
 from indexer.model import EVERYONE, FragmentRecord, IngestReport, SortKey, Unit
 from indexer.state import ConversationState
 from indexer.stores.base import KeywordStore, VectorStore
@@ -231,8 +231,9 @@ class Ingestor:
         return report
 
     def write_units(self, units: Sequence[Unit]) -> None:
-        """Both indexes; the keyword stores get the text as chat search sees it (``keyword_units``)."""
-        self.vectors.upsert(units)
+        """Both indexes: the vector stores what search reads (``vector_units``), the keyword stores the text
+        as chat search sees it (``keyword_units``)."""
+        self.vectors.upsert(vector_units(units))
         self.keywords.upsert(keyword_units(units))
 
     def delete_conversation(self, tenant_id: str, conversation_id: str) -> IngestReport:

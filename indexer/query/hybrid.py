@@ -2,8 +2,11 @@
 
 Five ranked lists are recalled inside the stores, all under the same tenant and visibility filter:
 BM25 over turns, and BM25 and dense over windows (a turn read with its fragment neighbours) and over
-whole fragments; a dense list over turns is there to turn on (``dense_window_share``). Scores of each list are min-max normalised and combined linearly: on the LoCoMo dev split
-this score fusion beat reciprocal-rank fusion of the same lists by a wide margin, because RRF throws
+whole fragments. There is no dense list over turns: a turn's own vector ("yes!!", "lol same") says
+little that its window does not say better, and the list lost MRR in each dev conversation, as written
+and as messy chat (``make eval-messy``), so turns are not indexed by their text vectors at all
+(``units.vector_units``). Scores of each list are min-max normalised and combined linearly: on the
+LoCoMo dev split this score fusion beat reciprocal-rank fusion of the same lists by a wide margin, because RRF throws
 away how much better the first hit is than the tenth. A turn by a person the query names gets a bonus:
 people search by who said it.
 
@@ -27,8 +30,8 @@ from indexer.text import chat_text
 
 @dataclass(frozen=True)
 class SearchConfig:
-    #: Depth of each dense turn-level and window-level list.
-    turn_depth: int = 200
+    #: Depth of the dense window list and of each image list.
+    dense_depth: int = 200
     #: Depth of the BM25 turn-level and window-level lists. Their tail past 100 changed no dev conversation's
     #: recall@10 (0.791 / 0.804 / 0.803 either way; MRR 0.599) and its hits cost the most time a query
     #: spends (a payload and a Python object each): dev p50 12.8 ms against 18.7 with 200.
@@ -36,17 +39,12 @@ class SearchConfig:
     #: Depth of each fragment-level list.
     fragment_depth: int = 100
     #: Weights of keyword and dense evidence. Dense evidence counts half as much as keywords since it comes
-    #: from the window list alone (``dense_window_share``): moving the dropped turn list's weight to the
-    #: window list lost MRR on the dev split as written (0.593 against 0.605) and as messy chat (0.604, 0.612).
+    #: from the window list alone: giving the window list the weight the dense turn list had lost MRR on the
+    #: dev split as written (0.593 against 0.605) and as messy chat (0.604 against 0.612).
     keyword_weight: float = 0.5
     dense_weight: float = 0.25
     #: Share of the BM25 window list in a turn's keyword evidence (the turn list has the rest).
     window_share: float = 0.5
-    #: Share of the dense window list in a turn's dense evidence. At 1 the dense turn list is not recalled:
-    #: a turn's own vector ("yes!!", "lol same") says little that its window does not say better. Dropping
-    #: that list raised MRR in each dev conversation, as written and as messy chat (dev: MRR 0.594 -> 0.605,
-    #: span F1 0.445 -> 0.472; messy: 0.592 -> 0.612, 0.437 -> 0.470), and saves a filtered search a query.
-    dense_window_share: float = 1.0
     #: Weight of the enclosing fragment's own relevance.
     fragment_weight: float = 0.3
     #: Bonus for a turn sent by someone the query names. 0.3 since dense evidence weighs less: chosen
@@ -111,30 +109,26 @@ class HybridSearcher:
         No ``vector`` (a query by image alone): the dense text lists are empty.
         """
         c = self.config
-        # (kind, dense depth, keyword depth)
-        depths = (("turn", c.turn_depth, c.keyword_depth), ("window", c.turn_depth, c.keyword_depth),
+        # (kind, keyword depth, dense depth: 0 for no dense list)
+        depths = (("turn", c.keyword_depth, 0), ("window", c.keyword_depth, c.dense_depth),
                   ("fragment", c.fragment_depth, c.fragment_depth))
         lists: dict[tuple[str, str], list[Hit]] = {}
         keyword_text = chat_text(text)
-
-        def dense(kind: str, depth: int) -> list[Hit]:
-            if vector is None or (kind == "turn" and c.dense_window_share >= 1):
-                return []
-            return self.vectors.search(vector, kind, flt, depth)
-
+        dense = [(kind, depth) for kind, _, depth in depths if depth and vector is not None]
         if self._pool is not None:
             pending = {kind: self._pool.submit(self.keywords.search, keyword_text, kind, flt, keyword_depth)
-                       for kind, _, keyword_depth in depths}
-            for kind, depth, _ in depths:
-                lists[("dense", kind)] = dense(kind, depth)
+                       for kind, keyword_depth, _ in depths}
+            for kind, depth in dense:
+                lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
             for kind, future in pending.items():
                 lists[("bm25", kind)] = future.result()
         else:
-            for kind, depth, keyword_depth in depths:
+            for kind, keyword_depth, _ in depths:
                 lists[("bm25", kind)] = self.keywords.search(keyword_text, kind, flt, keyword_depth)
-                lists[("dense", kind)] = dense(kind, depth)
+            for kind, depth in dense:
+                lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
         for i, query in enumerate(image_queries):
-            lists[("image", f"q{i}")] = self.vectors.search(query, "turn", flt, c.turn_depth, "image")
+            lists[("image", f"q{i}")] = self.vectors.search(query, "turn", flt, c.dense_depth, "image")
         return lists
 
     def locate(self, text: str, vector: np.ndarray, flt: SearchFilter) -> float | None:
@@ -143,7 +137,7 @@ class HybridSearcher:
         scores: dict[tuple[str, str], float] = defaultdict(float)
         times: dict[tuple[str, str], float] = {}
         for hits in (self.keywords.search(chat_text(text), "turn", flt, c.keyword_depth),
-                     self.vectors.search(vector, "turn", flt, c.turn_depth)):
+                     self.vectors.search(vector, "window", flt, c.dense_depth)):
             for hit, value in zip(hits, normalise(hits)):
                 turn = (hit.payload["conversation_id"], _message_of(hit))
                 scores[turn] += value
@@ -157,16 +151,16 @@ class HybridSearcher:
         c = self.config
         fragment_score: dict[str, float] = defaultdict(float)
         for method in ("bm25", "dense"):
-            hits = lists[(method, "fragment")]
+            hits = lists.get((method, "fragment"), [])
             for hit, value in zip(hits, normalise(hits)):
                 fragment_score[hit.payload["fragment_id"]] += value / 2
         candidates: dict[str, Candidate] = {}
-        for method, weight, window in (("bm25", c.keyword_weight, c.window_share),
-                                       ("dense", c.dense_weight, c.dense_window_share)):
-            for kind, share in (("turn", 1 - window), ("window", window)):
-                hits = lists[(method, kind)]
-                for hit, value in zip(hits, normalise(hits)):
-                    _candidate_of(candidates, hit).score += weight * share * value
+        for key, weight in ((("bm25", "turn"), c.keyword_weight * (1 - c.window_share)),
+                            (("bm25", "window"), c.keyword_weight * c.window_share),
+                            (("dense", "window"), c.dense_weight)):
+            hits = lists.get(key, [])
+            for hit, value in zip(hits, normalise(hits)):
+                _candidate_of(candidates, hit).score += weight * value
         for key, hits in lists.items():
             if key[0] != "image":
                 continue

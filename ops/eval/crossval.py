@@ -28,12 +28,11 @@ GRID: dict[str, tuple] = {
     "keyword_weight": (0.35, 0.65),
     "dense_weight": (0.15, 0.35),
     "window_share": (0.3, 0.7),
-    "dense_window_share": (0.5, 0.8),
     "fragment_weight": (0.15, 0.45),
     "speaker_bonus": (0.2, 0.4),
     "span_ratio": (0.8, 0.95),
     "span_max_turns": (1, 2),
-    "turn_depth": (100, 300),
+    "dense_depth": (100, 300),
     "keyword_depth": (50, 200),
 }
 
