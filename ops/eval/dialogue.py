@@ -90,7 +90,8 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
         people.setdefault(t.conversation_id, set()).add(t.speaker)
     asked = asked_after(turns)
     work = Path(tempfile.mkdtemp(prefix="tessera-dialogue-"))
-    engine = open_engine(Config(data_dir=work, vector_store="sqlite", clarify=False))
+    # The default stores: the ask threshold is chosen on the scores the deployed engine gives.
+    engine = open_engine(Config(data_dir=work, clarify=False))
     events = to_events(turns)
     for start in tqdm(range(0, len(events), 256), desc="ingest", disable=not progress, file=sys.stderr):
         engine.ingest(events[start:start + 256])
@@ -106,7 +107,9 @@ def evaluate_dialogue(directory: str | Path, out_dir: str | Path | None = "resul
         finally:
             engine.searcher.clarify, engine.searcher.time_filters = False, True
 
-    report: dict = {"dataset": str(directory), "questions": len(questions), "turns": len(turns)}
+    report: dict = {"dataset": str(directory), "questions": len(questions), "turns": len(turns),
+                    "stores": [getattr(store, "backend", type(store).__name__)
+                               for store in (engine.vectors, engine.keywords)]}
     started = time.perf_counter()
 
     # Rewriting.
