@@ -82,8 +82,8 @@ def build_filter(flt: SearchFilter) -> Filter:
     exactly the points the user may see, each checked once. Two ``should`` matches walk those points faster
     than one ``MatchAny`` of both words (at 100k fragments, 6,000 visible turns: a dense list 3.2 against
     4.0 ms, a BM25 list 2.1 against 2.9 ms); conditions on ``tenant_id`` and ``visible_to`` beside it select
-    nothing more but are checked per visible point (at 100k fragments the six lists took 40 ms with them
-    instead of 27)."""
+    nothing more but are checked per visible point (at 100k fragments six lists took 40 ms with them instead
+    of 27)."""
     visible = [FieldCondition(key="scope", match=MatchValue(value=scope(flt.tenant_id, principal)))
                for principal in (flt.user_id, EVERYONE)]
     must = []
@@ -105,7 +105,7 @@ def _vector_params(size: int) -> EdgeVectorParams:
 class PointHit(Hit):
     """A hit of the engine whose unit id is read from its point only when asked.
 
-    A query's six lists bring back about 1,200 hits, and fusion never asks for their ids; making each a
+    A query's lists bring back about a thousand hits, and fusion never asks for their ids; making each a
     string (a ``uuid.UUID`` built in Python, then printed) cost 2.6 µs a hit, 3 ms of a 19 ms query at
     10k fragments. Hits carry only ``HIT_FIELDS`` of the payload: the full one cost 1.7 µs more a hit.
     """
