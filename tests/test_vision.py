@@ -1,6 +1,8 @@
 """Images through a tiny random CLIP loaded by the production code: fetched under the guard, embedded
 into the turns' ``image`` vector, searchable by image and by words; failures counted, captions kept."""
 
+from datetime import timedelta
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,16 @@ def test_image_embedder_spaces(clip_path):
     texts = embedder.encode_texts(["a red tent", "a lake"])
     assert images.shape == (3, embedder.dim) and texts.shape == (2, embedder.dim)
     assert np.allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
+
+
+def test_an_edit_that_removes_the_image_removes_the_turn_from_image_search(image_engine, tmp_path):
+    """Only turns with images are in the vector store: the edit must take the old point out, not leave it."""
+    uris, batch = events(tmp_path)
+    image_engine.ingest(batch[:4])
+    first = batch[0]
+    edit = first.model_copy(update={"event_id": first.event_id + "-edit", "images": [], "text": "look at this tent",
+                                    "edited_at": first.sent_at + timedelta(minutes=30)})
+    image_engine.ingest([edit])
+    flt = SearchFilter(tenant_id="t1", user_id="u1")
+    hits = image_engine.vectors.search(image_engine.images.embed_query_image(uris["red"]), "turn", flt, 10, "image")
+    assert {h.payload["message_ids"][0] for h in hits} == {"m003", "m004"}

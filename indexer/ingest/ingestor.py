@@ -232,8 +232,14 @@ class Ingestor:
 
     def write_units(self, units: Sequence[Unit]) -> None:
         """Both indexes: the vector stores what search reads (``vector_units``), the keyword stores the text
-        as chat search sees it (``keyword_units``)."""
-        self.vectors.upsert(vector_units(units))
+        as chat search sees it (``keyword_units``). A turn the vector store does not take now may be there
+        from before (its image edited away, or a data dir indexed when every turn was): its point goes, or
+        image search would find it by a picture no longer in the chat, under the visibility of then."""
+        indexed = vector_units(units)
+        if len(indexed) < len(units):
+            kept = {u.unit_id for u in indexed}
+            self.vectors.delete([u.unit_id for u in units if u.unit_id not in kept])
+        self.vectors.upsert(indexed)
         self.keywords.upsert(keyword_units(units))
 
     def delete_conversation(self, tenant_id: str, conversation_id: str) -> IngestReport:
