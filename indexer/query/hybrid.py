@@ -6,8 +6,8 @@ whole fragments. There is no dense list over turns: a turn's own vector ("yes!!"
 little that its window does not say better, and the list lost MRR in each dev conversation, as written
 and as messy chat (``make eval-messy``), so turns are not indexed by their text vectors at all
 (``units.vector_units``). Scores of each list are min-max normalised and combined linearly: on the
-LoCoMo dev split this score fusion beat reciprocal-rank fusion of the same lists by a wide margin, because RRF throws
-away how much better the first hit is than the tenth. A turn by a person the query names gets a bonus:
+LoCoMo dev split this score fusion beat reciprocal-rank fusion of the same lists by a wide margin,
+because RRF throws away how much better the first hit is than the tenth. A turn by a person the query names gets a bonus:
 people search by who said it.
 
 Span selection then walks turns best-first and grows each into a short run of adjacent turns of the
@@ -106,27 +106,22 @@ class HybridSearcher:
         """The ranked lists, each recalled inside its store under the filter, plus one list of
         turns by image vector per query vector in the image model's space (``("image", "q<i>")``).
 
-        No ``vector`` (a query by image alone): the dense text lists are empty.
+        No ``vector`` (a query by image alone): no dense text lists.
         """
         c = self.config
-        # (kind, keyword depth, dense depth: 0 for no dense list)
-        depths = (("turn", c.keyword_depth, 0), ("window", c.keyword_depth, c.dense_depth),
-                  ("fragment", c.fragment_depth, c.fragment_depth))
+        keyword_depths = (("turn", c.keyword_depth), ("window", c.keyword_depth), ("fragment", c.fragment_depth))
+        dense_depths = (("window", c.dense_depth), ("fragment", c.fragment_depth)) if vector is not None else ()
         lists: dict[tuple[str, str], list[Hit]] = {}
         keyword_text = chat_text(text)
-        dense = [(kind, depth) for kind, _, depth in depths if depth and vector is not None]
-        if self._pool is not None:
-            pending = {kind: self._pool.submit(self.keywords.search, keyword_text, kind, flt, keyword_depth)
-                       for kind, keyword_depth, _ in depths}
-            for kind, depth in dense:
-                lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
-            for kind, future in pending.items():
-                lists[("bm25", kind)] = future.result()
-        else:
-            for kind, keyword_depth, _ in depths:
-                lists[("bm25", kind)] = self.keywords.search(keyword_text, kind, flt, keyword_depth)
-            for kind, depth in dense:
-                lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
+        pending = {kind: self._pool.submit(self.keywords.search, keyword_text, kind, flt, depth)
+                   for kind, depth in keyword_depths} if self._pool is not None else {}
+        if not pending:
+            for kind, depth in keyword_depths:
+                lists[("bm25", kind)] = self.keywords.search(keyword_text, kind, flt, depth)
+        for kind, depth in dense_depths:
+            lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
+        for kind, future in pending.items():
+            lists[("bm25", kind)] = future.result()
         for i, query in enumerate(image_queries):
             lists[("image", f"q{i}")] = self.vectors.search(query, "turn", flt, c.dense_depth, "image")
         return lists
