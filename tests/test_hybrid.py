@@ -26,7 +26,8 @@ def searcher(tmp_path, embedder):
              for i, (sender, text) in enumerate(TEXTS)]
     vectors = embedder.encode([render_turn(t) for t in turns])
     turns = [dataclasses.replace(t, vector=v) for t, v in zip(turns, vectors)]
-    record = FragmentRecord(ids.fragment_id("t1", "c1", "m0"), "t1", "c1", tuple(t.message_id for t in turns), turns[0].sent_at, turns[-1].sent_at)
+    record = FragmentRecord(ids.fragment_id("t1", "c1", "m0"), "t1", "c1", tuple(t.message_id for t in turns),
+                            turns[0].sent_at, turns[-1].sent_at)
     units = fragment_units(record, turns, [EVERYONE])
     vectors_store, keywords = EdgeVectorStore(tmp_path / "vectors", embedder.dim), EdgeBM25Store(tmp_path / "bm25")
     vectors_store.upsert(vector_units(units))
