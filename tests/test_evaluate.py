@@ -112,3 +112,22 @@ def test_cross_validation_chooses_on_the_other_conversations_and_scores_the_held
     assert all(f["chosen"] in report["variants"] for f in report["folds"])
     assert report["all_questions"][DEFAULT]["recall@10"] == 1.0
     assert "pooled" in format_report(report)
+
+
+def test_the_dialogue_benchmark_runs_on_the_default_stores(tmp_path):
+    """The ask threshold it chooses is deployed: it must be chosen on the scores the default engine gives."""
+    from ops.eval.dialogue import evaluate_dialogue
+    from ops.runtime.assemble import open_engine
+    from ops.runtime.config import Config
+
+    data = {"session_1_date_time": "1:47 pm on 18 May, 2023",
+            "session_1": [{"speaker": "Ann", "dia_id": "D1:1", "text": "I adopted a cat named Pixel."},
+                          {"speaker": "Bob", "dia_id": "D1:2", "text": "Cute! I started learning the violin."}],
+            "qa": [{"question": "When did Ann adopt the cat named Pixel?", "evidence": ["D1:1"], "category": 2}]}
+    (tmp_path / "1.json").write_text(json.dumps(data))
+    (tmp_path / "2.json").write_text(json.dumps(data).replace("Pixel", "Mochi").replace("violin", "cello"))
+    default = open_engine(Config(data_dir=tmp_path / "default"))
+    expected = [default.vectors.backend, default.keywords.backend]
+    default.close()
+    report = evaluate_dialogue(tmp_path, out_dir=None, progress=False)
+    assert report["stores"] == expected
