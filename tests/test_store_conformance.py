@@ -41,6 +41,9 @@ BACKENDS = {
     "qdrant-local": lambda tmp_path: QdrantVectorStore(path=tmp_path / "q", dim=DIM),
     "qdrant-edge": lambda tmp_path: EdgeVectorStore(tmp_path / "e", dim=DIM),
     "bm25-edge": lambda tmp_path: EdgeBM25Store(tmp_path / "k"),
+    # Every write runs the optimizer: the same contract on immutable, quantized segments.
+    "qdrant-edge-optimized": lambda tmp_path: EdgeVectorStore(tmp_path / "e", dim=DIM, optimize_every=1),
+    "bm25-edge-optimized": lambda tmp_path: EdgeBM25Store(tmp_path / "k", optimize_every=1),
     "vectors-sqlite": lambda tmp_path: SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM),
     "elasticsearch": _elasticsearch,
     "qdrant-server": _qdrant_server,
@@ -143,6 +146,52 @@ def test_edge_scope_words_cannot_be_forged_with_the_separator(tmp_path, make):
             store.upsert([unit("x", "glacier", 1, visible=("ann\x1f*",))])
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("make", [lambda p, n: EdgeVectorStore(p, dim=DIM, optimize_every=n),
+                                  lambda p, n: EdgeBM25Store(p, optimize_every=n)], ids=["vectors", "bm25"])
+def test_edge_shards_are_optimized_as_points_arrive(tmp_path, make):
+    """The engine runs no optimizer of its own: a store that never runs it keeps every point in one appendable
+    segment, unquantized, its id map and indexes in RAM. Past ``optimize_every`` points written, the points sit
+    in an optimized segment, and a search finds what it found before, in the same order."""
+    every = 200
+    rng = np.random.default_rng(3)
+    units = [unit(f"u{i}", "glacier trip " + " ".join(f"x{j}" for j in range(i)), 0, conv=f"c{i % 7}",
+                  visible=(EVERYONE,) if i % 5 else ("ann",)) for i in range(every + 50)]
+    for u in units:  # distinct vectors and texts of distinct lengths: no ties to order differently
+        u.vector = rng.normal(size=DIM).astype(np.float32)
+    optimized, plain = make(tmp_path / "o", every), make(tmp_path / "p", 10**9)
+    for s in (optimized, plain):
+        for start in range(0, len(units), 50):
+            s.upsert(units[start:start + 50])
+    info = optimized.shards["turn"].info()
+    assert info.segments_count >= 2 and plain.shards["turn"].info().segments_count == 1
+    if isinstance(optimized, EdgeVectorStore):
+        assert info.indexed_vectors_count >= every and plain.shards["turn"].info().indexed_vectors_count == 0
+    for flt in (SearchFilter("t1", "ann"), SearchFilter("t1", "bob"), SearchFilter("t1", "ann", conversation_id="c3")):
+        for probe in range(DIM):
+            found = [search(s, "glacier trip", probe, flt) for s in (optimized, plain)]
+            assert found[0] == found[1] and found[0]
+    optimized.close()
+    plain.close()
+
+
+def test_edge_shards_written_with_earlier_optimizer_settings_take_todays(tmp_path):
+    import json
+
+    from qdrant_edge import EdgeConfig, EdgeShard, EdgeSparseVectorParams, Modifier
+
+    from indexer.stores.edge import BM25_VECTOR, INDEXING_THRESHOLD_KB
+
+    old = EdgeShard.create(str(tmp_path / "k" / "turn"), EdgeConfig(
+        vectors={}, sparse_vectors={BM25_VECTOR: EdgeSparseVectorParams(modifier=Modifier.Idf)}))
+    old.close()
+    store = EdgeBM25Store(tmp_path / "k")
+    store.upsert([unit("a", "glacier hike", 0)])
+    assert search(store, "glacier", 0, SearchFilter("t1", "ann")) == ["a"]
+    store.close()
+    config = json.loads((tmp_path / "k" / "turn" / "edge_config.json").read_text())
+    assert config["optimizers"]["indexing_threshold"] == INDEXING_THRESHOLD_KB
 
 
 def test_query_syntax_never_reaches_fts():
