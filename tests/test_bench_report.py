@@ -31,3 +31,15 @@ def test_a_corpus_too_big_for_the_machine_is_not_run_and_the_report_says_why(tmp
     report = {"machine": "x", "command": "tessera bench",
               "scale_not_run": [{"store": "edge", "fragments": 1_000_000, "reason": reason}]}
     assert f"Not run: edge at 1,000,000 fragments: {reason}." in markdown(report, [])
+
+
+def test_the_report_says_how_much_of_the_rss_is_pages_of_mapped_store_files():
+    pcts = {"p50": 20.0, "p95": 30.0, "p99": 40.0, "mean": 22.0}
+    row = {"store": "edge", "fragments": 100_000, "queries": 500, "latency_ms": pcts, "index_mb": 0,
+           "peak_rss_mb": 3466, "index_load_s": 0.7, "corpus": {"units": 1_100_000, "build_s": 791},
+           "stages_ms": {s: pcts for s in ("rewrite", "embed", "recall", "fusion", "reasoning")},
+           "rss_over_time_mb": [(0, 3436.0), (50, 3437.0), (100, 3438.0)], "rss_file_mb": 2315.0}
+    text = markdown({"machine": "x", "command": "tessera bench", "scale": [row]}, [])
+    assert "3438 MiB at the end (500 queries), of which 2315 MiB pages of mapped store files" in text
+    del row["rss_file_mb"]
+    assert "3438 MiB at the end (500 queries)." in markdown({"machine": "x", "command": "b", "scale": [row]}, [])

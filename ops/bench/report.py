@@ -34,6 +34,15 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _file_rss_mb() -> float:
+    """Resident pages of mapped files (the stores' segments): counted in RSS, but the kernel can drop them."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _peak_mb() -> float:
     """High-water RSS of this process image (``ru_maxrss`` would carry the forking parent's over exec)."""
     with open("/proc/self/status") as f:
@@ -183,7 +192,7 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
     out = {"store": store, "fragments": fragments, "queries": len(totals), "encoder": encoder,
            "latency_ms": _pcts(totals), "stages_ms": {s: _pcts(v) for s, v in stages.items()},
            "index_load_s": load_s, "rss_start_mb": rss_start, "rss_loaded_mb": rss_loaded, "rss_over_time_mb": rss,
-           "index_mb": getattr(engine.vectors.inner, "memory_bytes", 0) / 2**20}
+           "index_mb": getattr(engine.vectors.inner, "memory_bytes", 0) / 2**20, "rss_file_mb": _file_rss_mb()}
     engine.close()
     # Tessera's own high-water mark, before the baseline loads its matrix.
     out["peak_rss_mb"] = _peak_mb()
@@ -437,7 +446,9 @@ def markdown(report: dict, plots: list[str]) -> str:
         half = len(rss) // 2
         lines += ["", f"Sustained run at {largest['fragments']:,} fragments ({largest['store']}):"
                   f" RSS {rss[0]:.0f} MiB after the first queries, {max(rss[half:]):.0f} MiB at most in the second half,"
-                  f" {rss[-1]:.0f} MiB at the end ({largest['queries']} queries).", ""]
+                  f" {rss[-1]:.0f} MiB at the end ({largest['queries']} queries)"
+                  + (f", of which {largest['rss_file_mb']:.0f} MiB pages of mapped store files, which the kernel can"
+                     " drop" if "rss_file_mb" in largest else "") + ".", ""]
     for skipped in report.get("scale_not_run", []):
         lines += [f"Not run: {skipped['store']} at {skipped['fragments']:,} fragments: {skipped['reason']}.", ""]
     if report.get("state"):
