@@ -176,6 +176,18 @@ def test_edge_shards_are_optimized_as_points_arrive(tmp_path, make):
     plain.close()
 
 
+def test_deleting_ids_a_shard_does_not_hold_does_not_run_its_optimizer(tmp_path):
+    """Ingest deletes the vector points of every turn without an image, mostly ids no shard holds."""
+    store = EdgeVectorStore(tmp_path / "e", dim=DIM, optimize_every=100)
+    store.upsert([unit(f"u{i}", "glacier", i % DIM) for i in range(50)])
+    store.delete([str(uuid.uuid5(uuid.NAMESPACE_OID, f"gone{i}")) for i in range(300)])
+    assert store.shards["turn"].info().segments_count == 1 and store.count() == 50
+    store.delete([unit(f"u{i}", "glacier", 0).unit_id for i in range(50)])
+    store.upsert([unit(f"v{i}", "glacier", i % DIM) for i in range(50)])
+    assert store.shards["turn"].info().segments_count >= 2 and store.count() == 50
+    store.close()
+
+
 def test_edge_shards_written_with_earlier_optimizer_settings_take_todays(tmp_path):
     import json
 

@@ -178,8 +178,10 @@ class _Shards:
     def delete(self, unit_ids: Sequence[str]) -> None:
         if unit_ids:
             for kind, shard in self.shards.items():
+                held = shard.info().points_count
                 shard.update(UpdateOperation.delete_points(list(unit_ids)))
-                self._written(kind, len(unit_ids))
+                # Ids go to every shard (a unit id does not name its kind): count only what left this one.
+                self._written(kind, held - shard.info().points_count)
 
     def _written(self, kind: str, points: int) -> None:
         """Run the shard's optimizer once the points written since its last run reach ``optimize_every`` and
