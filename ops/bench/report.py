@@ -34,22 +34,24 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _file_rss_mb() -> float:
-    """Resident pages of mapped files (the stores' segments): counted in RSS, but the kernel can drop them."""
+def _status_mb(field: str) -> float | None:
+    """A memory figure of this process from ``/proc/self/status`` (``VmHWM``, ``RssFile``), in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssFile:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    return 0.0
+    return None
+
+
+def _file_rss_mb() -> float:
+    """Resident pages of mapped files (the stores' segments): counted in RSS, but the kernel can drop them."""
+    return _status_mb("RssFile") or 0.0
 
 
 def _peak_mb() -> float:
     """High-water RSS of this process image (``ru_maxrss`` would carry the forking parent's over exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _pcts(values) -> dict[str, float]:
