@@ -6,7 +6,7 @@ import uuid
 import numpy as np
 import pytest
 
-from indexer.model import EVERYONE, SearchFilter, Unit
+from indexer.model import EVERYONE, HIT_FIELDS, SearchFilter, Unit
 from indexer.stores.fts5 import SqliteBM25Store, match_expression
 from indexer.stores.sqlite_vectors import SqliteVectorStore
 from indexer.stores.edge import EdgeBM25Store, EdgeVectorStore
@@ -128,6 +128,19 @@ def test_narrowing_filters_never_widen_visibility(store):
     assert search(store, "glacier", 2, SearchFilter("t2", "ann", conversation_id="c2")) == []
 
 
+def test_hits_carry_the_fields_fusion_reads(store):
+    """``HIT_FIELDS``, as written: fusion keys on them, spans name them, dating reads the time."""
+    many = Unit(str(uuid.uuid5(uuid.NAMESPACE_OID, "w")), "window", "t1", "c1", "f-c1", ["m1", "m2", "m3"],
+                ["s1", "s2"], [EVERYONE], 123.25, 130.0, "glacier hike at dawn", unit("w", "", 0).vector)
+    store.upsert([many])
+    store.refresh()
+    probe = "glacier" if not hasattr(store, "dim") else many.vector
+    [hit] = store.search(probe, "window", SearchFilter("t1", "ann"), 10)
+    assert {key: hit.payload[key] for key in HIT_FIELDS} == {
+        "conversation_id": "c1", "fragment_id": "f-c1", "message_ids": ["m1", "m2", "m3"],
+        "sender_ids": ["s1", "s2"], "start_ts": 123.25}
+
+
 def test_ranking_puts_the_better_match_first(store):
     store.upsert(UNITS)
     assert search(store, "hike", 0, SearchFilter("t1", "ann"))[0] == "a"
@@ -144,6 +157,8 @@ def test_edge_scope_words_cannot_be_forged_with_the_separator(tmp_path, make):
             search(store, "glacier", 1, SearchFilter("t1\x1fbob", "ann"))
         with pytest.raises(ValueError, match="U\\+001F"):
             store.upsert([unit("x", "glacier", 1, visible=("ann\x1f*",))])
+        with pytest.raises(ValueError, match="U\\+001E"):  # the separator of a packed hit's ids
+            store.upsert([unit("x\x1ey", "glacier", 1)])
     finally:
         store.close()
 
@@ -204,6 +219,31 @@ def test_edge_shards_written_with_earlier_optimizer_settings_take_todays(tmp_pat
     store.close()
     config = json.loads((tmp_path / "k" / "turn" / "edge_config.json").read_text())
     assert config["optimizers"]["indexing_threshold"] == INDEXING_THRESHOLD_KB
+
+
+@pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
+                         ids=["vectors", "bm25"])
+def test_edge_shards_written_before_the_packed_hit_are_migrated(tmp_path, make):
+    """Earlier layouts kept ``HIT_FIELDS`` as five payload fields; a data dir of theirs is rewritten when opened."""
+    from qdrant_edge import ScrollRequest, UpdateOperation
+
+    from indexer.stores.edge import HIT, LAYOUT_MARKER
+
+    store = make(tmp_path)
+    store.upsert(UNITS)
+    for u in UNITS:  # back to the earlier layout: the fields, no packed hit
+        store.shards["turn"].update(UpdateOperation.set_payload([u.unit_id], {
+            "kind": u.kind, "fragment_id": u.fragment_id, "message_ids": u.message_ids, "visible_to": u.visible_to}))
+        store.shards["turn"].update(UpdateOperation.delete_payload([u.unit_id], [HIT]))
+    store.close()
+    (tmp_path / LAYOUT_MARKER).unlink()
+    store = make(tmp_path)
+    assert set(search(store, "glacier", 1, SearchFilter("t1", "ann"))) == {"a", "b", "d"}
+    records, _ = store.shards["turn"].scroll(ScrollRequest(limit=10, with_payload=True))
+    assert len(records) == 4 and all(set(r.payload) == {"tenant_id", "conversation_id", "sender_ids", "start_ts",
+                                                         "end_ts", "scope", HIT} for r in records)
+    assert (tmp_path / LAYOUT_MARKER).exists()
+    store.close()
 
 
 def test_query_syntax_never_reaches_fts():
