@@ -223,25 +223,37 @@ def test_edge_shards_written_with_earlier_optimizer_settings_take_todays(tmp_pat
 
 @pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
                          ids=["vectors", "bm25"])
-def test_edge_shards_written_before_the_packed_hit_are_migrated(tmp_path, make):
-    """Earlier layouts kept ``HIT_FIELDS`` as five payload fields; a data dir of theirs is rewritten when opened."""
-    from qdrant_edge import ScrollRequest, UpdateOperation
+def test_edge_shards_of_the_earlier_layout_are_migrated(tmp_path, make):
+    """Earlier layouts kept ``HIT_FIELDS`` as five payload fields and their payload indexes in RAM; a data dir of
+    theirs is rewritten when opened, and searches find what they found."""
+    from qdrant_edge import PayloadSchemaType, ScrollRequest, UpdateOperation
 
-    from indexer.stores.edge import HIT, LAYOUT_MARKER
+    from indexer.stores.edge import HIT, INDEX_MEMORY, LAYOUT_MARKER
+
+    def index_memory(store):
+        return {(kind, key): info.params and str(info.params.memory) for kind, shard in store.shards.items()
+                for key, info in shard.info().payload_schema.items()}
 
     store = make(tmp_path)
+    assert set(index_memory(store).values()) == {str(INDEX_MEMORY)}
     store.upsert(UNITS)
-    for u in UNITS:  # back to the earlier layout: the fields, no packed hit
-        store.shards["turn"].update(UpdateOperation.set_payload([u.unit_id], {
+    turns = store.shards["turn"]
+    for u in UNITS:  # back to the earlier layout: the fields, no packed hit, indexes with default parameters
+        turns.update(UpdateOperation.set_payload([u.unit_id], {
             "kind": u.kind, "fragment_id": u.fragment_id, "message_ids": u.message_ids, "visible_to": u.visible_to}))
-        store.shards["turn"].update(UpdateOperation.delete_payload([u.unit_id], [HIT]))
+        turns.update(UpdateOperation.delete_payload([u.unit_id], [HIT]))
+    for key in ("scope", "conversation_id", "sender_ids"):
+        turns.update(UpdateOperation.create_field_index(key, PayloadSchemaType.Keyword))
+    assert set(index_memory(store).values()) == {str(INDEX_MEMORY), None}
     store.close()
     (tmp_path / LAYOUT_MARKER).unlink()
     store = make(tmp_path)
     assert set(search(store, "glacier", 1, SearchFilter("t1", "ann"))) == {"a", "b", "d"}
+    assert search(store, "glacier", 1, SearchFilter("t1", "bob", conversation_id="c2")) == ["d"]
     records, _ = store.shards["turn"].scroll(ScrollRequest(limit=10, with_payload=True))
     assert len(records) == 4 and all(set(r.payload) == {"tenant_id", "conversation_id", "sender_ids", "start_ts",
                                                          "end_ts", "scope", HIT} for r in records)
+    assert set(index_memory(store).values()) == {str(INDEX_MEMORY)}
     assert (tmp_path / LAYOUT_MARKER).exists()
     store.close()
 
