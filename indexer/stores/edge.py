@@ -284,11 +284,20 @@ class _Shards:
         segments kept took 1,062 s and a 25 GB peak RSS against 14 GB)."""
         pending = self._pending[kind] + points
         if pending >= max(self.optimize_every, self._optimized[kind]):
-            shard = self.shards[kind]
-            shard.optimize()
-            self._optimized[kind] = shard.info().points_count
+            self._optimize(kind)
+            self._optimized[kind] = self.shards[kind].info().points_count
             pending = 0
         self._pending[kind] = pending
+
+    def _optimize(self, kind: str) -> None:
+        """Run the shard's optimizer, then load the shard again: the engine keeps in memory what a run built
+        until the shard is loaded from its files (a 10k-fragment build peaked at 482 MiB of the process's own
+        memory without the reload, 229 MiB with it; the loaded shard maps the same segments)."""
+        shard = self.shards[kind]
+        shard.optimize()
+        shard.flush()
+        shard.close()
+        self.shards[kind] = EdgeShard.load(str(self.path / kind))
 
     def _opened(self, optimize_every: int) -> None:
         """Every shard is open, so in today's layout; a shard opened with points counts them as optimized: a
@@ -304,9 +313,8 @@ class _Shards:
 
     def compact(self) -> None:
         """Vacuum segments whose deleted share crossed the threshold, then flush."""
-        for shard in self.shards.values():
-            shard.optimize()
-            shard.flush()
+        for kind in self.shards:
+            self._optimize(kind)
 
     def refresh(self) -> None:
         """Updates are searchable once applied; nothing to do."""
