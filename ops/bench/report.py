@@ -66,19 +66,22 @@ class AnonPeak:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="anon-peak", daemon=True)
 
+    def _take(self) -> None:
+        self.peak_mb = max(self.peak_mb, _status_mb("RssAnon") or 0.0)
+
     def _sample(self) -> None:
         while not self._stop.wait(self.every):
-            self.peak_mb = max(self.peak_mb, _status_mb("RssAnon") or 0.0)
+            self._take()
 
     def __enter__(self) -> "AnonPeak":
-        self.peak_mb = _status_mb("RssAnon") or 0.0
+        self._take()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_mb = max(self.peak_mb, _status_mb("RssAnon") or 0.0)
+        self._take()
 
 
 def _pcts(values) -> dict[str, float]:
