@@ -63,3 +63,19 @@ def _fragment(n: int):
     record = FragmentRecord(ids.fragment_id("t1", "c1", "m0"), "t1", "c1", tuple(t.message_id for t in turns),
                             start, turns[-1].sent_at)
     return record, turns, [EVERYONE]
+
+
+def test_a_window_reads_the_two_turns_before_and_the_one_after_and_weighs_its_own_most():
+    """The answer to "how did she feel watching the meteor shower" is often the speaker's next turn, after the
+    other's reaction: its window has to reach back to the turn that named the shower."""
+    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    turns = [Turn(f"m{i}", ("mel", "cat")[i % 2], start + timedelta(minutes=i), f"turn {i}",
+                  vector=np.eye(5, dtype=np.float32)[i]) for i in range(5)]
+    record = FragmentRecord(ids.fragment_id("t1", "c1", "m0"), "t1", "c1", tuple(t.message_id for t in turns),
+                            start, turns[-1].sent_at)
+    windows = {u.message_ids[0]: u for u in fragment_units(record, turns, [EVERYONE]) if u.kind == "window"}
+    assert windows["m2"].text == " ".join(render_turn(t) for t in turns[0:4])
+    assert windows["m0"].text == " ".join(render_turn(t) for t in turns[0:2])
+    assert windows["m4"].text == " ".join(render_turn(t) for t in turns[2:5])
+    expected = np.array([1, 1, 3, 1, 0], dtype=np.float32)
+    np.testing.assert_allclose(windows["m2"].vector, expected / np.linalg.norm(expected), rtol=1e-6)
