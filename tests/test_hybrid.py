@@ -56,10 +56,11 @@ def test_a_turn_with_an_image_keeps_its_vector_for_the_image_lists():
     assert [u.unit_id for u in kept if u.kind == "turn"] == [image.unit_id]
 
 
-def _fragment(n: int):
+def _fragment(n: int, dim: int = 4):
+    """A fragment of ``n`` turns, two people taking turns, turn ``i`` with the ``i``-th unit vector of ``dim``."""
     start = datetime(2024, 5, 1, tzinfo=timezone.utc)
-    turns = [Turn(f"m{i}", "ann", start + timedelta(minutes=i), "hi", vector=np.eye(4, dtype=np.float32)[i])
-             for i in range(n)]
+    turns = [Turn(f"m{i}", ("ann", "bob")[i % 2], start + timedelta(minutes=i), f"turn {i}",
+                  vector=np.eye(dim, dtype=np.float32)[i]) for i in range(n)]
     record = FragmentRecord(ids.fragment_id("t1", "c1", "m0"), "t1", "c1", tuple(t.message_id for t in turns),
                             start, turns[-1].sent_at)
     return record, turns, [EVERYONE]
@@ -68,12 +69,8 @@ def _fragment(n: int):
 def test_a_window_reads_the_two_turns_before_and_the_one_after_and_weighs_its_own_most():
     """The answer to "how did she feel watching the meteor shower" is often the speaker's next turn, after the
     other's reaction: its window has to reach back to the turn that named the shower."""
-    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
-    turns = [Turn(f"m{i}", ("mel", "cat")[i % 2], start + timedelta(minutes=i), f"turn {i}",
-                  vector=np.eye(5, dtype=np.float32)[i]) for i in range(5)]
-    record = FragmentRecord(ids.fragment_id("t1", "c1", "m0"), "t1", "c1", tuple(t.message_id for t in turns),
-                            start, turns[-1].sent_at)
-    windows = {u.message_ids[0]: u for u in fragment_units(record, turns, [EVERYONE]) if u.kind == "window"}
+    record, turns, visible_to = _fragment(5, dim=5)
+    windows = {u.message_ids[0]: u for u in fragment_units(record, turns, visible_to) if u.kind == "window"}
     assert windows["m2"].text == " ".join(render_turn(t) for t in turns[0:4])
     assert windows["m0"].text == " ".join(render_turn(t) for t in turns[0:2])
     assert windows["m4"].text == " ".join(render_turn(t) for t in turns[2:5])
