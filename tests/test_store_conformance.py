@@ -74,8 +74,10 @@ def _drop(s) -> None:
             s.client.delete_collection(name)
 
 
-def search(store, probe_text, probe_vec, flt, kind="turn"):
-    store.refresh()
+def search(store, probe_text, probe_vec, flt, kind="turn", refresh=True):
+    """``refresh=False`` searches the segments as written (an edge store's refresh runs its optimizer)."""
+    if refresh:
+        store.refresh()
     if not hasattr(store, "dim"):  # a keyword store
         hits = store.search(probe_text, kind, flt, 10)
     else:
@@ -185,10 +187,38 @@ def test_edge_shards_are_optimized_as_points_arrive(tmp_path, make):
         assert info.indexed_vectors_count >= every and plain.shards["turn"].info().indexed_vectors_count == 0
     for flt in (SearchFilter("t1", "ann"), SearchFilter("t1", "bob"), SearchFilter("t1", "ann", conversation_id="c3")):
         for probe in range(DIM):
-            found = [search(s, "glacier trip", probe, flt) for s in (optimized, plain)]
+            found = [search(s, "glacier trip", probe, flt, refresh=False) for s in (optimized, plain)]
             assert found[0] == found[1] and found[0]
     optimized.close()
     plain.close()
+
+
+@pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM, optimize_every=10**9),
+                                  lambda p: EdgeBM25Store(p, optimize_every=10**9)], ids=["vectors", "bm25"])
+def test_a_refresh_optimizes_what_a_bulk_load_left_appendable(tmp_path, make):
+    """The end of a bulk load (``refresh``) leaves no point in an appendable segment: each shard's points sit in
+    optimized segments (quantized where vectors), searches find what they found before, in the same order, and a
+    refresh with nothing new written runs nothing."""
+    rng = np.random.default_rng(5)
+    units = [unit(f"u{i}", "glacier trip " + " ".join(f"x{j}" for j in range(i)), 0, conv=f"c{i % 7}",
+                  visible=(EVERYONE,) if i % 5 else ("ann",)) for i in range(120)]
+    for u in units:
+        u.vector = rng.normal(size=DIM).astype(np.float32)
+    store = make(tmp_path / "s")
+    store.upsert(units)
+    flts = (SearchFilter("t1", "ann"), SearchFilter("t1", "bob"), SearchFilter("t1", "ann", conversation_id="c3"))
+    before = [search(store, "glacier trip", probe, flt, refresh=False) for flt in flts for probe in range(DIM)]
+    assert store.shards["turn"].info().segments_count == 1
+    store.refresh()
+    info = store.shards["turn"].info()
+    assert info.segments_count >= 2 and info.points_count == len(units)
+    if isinstance(store, EdgeVectorStore):
+        assert info.indexed_vectors_count == len(units)
+    assert [search(store, "glacier trip", probe, flt, refresh=False) for flt in flts for probe in range(DIM)] == before
+    segments = sorted(p.name for p in (tmp_path / "s" / "turn" / "segments").iterdir())
+    store.refresh()
+    assert sorted(p.name for p in (tmp_path / "s" / "turn" / "segments").iterdir()) == segments
+    store.close()
 
 
 def test_deleting_ids_a_shard_does_not_hold_does_not_run_its_optimizer(tmp_path):
