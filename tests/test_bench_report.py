@@ -86,3 +86,22 @@ def test_a_synthetic_corpus_ends_with_every_point_optimized(tmp_path, embedder):
                     assert info.indexed_vectors_count == info.points_count, kind
     assert counts["fragments"] == 60 and engine.keywords.count() == counts["units"]
     engine.close()
+
+
+def test_a_corpus_of_fewer_tenants_is_built_apart_and_the_table_says_what_a_user_sees(tmp_path):
+    """``--tenants 1`` at 100k fragments: each user sees what a user of 1M fragments in ten tenants sees."""
+    wide = corpus_dir(tmp_path, "edge", 100_000, "onnx-int8", tenants=1)
+    assert wide != corpus_dir(tmp_path, "edge", 100_000, "onnx-int8") and wide.name.endswith("-t1")
+    _built(tmp_path, 10_000, 760)
+    _built(tmp_path, 100_000, 7_600)
+    assert too_big(tmp_path, "edge", 100_000, "onnx-int8", 1_000) is None, "built already"
+    assert "7,600 MiB" in too_big(tmp_path, "edge", 100_000, "onnx-int8", 1_000, tenants=1), "not built: projected"
+    stages = {s: {"p50": 1.0} for s in ("rewrite", "embed", "recall", "fusion", "reasoning")}
+    row = {"store": "edge", "fragments": 100_000, "queries": 3, "latency_ms": {"p50": 40.0, "p95": 50.0, "p99": 60.0},
+           "index_mb": 0, "peak_rss_mb": 3_000, "index_load_s": 0.3, "stages_ms": stages,
+           "rss_over_time_mb": [(0, 3_000), (1, 3_000)],
+           "corpus": {"fragments": 100_000, "units": 1_100_000, "tenants": 1, "users_per_tenant": 100}}
+    table = markdown({"machine": "x", "command": "tessera bench", "scale": [row]}, [])
+    assert "| edge | 100,000 | 1,100,000 | 12,250 | 40.0 |" in table
+    ten = dict(row, corpus=dict(row["corpus"], tenants=10))
+    assert "| edge | 100,000 | 1,100,000 | 1,220 | 40.0 |" in markdown({"machine": "x", "command": "b", "scale": [ten]}, [])

@@ -91,14 +91,19 @@ def _pcts(values) -> dict[str, float]:
 
 # ---------------------------------------------------------------- scale: corpus and query latency
 
-def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, encoder: str) -> Path:
+#: Tenants of a scale corpus unless ``--tenants`` says otherwise (``Layout``).
+DEFAULT_TENANTS = 10
+
+
+def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, encoder: str,
+                 tenants: int = DEFAULT_TENANTS) -> Path:
     """The synthetic corpus of ``fragments`` on ``store``, built once under ``root``."""
     from indexer.encoders.text import open_embedder
     from ops.runtime.config import Config
     from ops.runtime.assemble import open_engine
     from ops.bench.synthetic import Layout, generate, load_pool
 
-    data = corpus_dir(root, store, fragments, encoder)
+    data = corpus_dir(root, store, fragments, encoder, tenants)
     done = data / "corpus.json"
     if done.exists():
         return data
@@ -107,7 +112,7 @@ def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, e
     engine = open_engine(Config(data_dir=data, vector_store=store, encoder=encoder), embedder=embedder)
     t = time.perf_counter()
     with AnonPeak() as anon:
-        counts = generate(engine, pool, Layout(fragments))
+        counts = generate(engine, pool, Layout(fragments, tenants=tenants))
         engine.close()
     build_s = time.perf_counter() - t
     done.write_text(json.dumps(counts | {"build_s": build_s, "store": store, "encoder": encoder,
@@ -116,8 +121,9 @@ def build_corpus(root: Path, store: str, fragments: int, pool_dir: str | None, e
     return data
 
 
-def corpus_dir(root: Path, store: str, fragments: int, encoder: str) -> Path:
-    return root / "corpora" / f"{store}-{fragments}-{encoder}"
+def corpus_dir(root: Path, store: str, fragments: int, encoder: str, tenants: int = DEFAULT_TENANTS) -> Path:
+    suffix = "" if tenants == DEFAULT_TENANTS else f"-t{tenants}"
+    return root / "corpora" / f"{store}-{fragments}-{encoder}{suffix}"
 
 
 #: A corpus is built only when its projected build peak fits in this share of the machine's memory.
@@ -146,12 +152,13 @@ def _memory_total_mb() -> float:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
-def too_big(root: Path, store: str, fragments: int, encoder: str, total_mb: float) -> str | None:
+def too_big(root: Path, store: str, fragments: int, encoder: str, total_mb: float,
+            tenants: int = DEFAULT_TENANTS) -> str | None:
     """Why a corpus is not built on this machine (a build that runs out of memory takes the machine with it).
 
     Judged by the process's own memory where the smaller build recorded it (``AnonPeak``): pages of mapped
     store files count in the RSS too, but the kernel writes them back and drops them under pressure."""
-    if (corpus_dir(root, store, fragments, encoder) / "corpus.json").exists():
+    if (corpus_dir(root, store, fragments, encoder, tenants) / "corpus.json").exists():
         return None
     projected = projected_build_peak_mb(root, store, fragments, encoder, "build_peak_anon_mb")
     what = "of its own memory"
@@ -167,6 +174,16 @@ def _build_peak(corpus: dict) -> str:
     """The build's peak RSS, and in parentheses the process's own part of it where recorded (``AnonPeak``)."""
     own = corpus.get("build_peak_anon_mb")
     return f"{corpus.get('build_peak_rss_mb', 0):.0f}" + (f" ({own:.0f})" if own else "")
+
+
+def _seen(corpus: dict) -> str:
+    """Fragments a user of the corpus sees (``Layout.seen_by_a_user``), from the layout its build recorded."""
+    from ops.bench.synthetic import Layout
+
+    if "tenants" not in corpus:
+        return "-"
+    layout = Layout(corpus["fragments"], tenants=corpus["tenants"], users=corpus.get("users_per_tenant", 100))
+    return f"{layout.seen_by_a_user:,}"
 
 
 def _disk_mb(path: Path) -> float:
@@ -220,7 +237,8 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
     warm_up(engine)
     load_s = time.perf_counter() - t
     rss_loaded = _rss_mb()
-    layout = Layout(fragments)
+    built = json.loads((data / "corpus.json").read_text())
+    layout = Layout(fragments, tenants=built.get("tenants", DEFAULT_TENANTS), users=built.get("users_per_tenant", 100))
     asks = sample_queries(pool, layout, queries + 20)
     jobs = [QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"b{i}", "tenant_id": tenant, "user_id": user,
                                      "query": text, "top_k": 5, "reasoning": "fast"})
@@ -256,12 +274,12 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
 
 
 def _measure_in_child(root: Path, store: str, fragments: int, queries: int, encoder: str,
-                      pool_dir: str | None) -> dict:
+                      pool_dir: str | None, tenants: int = DEFAULT_TENANTS) -> dict:
     """Build the corpus (once) and measure it, each in a fresh process so each peak RSS is its own."""
-    data = corpus_dir(root, store, fragments, encoder)
+    data = corpus_dir(root, store, fragments, encoder, tenants)
     if not (data / "corpus.json").exists():
         cmd = [sys.executable, "-m", "ops.bench.report", "build", str(root), "--store", store, "--fragments", str(fragments),
-               "--encoder", encoder]
+               "--encoder", encoder, "--tenants", str(tenants)]
         subprocess.run(cmd + (["--pool", pool_dir] if pool_dir else []), check=True)
     out = root / f"measure-{store}-{fragments}.json"
     cmd = [sys.executable, "-m", "ops.bench.report", "measure", str(data), "--store", store, "--fragments", str(fragments),
@@ -470,14 +488,15 @@ def markdown(report: dict, plots: list[str]) -> str:
     scale = report.get("scale")
     if scale:
         lines += ["## Query latency at scale (synthetic corpus, `ops/bench/synthetic.py`; no GPU stage)", "",
-                  "| store | fragments | units | p50 ms | p95 ms | p99 ms | brute force p50 / p99 ms |"
+                  "| store | fragments | units | seen by a user | p50 ms | p95 ms | p99 ms | brute force p50 / p99 ms |"
                   " index MiB | peak RSS MiB | index load s | build s | build peak RSS (own) MiB | disk MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(scale, key=lambda r: (r["store"], r["fragments"])):
             lat = r["latency_ms"]
             brute = r.get("brute_force_ms")
             brute_s = f"{brute['p50']:.1f} / {brute['p99']:.1f}" if brute else "-"
-            lines.append(f"| {r['store']} | {r['fragments']:,} | {r['corpus']['units']:,} | {lat['p50']:.1f} |"
+            lines.append(f"| {r['store']} | {r['fragments']:,} | {r['corpus']['units']:,} | {_seen(r['corpus'])} |"
+                         f" {lat['p50']:.1f} |"
                          f" {lat['p95']:.1f} | {lat['p99']:.1f} | {brute_s} | {r['index_mb']:.0f} |"
                          f" {r['peak_rss_mb']:.0f} | {r['index_load_s']:.1f} | {r['corpus'].get('build_s', 0):.0f} |"
                          f" {_build_peak(r['corpus'])} | {r['corpus'].get('disk_mb', 0):.0f} |")
@@ -532,12 +551,12 @@ def run(args) -> dict:
             queries = args.qdrant_queries if store == "qdrant" else args.queries
             if store == "sqlite" and n > args.sqlite_max:
                 continue
-            reason = too_big(out, store, n, args.scale_encoder, _memory_total_mb())
+            reason = too_big(out, store, n, args.scale_encoder, _memory_total_mb(), args.tenants)
             if reason:
                 print(f"not run: {store} at {n:,} fragments: {reason}", file=sys.stderr)
                 report.setdefault("scale_not_run", []).append({"store": store, "fragments": n, "reason": reason})
                 continue
-            report["scale"].append(_measure_in_child(out, store, n, queries, args.scale_encoder, args.locomo))
+            report["scale"].append(_measure_in_child(out, store, n, queries, args.scale_encoder, args.locomo, args.tenants))
             (out / "report.json").write_text(json.dumps(report, indent=2))
     plots = _plots(report, out)
     (out / "report.md").write_text(markdown(report, plots))
@@ -556,6 +575,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-encoder", default="onnx-int8",
                         help="encoder of the scale corpora and their queries (the default encoder)")
     parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--tenants", type=int, default=DEFAULT_TENANTS,
+                        help="tenants of the scale corpora: with 1, a user of the 100k corpus sees what a user of the"
+                             " 1M corpus of ten tenants sees (about 12,000 fragments)")
     parser.add_argument("--qdrant-queries", type=int, default=50,
                         help="queries on Qdrant local mode (over a second each at 10k fragments)")
     parser.add_argument("--encoders", nargs="+", default=["torch", "onnx-int8"])
@@ -586,6 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--fragments", type=int, required=True)
     b.add_argument("--encoder", default="onnx-int8")
     b.add_argument("--pool")
+    b.add_argument("--tenants", type=int, default=DEFAULT_TENANTS)
     r = sub.add_parser("render", help="rewrite report.md and the plots from report.json")
     r.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
@@ -595,7 +618,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / "report.md").write_text(markdown(report, _plots(report, out)))
         return
     if args.command == "build":
-        build_corpus(Path(args.root), args.store, args.fragments, args.pool, args.encoder)
+        build_corpus(Path(args.root), args.store, args.fragments, args.pool, args.encoder, args.tenants)
         return
     if args.command == "measure":
         result = measure(Path(args.data), args.store, args.fragments, args.queries, args.encoder, args.pool,

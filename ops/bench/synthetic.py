@@ -88,6 +88,14 @@ class Layout:
     def conversations(self) -> int:
         return max(1, self.fragments // FRAGMENTS_PER_CONVERSATION)
 
+    @property
+    def seen_by_a_user(self) -> int:
+        """Fragments one user may see, expected: the tenant's team conversations and a share of the others (2.5
+        participants of ``users``). What a query scores exactly grows with it, not with the corpus: 100k fragments
+        of one tenant let a user see what a user of 1M fragments in ten tenants sees (about 12,000)."""
+        share = TEAM_SHARE + (1 - TEAM_SHARE) * 2.5 / self.users
+        return round(self.conversations / self.tenants * share) * FRAGMENTS_PER_CONVERSATION
+
     def tenant(self, c: int) -> str:
         return f"tenant-{c % self.tenants:03d}"
 
