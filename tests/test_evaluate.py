@@ -131,3 +131,22 @@ def test_the_dialogue_benchmark_runs_on_the_default_stores(tmp_path):
     default.close()
     report = evaluate_dialogue(tmp_path, out_dir=None, progress=False)
     assert report["stores"] == expected
+
+
+@pytest.mark.parametrize("encoder", ["torch", "onnx-int8"])
+def test_the_evals_encode_with_the_configured_model(tmp_path, monkeypatch, encoder):
+    """``TESSERA_EMBED_MODEL`` names the model an eval measures; the evals opened the default model whatever it said."""
+    from ops.eval.crossval import cross_validate
+
+    (tmp_path / "set").mkdir()
+    for name in ("1", "2"):  # cross-validation holds one conversation out
+        (tmp_path / "set" / f"{name}.json").write_text(json.dumps({
+            "session_1_date_time": "1:47 pm on 18 May, 2023",
+            "session_1": [{"speaker": "Ann", "dia_id": "D1:1", "text": "I adopted a cat named Pixel."}],
+            "qa": [{"question": "What is the cat called?", "evidence": ["D1:1"], "category": 4}]}))
+    monkeypatch.setenv("TESSERA_ENCODER", encoder)
+    monkeypatch.setenv("TESSERA_EMBED_MODEL", str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        evaluate_locomo(tmp_path / "set", data_dir=tmp_path / "d", progress=False)
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        cross_validate(tmp_path / "set", {}, data_dir=tmp_path / "c", progress=False)

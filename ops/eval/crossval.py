@@ -54,7 +54,6 @@ def _figures(questions: Sequence[Question], answers: Answers, picked: Sequence[i
 
 def cross_validate(directory: str | Path, grid: dict[str, tuple] = GRID, data_dir: str | Path | None = None,
                    progress: bool = True, embedder=None) -> dict:
-    from indexer.encoders.text import open_embedder
     from ops.runtime.assemble import open_engine
     from ops.runtime.config import Config
 
@@ -65,7 +64,7 @@ def cross_validate(directory: str | Path, grid: dict[str, tuple] = GRID, data_di
     asked = asked_after(turns)
     asked_at = [asked[q.conversation_id] for q in questions]
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-cv-"))
-    engine = open_engine(Config.from_env(work), embedder=embedder or open_embedder(Config.from_env(work).encoder))
+    engine = open_engine(Config.from_env(work), embedder=embedder)
     events = to_events(turns)
     for start in range(0, len(events), 256):
         engine.ingest(events[start:start + 256])

@@ -193,9 +193,8 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     ``one_conversation``: the long-chat stress (``locomo.into_one_conversation``), each question asked
     when it was asked of its own conversation. ``messy``: the messy-chat stress (``locomo.into_messy_chat``),
     a piece of a turn found counting as its turn, for Tessera and the baselines alike."""
-    from indexer.encoders.text import open_embedder
     from ops.runtime.config import Config
-    from ops.runtime.assemble import open_engine
+    from ops.runtime.assemble import configured_embedder, open_engine
 
     turns, questions = load(directory)
     if not turns:
@@ -206,7 +205,7 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
         turns, questions = into_one_conversation(turns, questions)
     if messy:
         turns = into_messy_chat(turns)
-    embedder = embedder or open_embedder(Config.from_env(data_dir).encoder)
+    embedder = embedder or configured_embedder(Config.from_env(data_dir))
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
     engine = open_engine(Config.from_env(work), embedder=embedder)

@@ -20,6 +20,14 @@ def open_reasoner(config: Config):
                                             batch_size=config.vlm_batch, policy=config.image_policy))
 
 
+def configured_embedder(config: Config):
+    """The text encoder the configuration names: encoder, model (``TESSERA_EMBED_MODEL``), batch and cache."""
+    from indexer.encoders.text import open_embedder
+
+    return open_embedder(config.encoder, config.embed_model, batch_size=config.embed_batch,
+                         cache_dir=config.model_cache)
+
+
 def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = False):
     """Build the engine the settings describe; the embedder can be shared between engines.
 
@@ -28,14 +36,12 @@ def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = Fa
     with another vector store is refused, unless ``rebuild`` (``tessera reindex``), which drops the
     old store's files for the caller to rebuild the index from the state.
     """
-    from indexer.encoders.text import open_embedder
     from indexer.engine import Tessera
     from indexer.state import open_state
     from indexer.stores.fts5 import SqliteBM25Store
     from indexer.stores.sqlite_vectors import SqliteVectorStore
 
-    embedder = embedder or open_embedder(config.encoder, config.embed_model, batch_size=config.embed_batch,
-                                        cache_dir=config.model_cache)
+    embedder = embedder or configured_embedder(config)
     data = Path(config.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     index = Path(config.index_dir) if config.index_dir else data
