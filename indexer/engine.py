@@ -71,6 +71,9 @@ class Tessera:
     def reindex(self, reencode: bool = False, batch: int = 50, progress=None) -> IngestReport:
         return self.ingestor.reindex(reencode, batch, progress)
 
+    def refresh(self) -> None:
+        return self.ingestor.refresh()
+
     def replay_parked(self, tenant_id: str, conversation_id: str) -> bool:
         return self.ingestor.replay_parked(tenant_id, conversation_id)
 

@@ -136,3 +136,21 @@ def test_every_task_the_workers_run_is_routed_by_the_shared_contract():
     assert registered == set(TASKS)
     assert set(TASKS.values()) <= set(QUEUES)
     assert all(app.amqp.router.route({}, name)["queue"].name == queue for name, queue in TASKS.items())
+
+
+def test_an_ingested_file_leaves_no_point_appendable(tmp_path, embedder):
+    """``tessera ingest FILE`` is a bulk load: it ends with the stores refreshed, so the next process searches
+    optimized segments instead of loading an appendable one into its memory."""
+    from ops.runtime.assemble import open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.jsonl import ingest_file
+
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(e.model_dump_json(by_alias=True) for e in dialogue()) + "\n")
+    engine = open_engine(Config(data_dir=tmp_path / "data", vector_store="edge"), embedder=embedder)
+    assert ingest_file(engine, str(events), progress=False) == (len(dialogue()), 0)
+    vectors, keywords = (getattr(s, "inner", s) for s in (engine.vectors, engine.keywords))
+    window = vectors.shards["window"].info()
+    assert window.points_count and window.indexed_vectors_count == window.points_count
+    assert all(keywords._pending[kind] == 0 and vectors._pending[kind] == 0 for kind in keywords.shards)
+    engine.close()

@@ -330,6 +330,10 @@ class Ingestor:
                 self.state.set_cursor("reindex", cursor)
             if progress is not None:
                 progress(len(batch_keys))
+        self.refresh()
+        return report
+
+    def refresh(self) -> None:
+        """The end of a bulk load: both stores' ``refresh`` (every write visible, nothing left appendable)."""
         self.vectors.refresh()
         self.keywords.refresh()
-        return report

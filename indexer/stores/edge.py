@@ -331,8 +331,8 @@ class _Shards:
             self._optimize(kind)
 
     def refresh(self) -> None:
-        """The end of a bulk load (``tessera reindex``, the bench's corpora): updates are searchable once applied,
-        but up to half of a shard may sit in its appendable segment, waiting for the shard to double
+        """The end of a bulk load (``tessera ingest FILE``, ``tessera reindex``, the bench's corpora): updates are
+        searchable once applied, but up to half of a shard may sit in its appendable segment, waiting for the shard to double
         (``_written``): float vectors and indexes in the process's memory, scored unquantized. Each shard written
         since its optimizer last ran is optimized. Measured on a 100k-fragment corpus of one tenant (each user
         sees 12,000 fragments, as at 1M with ten tenants), where about a third of the points were appendable:

@@ -26,7 +26,8 @@ def lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 
 def ingest_file(engine, path: str, err: TextIO = sys.stderr, progress: bool = True) -> tuple[int, int]:
-    """Index every valid line; report each bad line by number and field. Returns (ok, failed).
+    """Index every valid line; report each bad line by number and field. Returns (ok, failed). A bulk load:
+    it ends with the stores refreshed (``Tessera.refresh``).
 
     Two stages overlap: this thread parses and encodes batch N+1 while a writer thread applies
     batch N to the state and the stores, so the encoder, the bottleneck, never waits for disk.
@@ -62,6 +63,7 @@ def ingest_file(engine, path: str, err: TextIO = sys.stderr, progress: bool = Tr
             hand_over(batch)
         if pending is not None:
             pending.result()
+    engine.refresh()
     return ok, failed
 
 
