@@ -15,13 +15,17 @@ from indexer.stores.qdrant import QdrantVectorStore
 DIM = 8
 
 
-def unit(uid, text, vec, tenant="t1", conv="c1", visible=(EVERYONE,), sender="s1", ts=100.0, kind="turn"):
+def one_hot(i: int) -> np.ndarray:
     v = np.zeros(DIM, dtype=np.float32)
-    v[vec] = 1.0
+    v[i] = 1.0
+    return v
+
+
+def unit(uid, text, vec, tenant="t1", conv="c1", visible=(EVERYONE,), sender="s1", ts=100.0, kind="turn"):
     import uuid
 
     return Unit(str(uuid.uuid5(uuid.NAMESPACE_OID, uid)), kind, tenant, conv, "f-" + conv, [uid], [sender],
-                list(visible), ts, ts, text, v)
+                list(visible), ts, ts, text, one_hot(vec))
 
 
 def _elasticsearch(tmp_path):
@@ -81,9 +85,7 @@ def search(store, probe_text, probe_vec, flt, kind="turn", refresh=True):
     if not hasattr(store, "dim"):  # a keyword store
         hits = store.search(probe_text, kind, flt, 10)
     else:
-        v = np.zeros(DIM, dtype=np.float32)
-        v[probe_vec] = 1.0
-        hits = store.search(v, kind, flt, 10)
+        hits = store.search(one_hot(probe_vec), kind, flt, 10)
     return [h.payload["message_ids"][0] for h in hits]
 
 
@@ -94,9 +96,7 @@ def found_alike(stores, probe_text, probe_vec, flt):
     if not hasattr(stores[0], "dim"):
         found = [search(s, probe_text, probe_vec, flt, refresh=False) for s in stores]
         return found[0] == found[1] and bool(found[0])
-    v = np.zeros(DIM, dtype=np.float32)
-    v[probe_vec] = 1.0
-    a, b = ({h.unit_id: h.score for h in s.search(v, "turn", flt, 1000)} for s in stores)
+    a, b = ({h.unit_id: h.score for h in s.search(one_hot(probe_vec), "turn", flt, 1000)} for s in stores)
     if a.keys() != b.keys() or not a or max(abs(a[k] - b[k]) for k in a) > 0.15:
         return False
     ranks = [np.argsort(np.argsort([found[k] for k in a])) for found in (a, b)]

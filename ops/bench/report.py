@@ -176,14 +176,16 @@ def _build_peak(corpus: dict) -> str:
     return f"{corpus.get('build_peak_rss_mb', 0):.0f}" + (f" ({own:.0f})" if own else "")
 
 
-def _seen(corpus: dict) -> str:
-    """Fragments a user of the corpus sees (``Layout.seen_by_a_user``), from the layout its build recorded."""
+def _layout(corpus: dict):
+    """The ``Layout`` a corpus was built with, from the counts its build recorded (``generate``)."""
     from ops.bench.synthetic import Layout
 
-    if "tenants" not in corpus:
-        return "-"
-    layout = Layout(corpus["fragments"], tenants=corpus["tenants"], users=corpus.get("users_per_tenant", 100))
-    return f"{layout.seen_by_a_user:,}"
+    return Layout(corpus["fragments"], tenants=corpus["tenants"], users=corpus["users_per_tenant"])
+
+
+def _seen(corpus: dict) -> str:
+    """Fragments a user of the corpus sees (``Layout.seen_by_a_user``); "-" where the row does not say."""
+    return f"{_layout(corpus).seen_by_a_user:,}" if "tenants" in corpus else "-"
 
 
 def _disk_mb(path: Path) -> float:
@@ -226,7 +228,7 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
     from indexer.encoders.text import open_embedder
     from ops.runtime.config import Config
     from ops.runtime.assemble import open_engine
-    from ops.bench.synthetic import Layout, load_pool, sample_queries
+    from ops.bench.synthetic import load_pool, sample_queries
     from schemas import QUERY_SCHEMA, QueryJob
 
     embedder = open_embedder(encoder)
@@ -237,8 +239,7 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
     warm_up(engine)
     load_s = time.perf_counter() - t
     rss_loaded = _rss_mb()
-    built = json.loads((data / "corpus.json").read_text())
-    layout = Layout(fragments, tenants=built.get("tenants", DEFAULT_TENANTS), users=built.get("users_per_tenant", 100))
+    layout = _layout(json.loads((data / "corpus.json").read_text()))
     asks = sample_queries(pool, layout, queries + 20)
     jobs = [QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"b{i}", "tenant_id": tenant, "user_id": user,
                                      "query": text, "top_k": 5, "reasoning": "fast"})

@@ -123,9 +123,8 @@ def generate(engine, pool: Pool, layout: Layout, batch_conversations: int = 100,
         units_written += len(units)
         bar.update(len(batch) * FRAGMENTS_PER_CONVERSATION)
     bar.close()
-    # A bulk load ends with the stores refreshed, as ``tessera reindex`` does: no point left appendable.
-    for store in tqdm((engine.vectors, engine.keywords), desc="refresh stores", file=sys.stderr, disable=not progress):
-        store.refresh()
+    # A bulk load ends with the stores refreshed, as ``tessera ingest`` and ``reindex`` do: no point left appendable.
+    engine.refresh()
     return {"fragments": layout.conversations * FRAGMENTS_PER_CONVERSATION, "units": units_written,
             "conversations": layout.conversations, "tenants": layout.tenants, "users_per_tenant": layout.users}
 
