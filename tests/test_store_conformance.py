@@ -164,6 +164,27 @@ def test_ranking_puts_the_better_match_first(store):
     assert search(store, "hike", 0, SearchFilter("t1", "ann"))[0] == "a"
 
 
+@pytest.mark.parametrize("optimize_every", [10**9, 1], ids=["appendable", "optimized"])
+def test_edge_bm25_scores_read_nothing_of_what_the_user_cannot_see(tmp_path, optimize_every):
+    """IDF is counted over the points the asking user may see: another user's private conversation in the same
+    tenant, or another tenant, full of the query's words, changes neither the user's hits nor their scores (a
+    tenant-wide IDF told a user how common a word was in conversations they are not part of)."""
+    store = EdgeBM25Store(tmp_path / "k", optimize_every=optimize_every)
+    store.upsert([unit("a", "glacier hike", 0), unit("b", "river walk", 1, conv="c2", visible=("ann", "bob"))])
+    flt = SearchFilter("t1", "ann")
+
+    def found():
+        store.refresh()
+        return [(h.payload["message_ids"][0], round(h.score, 6)) for h in store.search("glacier river", "turn", flt, 10)]
+
+    before = found()
+    assert [m for m, _ in before] and {m for m, _ in before} == {"a", "b"}
+    store.upsert([unit(f"p{i}", "glacier glacier", 2, conv="c3", visible=("carl", "dina")) for i in range(20)])
+    store.upsert([unit(f"o{i}", "glacier", 3, tenant="t2") for i in range(20)])
+    assert found() == before
+    store.close()
+
+
 @pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p / "e", dim=DIM), lambda p: EdgeBM25Store(p / "k")])
 def test_edge_scope_words_cannot_be_forged_with_the_separator(tmp_path, make):
     """The edge stores filter on one scope word per (tenant, principal) alone; an identifier holding the
