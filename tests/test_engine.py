@@ -164,6 +164,36 @@ def test_erased_text_leaves_no_bytes_in_any_file(make_engine, tmp_path):
     assert remaining and all("zebraquokka" not in f.snippet and not f.snippet.startswith("Ann") for f in remaining)
 
 
+def test_erasure_leaves_nothing_derived_from_the_text_in_any_file(make_engine, tmp_path):
+    """What the stores derived from erased text goes too: no file keeps an erased unit's point (its id, and with
+    it the unit's vectors) or, for the edge BM25 store, the hashed term of an erased word, whether in a segment
+    that still marks it deleted or in a write-ahead log. Hashed terms and vectors can be turned back into words."""
+    import uuid
+
+    from indexer import ids
+
+    engine = make_engine("erase")
+    engine.ingest(dialogue() + [message("c1", 20, "ann", "my passphrase is zebraquokka"),
+                                message("c2", 1, "bob", "the vault code is lemurnarwhal")])
+    erased = [("c1", m) for m in engine.state.message_ids_of_sender("t1", "c1", "ann")] + \
+        [("c2", t.message_id) for t in engine.state.turns("t1", "c2")]
+    probes = [p for c, m in erased for kind in ("turn", "window")
+              for u in [uuid.UUID(ids.turn_unit_id("t1", c, m, kind))] for p in (u.bytes, u.bytes_le, str(u).encode())]
+    model = getattr(engine.keywords, "model", None)
+    if model is not None:  # the edge BM25 store: the words' hashed term ids, as its files write them
+        probes += [str(i).encode() for i in model.embed_document("zebraquokka lemurnarwhal").indices]
+
+    def files_holding():
+        return sorted({str(p.relative_to(tmp_path)) for p in (tmp_path / "erase").rglob("*") if p.is_file()
+                       for probe in probes if probe in p.read_bytes()})
+
+    assert files_holding(), "the probes must find the units before erasure"
+    engine.forget_user("t1", "ann")
+    engine.delete_conversation("t1", "c2")
+    assert files_holding() == []
+    assert engine.query(query("laptop battery")).fragments
+
+
 def test_a_late_old_edit_never_overwrites_a_newer_one(make_engine):
     engine = make_engine()
     engine.ingest(dialogue())

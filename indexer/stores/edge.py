@@ -37,11 +37,16 @@ random 384-d vectors, a tenant AND participant filter, top 30) and what the data
 * One search thread per shard, and the lists of a query one after the other: a search holds the GIL,
   so more threads only queue.
 
-The payload holds ids, participants and times, never text, and the BM25 shards hold hashed term ids
-and weights, so an erasure leaves no erased text in these files whether or not the optimizer has
-vacuumed the deleted points yet. A second process
-cannot open the same shards (the WAL is locked): the multi-process local stack uses the ``sqlite``
-store or a Qdrant server.
+* No write-ahead log (``wal_enabled=False``): the engine truncates its log only below the last closed segment
+  of 32 MiB, so the log held the vectors and hashed terms of every point written, erased ones included, long
+  after an erasure. Each write is flushed to the segments before it returns instead (about 10 ms a shard
+  written); the state, not these files, is the record (``tessera reindex``). Shards created with a log are
+  copied into shards without one when first opened (``_rewrite``).
+
+The payload holds ids, participants and times, never text; the BM25 shards hold hashed term ids and weights
+and the vector shards embeddings, both of which can be turned back into words, so an erasure rebuilds every
+segment that holds an erased point (``compact``). A store directory has one owner at a time (``_own``): the
+multi-process local stack uses the ``sqlite`` store or a Qdrant server.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ TEXT_VECTOR = "text"
 IMAGE_VECTOR = "image"
 #: Far above any shard: filtered searches always take the payload-index path, never the empty graph.
 FULL_SCAN_THRESHOLD = 2**31 - 1
-#: Points per update operation: bounds the memory of one WAL record.
+#: Points per update operation: bounds the memory the engine takes for one.
 UPSERT_BATCH = 1024
 #: Points written to a shard (upserted or deleted) before its optimizer first runs; later runs wait until the
 #: shard has taken as many points again as it held at the last run (``_written``).
@@ -154,6 +159,9 @@ def _visible(flt: SearchFilter) -> list[FieldCondition]:
 
 _OPTIMIZERS = EdgeOptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000,
                                    indexing_threshold=INDEXING_THRESHOLD_KB)
+#: After an erasure: every segment holding a deleted point is rebuilt without it (``_Shards.compact``).
+_VACUUM_ALL = EdgeOptimizersConfig(deleted_threshold=0.0, vacuum_min_vector_number=0,
+                                   indexing_threshold=INDEXING_THRESHOLD_KB)
 
 
 def _vector_params(size: int) -> EdgeVectorParams:
@@ -205,7 +213,13 @@ def open_shard(directory: Path, config: EdgeConfig) -> EdgeShard:
     today's parameters, and every segment rebuilt by the optimizer, which rebuilds segments whose
     configuration differs from the shard's (the int8 vectors' memory): for the 100k-fragment bench corpus, after
     packing its hits, 2.5 minutes for both stores."""
+    _finish_rewrite(directory)
     if (directory / "edge_config.json").exists():
+        if _has_wal(directory):
+            old = EdgeShard.load(str(directory))
+            if not _layout_is_current(directory.parent):
+                _pack_hits(old)
+            return _rewrite(old, directory, config)
         shard = EdgeShard.load(str(directory), config)
         if not _layout_is_current(directory.parent):
             _pack_hits(shard)
@@ -215,6 +229,62 @@ def open_shard(directory: Path, config: EdgeConfig) -> EdgeShard:
     shard = EdgeShard.create(str(directory), config)
     _index_payload(shard)
     return shard
+
+
+def _has_wal(directory: Path) -> bool:
+    """Whether a shard was created with a write-ahead log (every shard before ``wal_enabled=False``)."""
+    import json
+
+    return json.loads((directory / "edge_config.json").read_text()).get("wal_enabled", True) is not False
+
+
+def _rewrite(old: EdgeShard, directory: Path, config: EdgeConfig, batch: int = UPSERT_BATCH) -> EdgeShard:
+    """Copy a shard's live points into a new shard of ``config`` and put it in the old one's place.
+
+    The engine never truncates its write-ahead log below the last closed segment of 32 MiB, and a shard
+    cannot drop its log once created: the only way to a shard without one (and without the vectors and
+    hashed terms of points erased before) is a new shard. A one-off on the first open by this version;
+    an interrupted rewrite starts again, a finished one whose swap was interrupted is completed
+    (``_finish_rewrite``)."""
+    import shutil
+
+    fresh = _sibling(directory, "rewrite")
+    shutil.rmtree(fresh, ignore_errors=True)
+    shard = EdgeShard.create(str(fresh), config)
+    _index_payload(shard)
+    offset = None
+    while True:
+        records, offset = old.scroll(ScrollRequest(offset=offset, limit=batch, with_payload=True, with_vector=True))
+        if records:
+            shard.update(UpdateOperation.upsert_points([Point(id=r.id, vector=r.vector, payload=r.payload)
+                                                        for r in records]))
+        if offset is None:
+            break
+    old.close()
+    shard.optimize()
+    shard.flush()
+    shard.close()
+    directory.rename(_sibling(directory, "old"))
+    fresh.rename(directory)
+    shutil.rmtree(_sibling(directory, "old"))
+    return EdgeShard.load(str(directory), config)
+
+
+def _sibling(directory: Path, what: str) -> Path:
+    return directory.with_name(f"{directory.name}.{what}")
+
+
+def _finish_rewrite(directory: Path) -> None:
+    """Complete or drop what an interrupted ``_rewrite`` left: a finished copy replaces a shard that was moved
+    aside; an unfinished one (the shard still in place) is removed."""
+    import shutil
+
+    fresh, aside = _sibling(directory, "rewrite"), _sibling(directory, "old")
+    if fresh.exists() and not directory.exists() and aside.exists():
+        fresh.rename(directory)
+    shutil.rmtree(fresh, ignore_errors=True)
+    if directory.exists():
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def optimized(shard: EdgeShard, directory: Path) -> EdgeShard:
@@ -272,6 +342,10 @@ def _pack_hits(shard: EdgeShard, batch: int = UPSERT_BATCH) -> int:
             return moved
 
 
+#: The file a store directory's owner holds an exclusive lock on (``_Shards._own``).
+LOCK_FILE = "lock"
+
+
 class _Shards:
     """One shard per unit kind; deletes, counts and maintenance are the same for vectors and keywords."""
 
@@ -287,8 +361,11 @@ class _Shards:
                 raise ValueError(f"unit {unit.unit_id}: unknown kind {unit.kind!r}")
             points[unit.kind].append(point(unit))
         for kind, batch in points.items():
+            if not batch:
+                continue
             for start in range(0, len(batch), UPSERT_BATCH):
                 self.shards[kind].update(UpdateOperation.upsert_points(batch[start:start + UPSERT_BATCH]))
+            self.shards[kind].flush()
             self._written(kind, len(batch))
 
     def delete(self, unit_ids: Sequence[str]) -> None:
@@ -297,7 +374,11 @@ class _Shards:
                 held = shard.info().points_count
                 shard.update(UpdateOperation.delete_points(list(unit_ids)))
                 # Ids go to every shard (a unit id does not name its kind): count only what left this one.
-                self._written(kind, held - shard.info().points_count)
+                gone = held - shard.info().points_count
+                if gone:
+                    shard.flush()
+                    self._deleted[kind] += gone
+                self._written(kind, gone)
 
     def _written(self, kind: str, points: int) -> None:
         """Run the shard's optimizer once the points written since its last run reach ``optimize_every`` and
@@ -313,12 +394,26 @@ class _Shards:
 
     def _run_optimizer(self, kind: str) -> None:
         """Optimize a shard and start counting what is written to it afresh (``_written``)."""
-        self._optimize(kind)
+        self.shards[kind] = optimized(self.shards[kind], self.path / kind)
         self._optimized[kind] = self.shards[kind].info().points_count
         self._pending[kind] = 0
 
-    def _optimize(self, kind: str) -> None:
-        self.shards[kind] = optimized(self.shards[kind], self.path / kind)
+    def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
+        raise NotImplementedError
+
+    def _own(self) -> None:
+        """Take the store directory for this store alone: the engine locks nothing once its shards have no
+        write-ahead log, and two writers of one shard would corrupt it. The lock goes with the process."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / LOCK_FILE, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RuntimeError(f"{self.path} is open in another process (or another store of this one); the"
+                               " multi-process local stack uses TESSERA_VECTOR_STORE=sqlite") from None
 
     def _opened(self, optimize_every: int) -> None:
         """Every shard is open, so in today's layout; a shard opened with points counts them as optimized: a
@@ -326,6 +421,7 @@ class _Shards:
         if not _layout_is_current(self.path):
             _mark_layout(self.path)
         self.optimize_every, self._pending = optimize_every, dict.fromkeys(self.shards, 0)
+        self._deleted = dict.fromkeys(self.shards, 0)
         self._optimized = {kind: shard.info().points_count for kind, shard in self.shards.items()}
 
     def count(self, tenant_id: str | None = None) -> int:
@@ -333,9 +429,20 @@ class _Shards:
         return sum(shard.count(CountRequest(exact=True, filter=flt)) for shard in self.shards.values())
 
     def compact(self) -> None:
-        """Vacuum segments whose deleted share crossed the threshold, then flush."""
-        for kind in self.shards:
-            self._optimize(kind)
+        """After an erasure: rebuild every segment that holds a deleted point, so that no file keeps the vectors
+        or hashed terms of an erased unit (the optimizer's own threshold would leave a segment until a fifth
+        of it is deleted). Only shards with deletes since their last compaction are touched. A shard has no
+        write-ahead log (``wal_enabled=False``), so nothing else holds them."""
+        for kind in [kind for kind, deleted in self._deleted.items() if deleted]:
+            directory = self.path / kind
+            self.shards[kind].close()
+            shard = EdgeShard.load(str(directory), self._config(kind, _VACUUM_ALL))
+            shard.optimize()
+            shard.flush()
+            shard.close()
+            self.shards[kind] = EdgeShard.load(str(directory), self._config(kind))
+            self._optimized[kind] = self.shards[kind].info().points_count
+            self._pending[kind] = self._deleted[kind] = 0
 
     def refresh(self) -> None:
         """The end of a bulk load (``tessera ingest FILE``, ``tessera reindex``, the bench's corpora): updates are
@@ -354,6 +461,7 @@ class _Shards:
             shard.flush()
             shard.close()
         self.shards = {}
+        self._lock.close()
 
 
 def _tenant(tenant_id: str) -> Filter:
@@ -361,7 +469,7 @@ def _tenant(tenant_id: str) -> Filter:
 
 
 class EdgeVectorStore(_Shards):
-    """Qdrant's engine in the process: WAL, segments, payload indexes, int8 quantization."""
+    """Qdrant's engine in the process: segments, payload indexes, int8 quantization."""
 
     #: A search holds the GIL (two threads: 1.23 ms a search against 1.46 ms one after the other), so a
     #: query's lists recalled on threads only queue: recall took 11.0 ms that way at 10k fragments, 8.4 in turn.
@@ -370,30 +478,33 @@ class EdgeVectorStore(_Shards):
     def __init__(self, path: str | Path, dim: int = 384, image_dim: int | None = None,
                  optimize_every: int = OPTIMIZE_EVERY):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._own()
         self.dim = dim
         self.image_dim = image_dim
-        self.shards = {kind: self._open(kind, with_image=kind == "turn" and image_dim is not None) for kind in UNIT_KINDS}
+        self.shards = {kind: self._open(kind) for kind in UNIT_KINDS}
         self._opened(optimize_every)
 
-    def _config(self, with_image: bool) -> EdgeConfig:
+    def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         vectors = {TEXT_VECTOR: _vector_params(self.dim)}
-        if with_image:
+        if self._with_image(kind):
             vectors[IMAGE_VECTOR] = _vector_params(self.image_dim)
         return EdgeConfig(
             vectors=vectors,
             hnsw_config=HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=FULL_SCAN_THRESHOLD),
             quantization_config=ScalarQuantizationConfig(type=ScalarType.Int8, quantile=0.99, memory=INDEX_MEMORY),
-            optimizers=_OPTIMIZERS,
-            payload_memory=Memory.Cached, max_search_threads=1,
+            optimizers=optimizers, payload_memory=Memory.Cached, max_search_threads=1, wal_enabled=False,
         )
 
-    def _open(self, kind: str, with_image: bool) -> EdgeShard:
+    def _with_image(self, kind: str) -> bool:
+        return kind == "turn" and self.image_dim is not None
+
+    def _open(self, kind: str) -> EdgeShard:
         directory = self.path / kind
-        if (directory / "edge_config.json").exists() and with_image and IMAGE_VECTOR not in _vector_names(directory):
+        if (directory / "edge_config.json").exists() and self._with_image(kind) \
+                and IMAGE_VECTOR not in _vector_names(directory):
             raise ValueError(f"{directory} was created without the {IMAGE_VECTOR!r} vector; index into a new data"
                              " dir to turn on TESSERA_IMAGE_MODEL")
-        return open_shard(directory, self._config(with_image))
+        return open_shard(directory, self._config(kind))
 
     def upsert(self, units: Sequence[Unit]) -> None:
         for unit in units:
@@ -449,20 +560,21 @@ class EdgeBM25Store(_Shards):
 
     def __init__(self, path: str | Path, optimize_every: int = OPTIMIZE_EVERY):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._own()
         # Qdrant's defaults (k 1.2, b 0.75, avg_len 256). Setting avg_len to the measured length of chat
         # turns (12 tokens) lost 0.05 recall@10 on the single-turn list; the default's weaker length
         # normalisation suits short turns.
         self.model = Bm25(Bm25Config(language="english"))
+        self.shards = {kind: open_shard(self.path / kind, self._config(kind)) for kind in UNIT_KINDS}
+        self._opened(optimize_every)
+
+    def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         # As for dense vectors: score the points the filter selects rather than walk the inverted index of
         # the whole shard (a common word's postings span every tenant): the turn list at 100k fragments
         # took 19 ms the other way, 6.6 ms this way.
         sparse = EdgeSparseVectorParams(modifier=Modifier.Idf, full_scan_threshold=FULL_SCAN_THRESHOLD)
-        config = EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: sparse},
-                            optimizers=_OPTIMIZERS,
-                            payload_memory=Memory.Cached, max_search_threads=1)
-        self.shards = {kind: open_shard(self.path / kind, config) for kind in UNIT_KINDS}
-        self._opened(optimize_every)
+        return EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: sparse}, optimizers=optimizers,
+                          payload_memory=Memory.Cached, max_search_threads=1, wal_enabled=False)
 
     def upsert(self, units: Sequence[Unit]) -> None:
         self._batches(units, lambda u: Point(id=u.unit_id, vector={BM25_VECTOR: self.model.embed_document(u.text)},
