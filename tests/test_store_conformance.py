@@ -9,7 +9,7 @@ import pytest
 from indexer.model import EVERYONE, HIT_FIELDS, SearchFilter, Unit
 from indexer.stores.fts5 import SqliteBM25Store, match_expression
 from indexer.stores.sqlite_vectors import SqliteVectorStore
-from indexer.stores.edge import EdgeBM25Store, EdgeVectorStore
+from indexer.stores.edge import SEARCH_THREADS, SEGMENTS, EdgeBM25Store, EdgeVectorStore
 from indexer.stores.qdrant import QdrantVectorStore
 
 DIM = 8
@@ -226,6 +226,33 @@ def test_edge_shards_are_optimized_as_points_arrive(tmp_path, make):
         for probe in range(DIM):
             assert found_alike((optimized, plain), "glacier trip", probe, flt)
     optimized.close()
+    plain.close()
+
+
+@pytest.mark.skipif(not 2 <= SEARCH_THREADS <= 5, reason="one search thread needs one segment; past five, the"
+                    " corpus that doubles that often holds ties")
+@pytest.mark.parametrize("make", [lambda p, n: EdgeVectorStore(p, dim=DIM, optimize_every=n),
+                                  lambda p, n: EdgeBM25Store(p, optimize_every=n)], ids=["vectors", "bm25"])
+def test_a_growing_shard_keeps_one_immutable_segment_per_search_thread(tmp_path, make):
+    """The optimizer keeps ``SEARCH_THREADS`` immutable segments per shard rather than merging everything into one,
+    so that a search of a large shard runs on every core; searches find what a one-segment shard finds."""
+    rng = np.random.default_rng(9)
+    # Distinct term counts and lengths (i below 13 x 11 x 40): no two scores tie, so both rankings are one order.
+    units = [unit(f"u{i}", "glacier " * (1 + i % 13) + "trip " * (1 + i // 13 % 11)
+                  + " ".join(f"x{j}" for j in range(i // 143 % 40)), 0, conv=f"c{i % 7}",
+                  visible=(EVERYONE,) if i % 5 else ("ann",)) for i in range(100 * 2 ** SEARCH_THREADS + 50)]
+    for u in units:
+        u.vector = rng.normal(size=DIM).astype(np.float32)
+    store, plain = make(tmp_path / "s", 100), make(tmp_path / "p", 10**9)
+    for start in range(0, len(units), 50):
+        store.upsert(units[start:start + 50])
+    plain.upsert(units)
+    store.refresh()
+    plain.refresh()  # everything was appendable: one immutable segment
+    assert store.shards["turn"].info().segments_count == SEGMENTS and plain.shards["turn"].info().segments_count == 2
+    for flt in (SearchFilter("t1", "ann"), SearchFilter("t1", "bob", conversation_id="c3")):
+        assert all(found_alike((store, plain), "glacier trip x3", probe, flt) for probe in range(DIM))
+    store.close()
     plain.close()
 
 
