@@ -442,6 +442,18 @@ def test_an_edge_store_is_opened_by_one_owner_at_a_time(tmp_path, make):
     second.close()
 
 
+def test_an_edge_store_that_fails_to_open_lets_its_directory_go(tmp_path):
+    """Turning on image vectors over a data dir written without them is refused, and the refusal leaves the
+    directory free for the store that fits it."""
+    EdgeVectorStore(tmp_path, dim=DIM).close()
+    with pytest.raises(ValueError, match="without the 'image' vector"):
+        EdgeVectorStore(tmp_path, dim=DIM, image_dim=4)
+    store = EdgeVectorStore(tmp_path, dim=DIM)
+    store.upsert(UNITS)
+    assert store.count() == 4
+    store.close()
+
+
 def test_query_syntax_never_reaches_fts():
     assert match_expression('glacier" OR tenant_id:* NEAR(') == '"glacier" OR "tenant" OR "id" OR "near"'
     assert match_expression("  ") is None

@@ -409,6 +409,16 @@ class _Shards:
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         raise NotImplementedError
 
+    def _open_shards(self, open_one, optimize_every: int) -> None:
+        """Own the store directory, then open one shard per kind; a shard that fails to open lets the directory go."""
+        self._own()
+        try:
+            self.shards = {kind: open_one(kind) for kind in UNIT_KINDS}
+        except BaseException:
+            self._lock.close()
+            raise
+        self._opened(optimize_every)
+
     def _own(self) -> None:
         """Take the store directory for this store alone: the engine locks nothing once its shards have no
         write-ahead log, and two writers of one shard would corrupt it. The lock goes with the process."""
@@ -486,11 +496,9 @@ class EdgeVectorStore(_Shards):
     def __init__(self, path: str | Path, dim: int = 384, image_dim: int | None = None,
                  optimize_every: int = OPTIMIZE_EVERY):
         self.path = Path(path)
-        self._own()
         self.dim = dim
         self.image_dim = image_dim
-        self.shards = {kind: self._open(kind) for kind in UNIT_KINDS}
-        self._opened(optimize_every)
+        self._open_shards(self._open, optimize_every)
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         vectors = {TEXT_VECTOR: _vector_params(self.dim)}
@@ -568,13 +576,11 @@ class EdgeBM25Store(_Shards):
 
     def __init__(self, path: str | Path, optimize_every: int = OPTIMIZE_EVERY):
         self.path = Path(path)
-        self._own()
         # Qdrant's defaults (k 1.2, b 0.75, avg_len 256). Setting avg_len to the measured length of chat
         # turns (12 tokens) lost 0.05 recall@10 on the single-turn list; the default's weaker length
         # normalisation suits short turns.
         self.model = Bm25(Bm25Config(language="english"))
-        self.shards = {kind: open_shard(self.path / kind, self._config(kind)) for kind in UNIT_KINDS}
-        self._opened(optimize_every)
+        self._open_shards(lambda kind: open_shard(self.path / kind, self._config(kind)), optimize_every)
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         # As for dense vectors: score the points the filter selects rather than walk the inverted index of
