@@ -383,52 +383,6 @@ def test_edge_shards_of_the_earlier_layout_are_migrated(tmp_path, make):
 
 @pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
                          ids=["vectors", "bm25"])
-def test_edge_shards_with_a_write_ahead_log_are_rewritten_without_one(tmp_path, make, monkeypatch):
-    """Shards of earlier versions keep a write-ahead log, which holds every point ever written, erased ones
-    included, and cannot be dropped: they are copied into shards without one when first opened. Searches find
-    what they found, a deleted point is in no file any more, and a second open rewrites nothing."""
-    import json
-    import shutil
-
-    import indexer.stores.edge as edge
-
-    def earlier(*args, wal_enabled=None, **kwargs):
-        return edge_config(*args, **kwargs)
-
-    edge_config = edge.EdgeConfig
-    monkeypatch.setattr(edge, "EdgeConfig", earlier)
-    store = make(tmp_path)
-    store.upsert(UNITS + [unit("gone", "glacier secret", 4)])
-    store.delete([unit("gone", "", 0).unit_id])
-    store.close()
-    monkeypatch.setattr(edge, "EdgeConfig", edge_config)
-    gone = uuid.UUID(unit("gone", "", 0).unit_id)
-
-    def holding():
-        return [p for p in tmp_path.rglob("*") if p.is_file() and (gone.bytes in p.read_bytes()
-                                                                    or str(gone).encode() in p.read_bytes())]
-
-    assert (tmp_path / "turn" / "wal").is_dir() and holding()
-    store = make(tmp_path)
-    assert not (tmp_path / "turn" / "wal").exists() and holding() == []
-    assert json.loads((tmp_path / "turn" / "edge_config.json").read_text())["wal_enabled"] is False
-    assert set(search(store, "glacier", 1, SearchFilter("t1", "ann"))) == {"a", "b", "d"}
-    assert search(store, "glacier", 1, SearchFilter("t1", "bob", conversation_id="c2")) == ["d"]
-    store.close()
-    segments = sorted(p.name for p in (tmp_path / "turn" / "segments").iterdir())
-    # A rewrite interrupted after the shard was moved aside is finished; an unfinished copy is dropped.
-    shutil.copytree(tmp_path / "window", tmp_path / "window.rewrite")
-    (tmp_path / "fragment").rename(tmp_path / "fragment.old")
-    shutil.copytree(tmp_path / "fragment.old", tmp_path / "fragment.rewrite")
-    store = make(tmp_path)
-    assert sorted(p.name for p in (tmp_path / "turn" / "segments").iterdir()) == segments
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fragment", "layout", "lock", "turn", "window"]
-    assert store.count() == 4 and set(search(store, "glacier", 1, SearchFilter("t1", "ann"))) == {"a", "b", "d"}
-    store.close()
-
-
-@pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
-                         ids=["vectors", "bm25"])
 def test_an_edge_store_is_opened_by_one_owner_at_a_time(tmp_path, make):
     """Two writers of the same shards would corrupt them: a second opener gets a clear error until the first
     closes (the lock is on an open file, so a second process is refused the same way)."""

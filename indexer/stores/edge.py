@@ -39,15 +39,12 @@ random 384-d vectors, a tenant AND participant filter, top 30) and what the data
   ``SEGMENTS``): the BM25 turn list of a 100k-fragment, one-tenant corpus took 3.8 ms on two segments and two
   threads against 7.3 ms on one segment, with the same scores.
 
-* No write-ahead log (``wal_enabled=False``): the engine truncates its log only below the last closed segment
-  of 32 MiB, so the log held the vectors and hashed terms of every point written, erased ones included, long
-  after an erasure. Each write is flushed to the segments before it returns instead (about 10 ms a shard
-  written); the state, not these files, is the record (``tessera reindex``). Shards created with a log are
-  copied into shards without one when first opened (``_rewrite``).
-
 The payload holds ids, participants and times, never text; the BM25 shards hold hashed term ids and weights
 and the vector shards embeddings, both of which can be turned back into words, so an erasure rebuilds every
-segment that holds an erased point (``compact``). A store directory has one owner at a time (``_own``): the
+segment that holds an erased point (``compact``). The write-ahead log keeps its last 32 MiB segments, erased
+points' operations included, until later writes push them out: a shard without a log (``wal_enabled=False``)
+would need each write flushed before it returns, and streaming one event at a time into the dev split then
+took 12 events/s against 104 with the log. A store directory has one owner at a time (``_own``): the
 multi-process local stack uses the ``sqlite`` store or a Qdrant server.
 """
 
@@ -221,13 +218,7 @@ def open_shard(directory: Path, config: EdgeConfig) -> EdgeShard:
     today's parameters, and every segment rebuilt by the optimizer, which rebuilds segments whose
     configuration differs from the shard's (the int8 vectors' memory): for the 100k-fragment bench corpus, after
     packing its hits, 2.5 minutes for both stores."""
-    _finish_rewrite(directory)
     if (directory / "edge_config.json").exists():
-        if _has_wal(directory):
-            old = EdgeShard.load(str(directory))
-            if not _layout_is_current(directory.parent):
-                _pack_hits(old)
-            return _rewrite(old, directory, config)
         shard = EdgeShard.load(str(directory), config)
         if not _layout_is_current(directory.parent):
             _pack_hits(shard)
@@ -237,62 +228,6 @@ def open_shard(directory: Path, config: EdgeConfig) -> EdgeShard:
     shard = EdgeShard.create(str(directory), config)
     _index_payload(shard)
     return shard
-
-
-def _has_wal(directory: Path) -> bool:
-    """Whether a shard was created with a write-ahead log (every shard before ``wal_enabled=False``)."""
-    import json
-
-    return json.loads((directory / "edge_config.json").read_text()).get("wal_enabled", True) is not False
-
-
-def _rewrite(old: EdgeShard, directory: Path, config: EdgeConfig, batch: int = UPSERT_BATCH) -> EdgeShard:
-    """Copy a shard's live points into a new shard of ``config`` and put it in the old one's place.
-
-    The engine never truncates its write-ahead log below the last closed segment of 32 MiB, and a shard
-    cannot drop its log once created: the only way to a shard without one (and without the vectors and
-    hashed terms of points erased before) is a new shard. A one-off on the first open by this version;
-    an interrupted rewrite starts again, a finished one whose swap was interrupted is completed
-    (``_finish_rewrite``)."""
-    import shutil
-
-    fresh = _sibling(directory, "rewrite")
-    shutil.rmtree(fresh, ignore_errors=True)
-    shard = EdgeShard.create(str(fresh), config)
-    _index_payload(shard)
-    offset = None
-    while True:
-        records, offset = old.scroll(ScrollRequest(offset=offset, limit=batch, with_payload=True, with_vector=True))
-        if records:
-            shard.update(UpdateOperation.upsert_points([Point(id=r.id, vector=r.vector, payload=r.payload)
-                                                        for r in records]))
-        if offset is None:
-            break
-    old.close()
-    shard.optimize()
-    shard.flush()
-    shard.close()
-    directory.rename(_sibling(directory, "old"))
-    fresh.rename(directory)
-    shutil.rmtree(_sibling(directory, "old"))
-    return EdgeShard.load(str(directory), config)
-
-
-def _sibling(directory: Path, what: str) -> Path:
-    return directory.with_name(f"{directory.name}.{what}")
-
-
-def _finish_rewrite(directory: Path) -> None:
-    """Complete or drop what an interrupted ``_rewrite`` left: a finished copy replaces a shard that was moved
-    aside; an unfinished one (the shard still in place) is removed."""
-    import shutil
-
-    fresh, aside = _sibling(directory, "rewrite"), _sibling(directory, "old")
-    if fresh.exists() and not directory.exists() and aside.exists():
-        fresh.rename(directory)
-    shutil.rmtree(fresh, ignore_errors=True)
-    if directory.exists():
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def optimized(shard: EdgeShard, directory: Path) -> EdgeShard:
@@ -373,7 +308,6 @@ class _Shards:
                 continue
             for start in range(0, len(batch), UPSERT_BATCH):
                 self.shards[kind].update(UpdateOperation.upsert_points(batch[start:start + UPSERT_BATCH]))
-            self.shards[kind].flush()
             self._written(kind, len(batch))
 
     def delete(self, unit_ids: Sequence[str]) -> None:
@@ -383,9 +317,7 @@ class _Shards:
                 shard.update(UpdateOperation.delete_points(list(unit_ids)))
                 # Ids go to every shard (a unit id does not name its kind): count only what left this one.
                 gone = held - shard.info().points_count
-                if gone:
-                    shard.flush()
-                    self._deleted[kind] += gone
+                self._deleted[kind] += gone
                 self._written(kind, gone)
 
     def _written(self, kind: str, points: int) -> None:
@@ -420,8 +352,9 @@ class _Shards:
         self._opened(optimize_every)
 
     def _own(self) -> None:
-        """Take the store directory for this store alone: the engine locks nothing once its shards have no
-        write-ahead log, and two writers of one shard would corrupt it. The lock goes with the process."""
+        """Take the store directory for this store alone, before any shard is opened: two writers of one shard
+        would corrupt it, and the engine's own lock (on a shard's log) neither names the cause nor covers shards
+        created without a log. The lock goes with the process."""
         import fcntl
 
         self.path.mkdir(parents=True, exist_ok=True)
@@ -449,8 +382,7 @@ class _Shards:
     def compact(self) -> None:
         """After an erasure: rebuild every segment that holds a deleted point, so that no file keeps the vectors
         or hashed terms of an erased unit (the optimizer's own threshold would leave a segment until a fifth
-        of it is deleted). Only shards with deletes since their last compaction are touched. A shard has no
-        write-ahead log (``wal_enabled=False``), so nothing else holds them."""
+        of it is deleted). Only shards with deletes since their last compaction are touched."""
         for kind in [kind for kind, deleted in self._deleted.items() if deleted]:
             directory = self.path / kind
             self.shards[kind].close()
@@ -508,7 +440,7 @@ class EdgeVectorStore(_Shards):
             vectors=vectors,
             hnsw_config=HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=FULL_SCAN_THRESHOLD),
             quantization_config=ScalarQuantizationConfig(type=ScalarType.Int8, quantile=0.99, memory=INDEX_MEMORY),
-            optimizers=optimizers, payload_memory=Memory.Cached, max_search_threads=SEARCH_THREADS, wal_enabled=False,
+            optimizers=optimizers, payload_memory=Memory.Cached, max_search_threads=SEARCH_THREADS,
         )
 
     def _with_image(self, kind: str) -> bool:
@@ -588,7 +520,7 @@ class EdgeBM25Store(_Shards):
         # took 19 ms the other way, 6.6 ms this way.
         sparse = EdgeSparseVectorParams(modifier=Modifier.Idf, full_scan_threshold=FULL_SCAN_THRESHOLD)
         return EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: sparse}, optimizers=optimizers,
-                          payload_memory=Memory.Cached, max_search_threads=SEARCH_THREADS, wal_enabled=False)
+                          payload_memory=Memory.Cached, max_search_threads=SEARCH_THREADS)
 
     def upsert(self, units: Sequence[Unit]) -> None:
         self._batches(units, lambda u: Point(id=u.unit_id, vector={BM25_VECTOR: self.model.embed_document(u.text)},
