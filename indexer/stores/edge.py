@@ -69,7 +69,7 @@ TEXT_VECTOR = "text"
 IMAGE_VECTOR = "image"
 #: Far above any shard: filtered searches always take the payload-index path, never the empty graph.
 FULL_SCAN_THRESHOLD = 2**31 - 1
-#: Points per update operation: bounds the memory the engine takes for one.
+#: Points per update operation: bounds the memory of one WAL record.
 UPSERT_BATCH = 1024
 #: Points written to a shard (upserted or deleted) before its optimizer first runs; later runs wait until the
 #: shard has taken as many points again as it held at the last run (``_written``).
@@ -419,7 +419,7 @@ def _tenant(tenant_id: str) -> Filter:
 
 
 class EdgeVectorStore(_Shards):
-    """Qdrant's engine in the process: segments, payload indexes, int8 quantization."""
+    """Qdrant's engine in the process: WAL, segments, payload indexes, int8 quantization."""
 
     #: A search holds the GIL (two threads: 1.23 ms a search against 1.46 ms one after the other), so a
     #: query's lists recalled on threads only queue: recall took 11.0 ms that way at 10k fragments, 8.4 in turn.
