@@ -304,8 +304,6 @@ class _Shards:
                 raise ValueError(f"unit {unit.unit_id}: unknown kind {unit.kind!r}")
             points[unit.kind].append(point(unit))
         for kind, batch in points.items():
-            if not batch:
-                continue
             for start in range(0, len(batch), UPSERT_BATCH):
                 self.shards[kind].update(UpdateOperation.upsert_points(batch[start:start + UPSERT_BATCH]))
             self._written(kind, len(batch))
