@@ -326,6 +326,25 @@ def test_deleting_ids_a_shard_does_not_hold_does_not_run_its_optimizer(tmp_path)
     store.close()
 
 
+@pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
+                         ids=["vectors", "bm25"])
+def test_an_erasure_whose_log_does_not_turn_over_fails_loudly(tmp_path, monkeypatch, make):
+    """Padding the log has a bound; past it the erasure says the log may still hold erased operations rather
+    than report success."""
+    from indexer.stores import edge
+
+    store = make(tmp_path / "s")
+    store.upsert([unit(f"u{i}", "glacier", i % DIM) for i in range(5)])
+    store.delete([unit("u0", "glacier", 0).unit_id])
+    monkeypatch.setattr(edge, "_TURN_OVER_LIMIT_MB", 0)
+    with pytest.raises(RuntimeError, match="write-ahead log kept its segments"):
+        store.compact()
+    monkeypatch.undo()
+    store.compact()
+    assert store.count() == 4
+    store.close()
+
+
 def test_edge_shards_written_with_earlier_optimizer_settings_take_todays(tmp_path):
     import json
 

@@ -41,11 +41,12 @@ random 384-d vectors, a tenant AND participant filter, top 30) and what the data
 
 The payload holds ids, participants and times, never text; the BM25 shards hold hashed term ids and weights
 and the vector shards embeddings, both of which can be turned back into words, so an erasure rebuilds every
-segment that holds an erased point (``compact``). The write-ahead log keeps its last 32 MiB segments, erased
-points' operations included, until later writes push them out: a shard without a log (``wal_enabled=False``)
-would need each write flushed before it returns, and streaming one event at a time into the dev split then
-took 12 events/s against 104 with the log. A store directory has one owner at a time (``_own``): the
-multi-process local stack uses the ``sqlite`` store or a Qdrant server.
+segment that holds an erased point and turns the write-ahead log over first (``compact``, ``turn_log_over``):
+the log keeps its last 32 MiB segments, erased points' operations included, until later writes push them out.
+A shard without a log (``wal_enabled=False``, fixed when the shard is created) would need each write flushed
+before it returns: streaming one event at a time into the dev split then took 12 events/s against 104 with the
+log. A shard deletes only the ids it holds, so no other shard's log ever names an erased unit. A store directory
+has one owner at a time (``_own``): the multi-process local stack uses the ``sqlite`` store or a Qdrant server.
 """
 
 from __future__ import annotations
@@ -230,14 +231,60 @@ def open_shard(directory: Path, config: EdgeConfig) -> EdgeShard:
     return shard
 
 
-def optimized(shard: EdgeShard, directory: Path) -> EdgeShard:
+def optimized(shard: EdgeShard, directory: Path, run_with: EdgeConfig | None = None,
+              config: EdgeConfig | None = None) -> EdgeShard:
     """Run the shard's optimizer, then load the shard again: the engine keeps in memory what a run built
     until the shard is loaded from its files (a 10k-fragment build peaked at 482 MiB of the process's own
-    memory without the reload, 229 MiB with it; the loaded shard maps the same segments)."""
+    memory without the reload, 229 MiB with it; the loaded shard maps the same segments).
+
+    ``run_with``: the configuration of this run only (the shard is loaded with it first), the shard then
+    goes on with ``config`` (None: the one it has)."""
+    if run_with is not None:
+        shard.close()
+        shard = EdgeShard.load(str(directory), run_with)
     shard.optimize()
     shard.flush()
     shard.close()
-    return EdgeShard.load(str(directory))
+    return EdgeShard.load(str(directory), config)
+
+
+#: Payload of one operation that turns the write-ahead log over (``turn_log_over``), MiB.
+_TURN_OVER_MB = 8
+#: Most the log is padded per shard before it is called stuck: its segments are 32 MiB, and three turn over.
+_TURN_OVER_LIMIT_MB = 1024
+#: Point the padding is written to: unit points have UUIDs, so an integer id is never a unit's.
+_TURN_OVER_POINT = 0
+
+
+def _log_segments(directory: Path) -> dict[str, int]:
+    """The shard's write-ahead log segment files by name (``open-N``, ``closed-N``), with their inodes: a segment
+    keeps its inode when the log closes it (``open-N`` becomes ``closed-M``) until the log drops it."""
+    return {p.name: p.stat().st_ino for p in (directory / "wal").iterdir() if p.name.startswith(("open-", "closed-"))}
+
+
+def turn_log_over(shard: EdgeShard, directory: Path) -> int:
+    """Write padding until every log segment that holds an operation written so far has left the log; returns the
+    MiB written. The engine drops a segment only once later writes have filled it and the next one and the shard
+    is flushed, so an erased unit's operations (its vectors and hashed terms) would otherwise stay in the log.
+    The segments that hold operations are the closed ones and the first open one (the later open ones are
+    allocated ahead, still empty). The padding is one point's payload, written over and deleted: about 100 MiB
+    a shard, 0.2 s."""
+    segments = _log_segments(directory)
+    first_open = min((n for n in segments if n.startswith("open-")), key=lambda n: int(n[5:]), default=None)
+    held = {ino for name, ino in segments.items() if name.startswith("closed-") or name == first_open}
+    pad = {"pad": "x" * (_TURN_OVER_MB << 20)}
+    written = 0
+    while held & set(_log_segments(directory).values()):
+        if written >= _TURN_OVER_LIMIT_MB:
+            raise RuntimeError(f"{directory / 'wal'}: the write-ahead log kept its segments after {written} MiB of"
+                               " padding; erased units' operations may still be in it")
+        for _ in range(4):
+            shard.update(UpdateOperation.upsert_points([Point(id=_TURN_OVER_POINT, vector={}, payload=pad)]))
+        written += 4 * _TURN_OVER_MB
+        shard.flush()
+    shard.update(UpdateOperation.delete_points([_TURN_OVER_POINT]))
+    shard.flush()
+    return written
 
 
 def _index_payload(shard: EdgeShard) -> None:
@@ -309,14 +356,15 @@ class _Shards:
             self._written(kind, len(batch))
 
     def delete(self, unit_ids: Sequence[str]) -> None:
+        """A unit id does not name its kind: each shard deletes the ids it holds, and a shard that holds none
+        writes nothing (its log would keep the ids until an erasure turns it over, ``compact``)."""
         if unit_ids:
             for kind, shard in self.shards.items():
-                held = shard.info().points_count
-                shard.update(UpdateOperation.delete_points(list(unit_ids)))
-                # Ids go to every shard (a unit id does not name its kind): count only what left this one.
-                gone = held - shard.info().points_count
-                self._deleted[kind] += gone
-                self._written(kind, gone)
+                held = [record.id for record in shard.retrieve(list(unit_ids), with_payload=False, with_vector=False)]
+                if held:
+                    shard.update(UpdateOperation.delete_points(held))
+                    self._deleted[kind] += len(held)
+                    self._written(kind, len(held))
 
     def _written(self, kind: str, points: int) -> None:
         """Run the shard's optimizer once the points written since its last run reach ``optimize_every`` and
@@ -378,17 +426,15 @@ class _Shards:
         return sum(shard.count(CountRequest(exact=True, filter=flt)) for shard in self.shards.values())
 
     def compact(self) -> None:
-        """After an erasure: rebuild every segment that holds a deleted point, so that no file keeps the vectors
-        or hashed terms of an erased unit (the optimizer's own threshold would leave a segment until a fifth
-        of it is deleted). Only shards with deletes since their last compaction are touched."""
+        """After an erasure: turn the write-ahead log over and rebuild every segment that holds a deleted point,
+        so that no file keeps the vectors or hashed terms of an erased unit (the optimizer's own threshold would
+        leave a segment until a fifth of it is deleted). Only shards with deletes since their last compaction
+        are touched."""
         for kind in [kind for kind, deleted in self._deleted.items() if deleted]:
             directory = self.path / kind
-            self.shards[kind].close()
-            shard = EdgeShard.load(str(directory), self._config(kind, _VACUUM_ALL))
-            shard.optimize()
-            shard.flush()
-            shard.close()
-            self.shards[kind] = EdgeShard.load(str(directory), self._config(kind))
+            turn_log_over(self.shards[kind], directory)
+            self.shards[kind] = optimized(self.shards[kind], directory, self._config(kind, _VACUUM_ALL),
+                                          self._config(kind))
             self._optimized[kind] = self.shards[kind].info().points_count
             self._pending[kind] = self._deleted[kind] = 0
 
