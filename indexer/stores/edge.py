@@ -256,25 +256,37 @@ _TURN_OVER_LIMIT_MB = 1024
 _TURN_OVER_POINT = 0
 
 
-def _log_segments(directory: Path) -> dict[str, int]:
-    """The shard's write-ahead log segment files by name (``open-N``, ``closed-N``), with their inodes: a segment
-    keeps its inode when the log closes it (``open-N`` becomes ``closed-M``) until the log drops it."""
-    return {p.name: p.stat().st_ino for p in (directory / "wal").iterdir() if p.name.startswith(("open-", "closed-"))}
+def _log_position(directory: Path) -> tuple[int, list[int]]:
+    """The last operation the shard's write-ahead log has acknowledged as flushed, and where each of its closed
+    segments starts: the log names a closed segment ``closed-<index of its first operation>`` and keeps the
+    acknowledged index in ``first-index``. A log not written that way fails the erasure (``turn_log_over``)."""
+    import json
+
+    wal = directory / "wal"
+    try:
+        acknowledged = int(json.loads((wal / "first-index").read_text())["ack_index"])
+        starts = [int(p.name[len("closed-"):]) for p in wal.iterdir() if p.name.startswith("closed-")]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"{wal}: cannot tell which operations the write-ahead log holds ({e}); erased units'"
+                           " operations may still be in it") from None
+    return acknowledged, starts
 
 
 def turn_log_over(shard: EdgeShard, directory: Path) -> int:
-    """Write padding until every log segment that holds an operation written so far has left the log; returns the
-    MiB written. The engine drops a segment only once later writes have filled it and the next one and the shard
-    is flushed, so an erased unit's operations (its vectors and hashed terms) would otherwise stay in the log.
-    The segments that hold operations are the closed ones and the first open one (the later open ones are
-    allocated ahead, still empty). The padding is one point's payload, written over and deleted: about 100 MiB
-    a shard, 0.2 s."""
-    segments = _log_segments(directory)
-    first_open = min((n for n in segments if n.startswith("open-")), key=lambda n: int(n[5:]), default=None)
-    held = {ino for name, ino in segments.items() if name.startswith("closed-") or name == first_open}
+    """Write padding until no log segment holds an operation written so far; returns the MiB written. The engine
+    drops a closed segment once later writes have filled the next one and the shard is flushed, so an erased
+    unit's operations (its vectors and hashed terms) would otherwise stay in the log. Every operation up to the
+    one acknowledged now has left the log once every closed segment starts after it (the open segment follows
+    the closed ones; the segments allocated ahead are new, zero-filled files). The padding is one point's
+    payload, written over and deleted: 64 to 96 MiB a shard, about 0.2 s."""
+    shard.flush()
+    erased, _ = _log_position(directory)
     pad = {"pad": "x" * (_TURN_OVER_MB << 20)}
     written = 0
-    while held & set(_log_segments(directory).values()):
+    while True:
+        _, starts = _log_position(directory)
+        if starts and min(starts) > erased:
+            break
         if written >= _TURN_OVER_LIMIT_MB:
             raise RuntimeError(f"{directory / 'wal'}: the write-ahead log kept its segments after {written} MiB of"
                                " padding; erased units' operations may still be in it")
@@ -282,8 +294,9 @@ def turn_log_over(shard: EdgeShard, directory: Path) -> int:
             shard.update(UpdateOperation.upsert_points([Point(id=_TURN_OVER_POINT, vector={}, payload=pad)]))
         written += 4 * _TURN_OVER_MB
         shard.flush()
-    shard.update(UpdateOperation.delete_points([_TURN_OVER_POINT]))
-    shard.flush()
+    if written:
+        shard.update(UpdateOperation.delete_points([_TURN_OVER_POINT]))
+        shard.flush()
     return written
 
 
