@@ -76,3 +76,29 @@ def test_a_window_reads_the_two_turns_before_and_the_one_after_and_weighs_its_ow
     assert windows["m4"].text == " ".join(render_turn(t) for t in turns[2:5])
     expected = np.array([1, 1, 3, 1, 0], dtype=np.float32)
     np.testing.assert_allclose(windows["m2"].vector, expected / np.linalg.norm(expected), rtol=1e-6)
+
+
+def test_feedback_lifts_the_candidates_that_share_the_best_turns_words():
+    """The best turns of a question about camping name the places; a turn naming them without the question's
+    words rises over one that names neither, and the best turn stays first."""
+    from indexer.query.hybrid import Candidate, SearchConfig
+
+    texts = {"m0": "Mel: we went camping at Lake Tahoe with the kids", "m1": "Mel: camping again, Tahoe in June",
+             "m2": "Mel: camping is the best", "m3": "Sam: what a week at work",
+             "m4": "Mel: the kids still talk about Tahoe and the pine forest", "m5": "Sam: my pizza was cold lol"}
+    scores = {"m0": 1.0, "m1": 0.9, "m2": 0.8, "m3": 0.31, "m4": 0.3, "m5": 0.29}
+
+    def candidates():
+        return {m: Candidate(m, "c1", "f1", ["mel"], score) for m, score in scores.items()}
+
+    def texts_of(ranked):
+        return {(c.conversation_id, c.message_id): texts[c.message_id] for c in ranked}
+
+    lifted = candidates()
+    HybridSearcher(None, None).feedback(lifted, texts_of)
+    order = sorted(lifted, key=lambda m: -lifted[m].score)
+    assert order[0] == "m0" and order.index("m4") < order.index("m3") and order.index("m4") < order.index("m5")
+    assert lifted["m5"].score == scores["m5"], "a turn sharing no word of the best turns gains nothing"
+    unchanged = candidates()
+    HybridSearcher(None, None, SearchConfig(feedback_turns=0)).feedback(unchanged, texts_of)
+    assert {m: c.score for m, c in unchanged.items()} == scores

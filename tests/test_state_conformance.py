@@ -75,6 +75,21 @@ def test_turns_stamps_tombstones_and_vectors(make_state):
     assert state.get_turn("t", "c", "m1") is None and state.senders_named("t", ["ann"]) == {"ann"}
 
 
+def test_turns_are_read_by_key_across_conversations_of_one_tenant(make_state):
+    state = make_state()
+    with state.transaction():
+        state.put_turns("t", "c1", [(turn("m1", "one", 1), None, (1.0, "e1")), (turn("m2", "two", 2), None, (2.0, "e2"))])
+        state.put_turns("t", "c2", [(turn("m1", "uno", 1), None, (3.0, "e3"))])
+        state.put_turns("t2", "c1", [(turn("m2", "other tenant", 2), None, (4.0, "e4"))])
+        state.set_vectors("t", "c1", [("m1", np.full(4, 0.5, dtype=np.float32), None)])
+    found = state.turns_by_key("t", [("c1", "m1"), ("c2", "m1"), ("c1", "m9"), ("c3", "m1")])
+    assert {key: t.text for key, t in found.items()} == {("c1", "m1"): "one", ("c2", "m1"): "uno"}
+    assert found[("c1", "m1")].vector is None, "read without vectors"
+    assert {key: t.text for key, t in state.turns_by_key("t2", [("c1", "m2"), ("c1", "m1")]).items()} == \
+        {("c1", "m2"): "other tenant"}, "one tenant's turns"
+    assert state.turns_by_key("t", []) == {}
+
+
 def test_participants_and_erasure(make_state):
     state = make_state()
     assert state.conversation("t", "c") is None

@@ -129,6 +129,7 @@ class Searcher:
         t3 = time.perf_counter()
         named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(search_text))))
         candidates = self.hybrid.fuse(lists, named)
+        self.hybrid.feedback(candidates, lambda ranked: self._texts(job.tenant_id, ranked))
         timings["fusion"] = (time.perf_counter() - t3) * 1000
         t4 = time.perf_counter()
         reason = vlm_available and job.reasoning != "fast"
@@ -170,6 +171,11 @@ class Searcher:
     @staticmethod
     def _error(job: QueryJob, code: str, message: str) -> Result:
         return Result.failure(job.job_id, code, message)
+
+    def _texts(self, tenant_id: str, candidates) -> dict[tuple[str, str], str]:
+        """The rendered text of candidate turns (``HybridSearcher.feedback``)."""
+        keys = [(cand.conversation_id, cand.message_id) for cand in candidates]
+        return {key: render_turn(turn) for key, turn in self.state.turns_by_key(tenant_id, keys).items()}
 
     @staticmethod
     def _view(span: Span, record: FragmentRecord, turns: dict[str, Turn], user_id: str) -> SpanView:

@@ -69,6 +69,10 @@ class ConversationState(Protocol):
 
     def turns_by_id(self, tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> dict[str, Turn]: ...
 
+    def turns_by_key(self, tenant_id: str, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Turn]:
+        """Turns of any conversations by (conversation, message), in one read and without their vectors: what a
+        query reads of its best candidates."""
+
     def turns_without_vector(self, tenant_id: str, conversation_id: str) -> list[Turn]: ...
 
     def conversations_of_sender(self, tenant_id: str, sender_id: str) -> list[str]: ...

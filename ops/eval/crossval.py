@@ -34,6 +34,8 @@ GRID: dict[str, tuple] = {
     "span_max_turns": (1, 2),
     "dense_depth": (100, 300),
     "keyword_depth": (50, 200),
+    "feedback_turns": (0, 4),
+    "feedback_weight": (0.1, 0.3),
 }
 
 
