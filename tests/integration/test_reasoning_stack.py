@@ -17,9 +17,11 @@ from workers.runtime import REASONER_KEY
 INDEX_TIMEOUT = 240
 
 
-def job(job_id: str, reasoning: str) -> bytes:
+def job(job_id: str, reasoning: str, conversation_id: str | None = None) -> bytes:
+    """A query job; one pinned to a conversation is never answered by a clarifying question."""
     return json.dumps({"schema": QUERY_SCHEMA, "job_id": job_id, "tenant_id": "acme", "user_id": "dev",
-                       "query": "chickpea curry recipe", "top_k": 2, "reasoning": reasoning}).encode()
+                       "query": "chickpea curry recipe", "top_k": 2, "reasoning": reasoning,
+                       "filters": {"conversation_id": conversation_id}}).encode()
 
 
 def results(wanted: set[str]):
@@ -70,6 +72,8 @@ def test_a_vlm_that_does_not_load_is_not_announced(stack, demo_events, tmp_path,
     assert not r.exists(REASONER_KEY)
     produce(demo_events[:40])
     wait_until(lambda: indexed(stack.data_dir, 40), INDEX_TIMEOUT, "indexed")
-    produce_queries([job("auto-broken", "auto")])
+    # The first 40 events hold no curry: over unrelated turns a clarifying question is as right an answer as
+    # any, and this test is about who reasons, so the job names a conversation.
+    produce_queries([job("auto-broken", "auto", "acme-team-platform")])
     got = wait_until(lambda: results({"auto-broken"}), 120, "the result")
     assert got["auto-broken"]["status"] == "ok" and got["auto-broken"]["reasoned_by"] == "cpu"
