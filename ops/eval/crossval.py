@@ -36,6 +36,7 @@ GRID: dict[str, tuple] = {
     "keyword_depth": (50, 200),
     "feedback_turns": (0, 4),
     "feedback_weight": (0.1, 0.3),
+    "feedback_depth": (20, 50),
 }
 
 
