@@ -280,13 +280,10 @@ def turn_log_over(shard: EdgeShard, directory: Path) -> int:
     the closed ones; the segments allocated ahead are new, zero-filled files). The padding is one point's
     payload, written over and deleted: 64 to 96 MiB a shard, about 0.2 s."""
     shard.flush()
-    erased, _ = _log_position(directory)
+    erased, starts = _log_position(directory)
     pad = {"pad": "x" * (_TURN_OVER_MB << 20)}
     written = 0
-    while True:
-        _, starts = _log_position(directory)
-        if starts and min(starts) > erased:
-            break
+    while not starts or min(starts) <= erased:
         if written >= _TURN_OVER_LIMIT_MB:
             raise RuntimeError(f"{directory / 'wal'}: the write-ahead log kept its segments after {written} MiB of"
                                " padding; erased units' operations may still be in it")
@@ -294,6 +291,7 @@ def turn_log_over(shard: EdgeShard, directory: Path) -> int:
             shard.update(UpdateOperation.upsert_points([Point(id=_TURN_OVER_POINT, vector={}, payload=pad)]))
         written += 4 * _TURN_OVER_MB
         shard.flush()
+        _, starts = _log_position(directory)
     if written:
         shard.update(UpdateOperation.delete_points([_TURN_OVER_POINT]))
         shard.flush()
