@@ -76,7 +76,10 @@ class Turn:
         return bool(self.images)
 
 
+#: The kinds of unit a store holds. Ingest writes turns and windows (``INGESTED_KINDS``); fragment units are in
+#: data dirs written before a fragment's relevance came from its turns' hits, and go with their fragments.
 UNIT_KINDS = ("turn", "window", "fragment")
+INGESTED_KINDS = ("turn", "window")
 #: Named vectors: every unit has a ``text`` vector; turns whose images were embedded also an ``image`` one.
 VECTOR_NAMES = ("text", "image")
 #: Principal that stands for "everyone in the tenant": conversations without a participants list.

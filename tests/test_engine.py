@@ -83,13 +83,12 @@ def test_delete_conversation_and_forget_user_leave_no_trace(make_engine):
     assert engine.state.senders_named("t1", ["ann"]) == set()
     assert all(t.sender_id == "bob" for t in engine.state.turns("t1", "c1"))
     flt = SearchFilter("t1", "u1")
-    for kind in ("turn", "window", "fragment"):
+    for kind in ("turn", "window"):
         for hit in engine.keywords.search("Ann glacier sourdough laptop", kind, flt, 50):
             assert hit.payload["sender_ids"] == ["bob"]
-    texts = engine.keywords.search("Ann", "fragment", flt, 50)
-    assert texts == [], "the fragment text still holds the forgotten user's turns"
-    remaining = engine.vectors.count("t1")
-    assert remaining == 5 + len(engine.state.fragments("t1", "c1")), "a window per turn and the fragments"
+    texts = engine.keywords.search("Ann", "window", flt, 50)
+    assert texts == [], "a window of bob's turns still holds the forgotten user's turns"
+    assert engine.vectors.count("t1") == 5, "a window per turn"
 
 
 def test_tenant_and_participant_isolation(make_engine):
@@ -232,3 +231,40 @@ def test_spans_read_only_the_fragments_they_need_and_stay_the_same(make_engine):
         assert all(lazy[s.fragment_id].fragment_id == s.fragment_id for s in expected)
         if chunk == 1:
             assert len(lazy.records) < len(everything)
+
+
+def _fragment_units_as_written_before(engine, conversation_id: str):
+    """What ingest wrote for each fragment before fragments stopped being units: the fragment's text and mean vector."""
+    from indexer.ingest.units import keyword_units, unit_vector
+    from indexer.model import EVERYONE, Unit
+    from indexer.text import render_turn
+
+    units = []
+    for record in engine.state.fragments("t1", conversation_id):
+        turns = engine.state.turns_by_id("t1", conversation_id, record.message_ids)
+        members = [turns[m] for m in record.message_ids]
+        vectors = engine.embedder.encode([render_turn(t) for t in members])
+        units.append(Unit(record.fragment_id, "fragment", tenant_id="t1", conversation_id=conversation_id,
+                          fragment_id=record.fragment_id, visible_to=[EVERYONE], message_ids=list(record.message_ids),
+                          sender_ids=sorted({t.sender_id for t in members}), start_ts=record.start_at.timestamp(),
+                          end_ts=record.end_at.timestamp(), text="\n".join(render_turn(t) for t in members),
+                          vector=unit_vector(list(vectors))))
+    engine.vectors.upsert(units)
+    engine.keywords.upsert(keyword_units(units))
+    return units
+
+
+def test_fragment_units_of_a_data_dir_written_before_go_with_their_fragments_text(make_engine):
+    """A data dir written before holds a unit per fragment that search no longer reads: a deleted message's text
+    must still leave it, and an erased conversation's units all go."""
+    engine = make_engine()
+    engine.ingest(dialogue("c1"))
+    windows = engine.vectors.count("t1")
+    legacy = _fragment_units_as_written_before(engine, "c1")
+    assert engine.vectors.count("t1") == windows + len(legacy)
+    flt = SearchFilter("t1", "u1")
+    assert engine.keywords.search("Elm Street", "fragment", flt, 10)
+    engine.ingest([message("c1", 10, "bob", "", op="delete")])
+    assert engine.keywords.search("Elm Street", "fragment", flt, 10) == []
+    engine.delete_conversation("t1", "c1")
+    assert engine.vectors.count("t1") == 0 and engine.keywords.count("t1") == 0

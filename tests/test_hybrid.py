@@ -40,19 +40,19 @@ def searcher(tmp_path, embedder):
 def test_dense_evidence_comes_from_windows_and_turns_are_not_vector_indexed(searcher, embedder):
     query = "how long did the marathon take"
     lists = searcher.recall(query, embedder.encode([query])[0], SearchFilter("t1", "ann"))
-    assert set(lists) == {("bm25", "turn"), ("bm25", "window"), ("bm25", "fragment"), ("dense", "window"),
-                          ("dense", "fragment")}
+    assert set(lists) == {("bm25", "turn"), ("bm25", "window"), ("dense", "window")}
     assert {h.payload["message_ids"][0] for h in lists[("dense", "window")]} == {"m0", "m1", "m2", "m3"}
-    assert searcher.vectors.count("t1") == 4 + 1, "a window per turn and the fragment"
+    assert searcher.vectors.count("t1") == 4, "a window per turn, nothing for the fragment"
+    assert searcher.keywords.count("t1") == 4 + 4, "a turn and a window per turn, nothing for the fragment"
     assert searcher.vectors.search(embedder.encode([query])[0], "turn", SearchFilter("t1", "ann"), 10) == []
     candidates = searcher.fuse(lists, set())
     assert {c.message_id for c in candidates.values()} == {"m0", "m1", "m2", "m3"}
 
 
 def test_a_turn_with_an_image_keeps_its_vector_for_the_image_lists():
-    image = dataclasses.replace(fragment_units(*_fragment(1))[1], image_vector=np.ones(4, dtype=np.float32))
+    image = dataclasses.replace(fragment_units(*_fragment(1))[0], image_vector=np.ones(4, dtype=np.float32))
     kept = vector_units(fragment_units(*_fragment(2)) + [image])
-    assert sorted(u.kind for u in kept) == ["fragment", "turn", "window", "window"]
+    assert sorted(u.kind for u in kept) == ["turn", "window", "window"]
     assert [u.unit_id for u in kept if u.kind == "turn"] == [image.unit_id]
 
 
@@ -102,3 +102,29 @@ def test_feedback_lifts_the_candidates_that_share_the_best_turns_words():
     unchanged = candidates()
     HybridSearcher(None, None, SearchConfig(feedback_turns=0)).feedback(unchanged, texts_of)
     assert {m: c.score for m, c in unchanged.items()} == scores
+
+
+def _hit(fragment_id: str, message_id: str, score: float):
+    from indexer.model import Hit
+
+    return Hit(message_id, score, {"conversation_id": "c1", "fragment_id": fragment_id, "message_ids": [message_id],
+                                   "sender_ids": ["ann"], "start_ts": 0.0})
+
+
+def test_a_fragment_weighs_as_much_as_its_best_two_turns_in_each_list():
+    """Fragments are not searched as a whole: a turn gains its fragment's relevance from the fragment's best two
+    hits of each turn-level list, so two turns on the topic outweigh one, and a third weak one adds nothing."""
+    from indexer.query.hybrid import SearchConfig
+
+    lists = {("bm25", "turn"): [_hit("f1", "a1", 10.0), _hit("f2", "b1", 10.0), _hit("f2", "b2", 8.0),
+                                _hit("f3", "c1", 10.0), _hit("f3", "c2", 8.0), _hit("f3", "c3", 1.0),
+                                _hit("f4", "d1", 2.0)],
+             ("dense", "window"): [_hit("f1", "a1", 0.9), _hit("f2", "b1", 0.9), _hit("f3", "c1", 0.9),
+                                   _hit("f4", "d1", 0.1)]}
+    fused = HybridSearcher(None, None).fuse(lists, set())
+    score = {c.message_id: c.score for c in fused.values()}
+    assert score["b1"] > score["a1"], "a second turn on the topic lifts its fragment"
+    assert score["c1"] == pytest.approx(score["b1"]), "a third, weaker turn does not"
+    assert score["d1"] < score["a1"]
+    one = HybridSearcher(None, None, SearchConfig(fragment_turns=1)).fuse(lists, set())
+    assert one["c1\x1fb1"].score == pytest.approx(one["c1\x1fa1"].score), "with one turn, only the best counts"

@@ -328,6 +328,24 @@ def test_deleting_ids_a_shard_does_not_hold_does_not_run_its_optimizer(tmp_path)
 
 @pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
                          ids=["vectors", "bm25"])
+def test_an_edge_store_keeps_a_fragment_shard_only_where_fragment_units_were_written(tmp_path, make):
+    """Ingest writes no fragment units: a new store has no shard for them (its log alone maps 17 MB). A data dir
+    written before has one, and deletes must still reach it after a restart."""
+    store = make(tmp_path / "s")
+    assert set(store.shards) == {"turn", "window"}
+    assert store.search(*(("glacier",) if isinstance(store, EdgeBM25Store) else (np.eye(DIM)[0],)),
+                        "fragment", SearchFilter("t1", "ann"), 10) == []
+    store.upsert([unit("f1", "glacier", 0, kind="fragment"), unit("t1", "glacier", 1)])
+    store.close()
+    store = make(tmp_path / "s")
+    assert set(store.shards) == {"turn", "window", "fragment"} and store.count() == 2
+    store.delete([unit("f1", "glacier", 0).unit_id])
+    assert store.count() == 1
+    store.close()
+
+
+@pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
+                         ids=["vectors", "bm25"])
 def test_each_erasure_turns_the_log_over_though_earlier_ones_did(tmp_path, make):
     """The second erasure meets a log holding the first one's padding in closed segments: no file of the store
     names the erased points afterwards either. (Segment files are told apart by the index they start at, not by

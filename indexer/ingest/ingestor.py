@@ -221,7 +221,9 @@ class Ingestor:
         self.state.put_fragments(written)
         self.state.put_sender_aliases(tenant_id, conversation_id, aliases)
         self.state.delete_fragments(stale)
-        removed = stale + gone
+        # A data dir written before fragments stopped being units holds one per fragment (``units``): a rewritten
+        # fragment's would keep the text it had, deleted messages included.
+        removed = stale + [r.fragment_id for r in written] + gone
         if removed:
             self.vectors.delete(removed)
             self.keywords.delete(removed)

@@ -1,4 +1,8 @@
-"""What one fragment is indexed as: the fragment itself, and a turn and a window per member turn."""
+"""What one fragment is indexed as: a turn and a window per member turn.
+
+The fragment itself is not a unit: search weighs a fragment by its best turns' hits (``hybrid.SearchConfig.
+fragment_turns``). Data dirs written before hold fragment units; ingest still deletes them by id with their
+fragment, and ``tessera reindex`` rewrites a data dir without them."""
 
 from __future__ import annotations
 
@@ -42,14 +46,12 @@ def unit_vector(vectors: Sequence[np.ndarray], weights: Sequence[float] | None =
 
 def fragment_units(fragment: FragmentRecord, members: Sequence[Turn], visible_to: list[str],
                    version: int = 0) -> list[Unit]:
-    """The units ingest indexes for one fragment: the fragment, and a turn and a window per member."""
+    """The units ingest indexes for one fragment: a turn and a window per member."""
     texts = [render_turn(t) for t in members]
     vecs = [t.vector for t in members]
     common = dict(tenant_id=fragment.tenant_id, conversation_id=fragment.conversation_id,
                   fragment_id=fragment.fragment_id, visible_to=list(visible_to), version=version)
-    units = [Unit(fragment.fragment_id, "fragment", message_ids=list(fragment.message_ids),
-                  sender_ids=sorted({t.sender_id for t in members}), start_ts=fragment.start_at.timestamp(),
-                  end_ts=fragment.end_at.timestamp(), text="\n".join(texts), vector=unit_vector(vecs), **common)]
+    units: list[Unit] = []
     for i, turn in enumerate(members):
         ts = turn.sent_at.timestamp()
         base = dict(message_ids=[turn.message_id], sender_ids=[turn.sender_id], start_ts=ts, end_ts=ts, **common)

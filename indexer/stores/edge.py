@@ -1,7 +1,7 @@
 """The embedded vector and BM25 stores on Qdrant's own engine (``qdrant-edge-py``): no server, one process.
 
-One shard per unit kind under ``path`` (``turn``, ``window``, ``fragment``), so a search touches
-only the points of its kind. The configuration follows what was measured on this machine (issue 17:
+One shard per unit kind under ``path`` (``turn``, ``window``; ``fragment`` in data dirs written before
+fragments stopped being units), so a search touches only the points of its kind. The configuration follows what was measured on this machine (issue 17:
 random 384-d vectors, a tenant AND participant filter, top 30) and what the data looks like:
 
 * Every search carries a selective filter (tenant, then the user's conversations), so the points
@@ -63,7 +63,7 @@ from qdrant_edge import (
     ScalarQuantizationConfig, ScalarType, ScrollRequest, SearchParams, UpdateOperation,
 )
 
-from indexer.model import EVERYONE, UNIT_KINDS, Hit, SearchFilter, Unit
+from indexer.model import EVERYONE, INGESTED_KINDS, UNIT_KINDS, Hit, SearchFilter, Unit
 from indexer.stores.base import check_vectors
 
 TEXT_VECTOR = "text"
@@ -362,6 +362,10 @@ class _Shards:
                 raise ValueError(f"unit {unit.unit_id}: unknown kind {unit.kind!r}")
             points[unit.kind].append(point(unit))
         for kind, batch in points.items():
+            if not batch:
+                continue
+            if kind not in self.shards:
+                self._add_shard(kind)
             for start in range(0, len(batch), UPSERT_BATCH):
                 self.shards[kind].update(UpdateOperation.upsert_points(batch[start:start + UPSERT_BATCH]))
             self._written(kind, len(batch))
@@ -399,14 +403,22 @@ class _Shards:
         raise NotImplementedError
 
     def _open_shards(self, open_one, optimize_every: int) -> None:
-        """Own the store directory, then open one shard per kind; a shard that fails to open lets the directory go."""
+        """Own the store directory, then open a shard per kind ingest writes, and one per other kind the directory
+        holds (fragment units of data dirs written before, which deletes must reach); a shard that fails to open
+        lets the directory go. A shard of another kind opens when a unit of it is written (``_add_shard``)."""
         self._own()
+        self._open_one = open_one
         try:
-            self.shards = {kind: open_one(kind) for kind in UNIT_KINDS}
+            self.shards = {kind: open_one(kind) for kind in UNIT_KINDS
+                           if kind in INGESTED_KINDS or (self.path / kind).exists()}
         except BaseException:
             self._lock.close()
             raise
         self._opened(optimize_every)
+
+    def _add_shard(self, kind: str) -> None:
+        self.shards[kind] = self._open_one(kind)
+        self._pending[kind] = self._deleted[kind] = self._optimized[kind] = 0
 
     def _own(self) -> None:
         """Take the store directory for this store alone, before any shard is opened: two writers of one shard
@@ -522,9 +534,9 @@ class EdgeVectorStore(_Shards):
         self._batches(units, point)
 
     def search(self, vector: np.ndarray, kind: str, flt: SearchFilter, limit: int, using: str = TEXT_VECTOR) -> list[Hit]:
-        if kind not in self.shards:
+        if kind not in UNIT_KINDS:
             raise ValueError(f"unknown kind {kind!r}")
-        if using == IMAGE_VECTOR and (kind != "turn" or self.image_dim is None):
+        if kind not in self.shards or (using == IMAGE_VECTOR and (kind != "turn" or self.image_dim is None)):
             return []
         points = self.shards[kind].query(QueryRequest(
             limit=limit, query=Query.Nearest(vector.astype(np.float32).tolist(), using=using),
@@ -582,10 +594,10 @@ class EdgeBM25Store(_Shards):
                                              payload=payload_of(u)))
 
     def search(self, text: str, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
-        if kind not in self.shards:
+        if kind not in UNIT_KINDS:
             raise ValueError(f"unknown kind {kind!r}")
         query = self.model.embed_query(text)
-        if not query.indices:
+        if not query.indices or kind not in self.shards:
             return []
         points = self.shards[kind].query(QueryRequest(
             limit=limit, query=Query.Nearest(query, using=BM25_VECTOR), filter=build_filter(flt),

@@ -10,8 +10,8 @@ How a corpus is made (``generate``), so that figures at different sizes compare:
 * ``tenants`` tenants (default 10) with ``users`` users each (default 100); a conversation has 10
   fragments of 5 turns, 2 or 3 participants drawn from its tenant; one conversation in ten is a
   team conversation that everyone in the tenant sees. Turns are 2 minutes apart, fragments 1 hour.
-* Fragments and their units are the ones ingest builds (``Tessera.fragment_units``): one fragment,
-  five turns and five windows per fragment. Only segmentation and encoding are skipped, which the
+* Fragments and their units are the ones ingest builds (``units.fragment_units``): five turns and five
+  windows per fragment. Only segmentation and encoding are skipped, which the
   ingest benchmark measures on real data.
 """
 

@@ -29,6 +29,7 @@ GRID: dict[str, tuple] = {
     "dense_weight": (0.15, 0.35),
     "window_share": (0.3, 0.7),
     "fragment_weight": (0.15, 0.45),
+    "fragment_turns": (1, 3),
     "speaker_bonus": (0.2, 0.4),
     "span_ratio": (0.8, 0.95),
     "span_max_turns": (1, 2),
