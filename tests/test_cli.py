@@ -152,5 +152,5 @@ def test_an_ingested_file_leaves_no_point_appendable(tmp_path, embedder):
     vectors, keywords = (getattr(s, "inner", s) for s in (engine.vectors, engine.keywords))
     window = vectors.shards["window"].info()
     assert window.points_count and window.indexed_vectors_count == window.points_count
-    assert all(keywords._pending[kind] == 0 and vectors._pending[kind] == 0 for kind in keywords.shards)
+    assert not any(store._pending[kind] for store in (keywords, vectors) for kind in store.shards)
     engine.close()

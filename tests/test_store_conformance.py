@@ -329,10 +329,11 @@ def test_deleting_ids_a_shard_does_not_hold_does_not_run_its_optimizer(tmp_path)
 @pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
                          ids=["vectors", "bm25"])
 def test_an_edge_store_keeps_a_fragment_shard_only_where_fragment_units_were_written(tmp_path, make):
-    """Ingest writes no fragment units: a new store has no shard for them (its log alone maps 17 MB). A data dir
-    written before has one, and deletes must still reach it after a restart."""
+    """Ingest writes no fragment units, and no turn has a text vector: a new store has no shard for what it will
+    not hold (an empty shard's log alone maps 17 MB). A data dir written before has one, and deletes must still
+    reach it after a restart."""
     store = make(tmp_path / "s")
-    assert set(store.shards) == {"turn", "window"}
+    assert set(store.shards) == ({"turn", "window"} if isinstance(store, EdgeBM25Store) else {"window"})
     assert store.search(*(("glacier",) if isinstance(store, EdgeBM25Store) else (np.eye(DIM)[0],)),
                         "fragment", SearchFilter("t1", "ann"), 10) == []
     store.upsert([unit("f1", "glacier", 0, kind="fragment"), unit("t1", "glacier", 1)])

@@ -402,15 +402,16 @@ class _Shards:
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         raise NotImplementedError
 
-    def _open_shards(self, open_one, optimize_every: int) -> None:
-        """Own the store directory, then open a shard per kind ingest writes, and one per other kind the directory
-        holds (fragment units of data dirs written before, which deletes must reach); a shard that fails to open
-        lets the directory go. A shard of another kind opens when a unit of it is written (``_add_shard``)."""
+    def _open_shards(self, open_one, optimize_every: int, kinds: Sequence[str] = INGESTED_KINDS) -> None:
+        """Own the store directory, then open a shard per kind in ``kinds`` and per other kind the directory holds
+        (fragment units of data dirs written before, which deletes must reach); a shard that fails to open lets
+        the directory go. A shard of another kind opens when a unit of it is written (``_add_shard``): an empty
+        shard maps 17 MB of write-ahead log and takes a look-up in every delete."""
         self._own()
         self._open_one = open_one
         try:
             self.shards = {kind: open_one(kind) for kind in UNIT_KINDS
-                           if kind in INGESTED_KINDS or (self.path / kind).exists()}
+                           if kind in kinds or (self.path / kind).exists()}
         except BaseException:
             self._lock.close()
             raise
@@ -497,7 +498,8 @@ class EdgeVectorStore(_Shards):
         self.path = Path(path)
         self.dim = dim
         self.image_dim = image_dim
-        self._open_shards(self._open, optimize_every)
+        # Turns are vector points only for their image vectors (``units.vector_units``).
+        self._open_shards(self._open, optimize_every, INGESTED_KINDS if image_dim is not None else ("window",))
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         vectors = {TEXT_VECTOR: _vector_params(self.dim)}
@@ -514,11 +516,15 @@ class EdgeVectorStore(_Shards):
         return kind == "turn" and self.image_dim is not None
 
     def _open(self, kind: str) -> EdgeShard:
+        """A store written without image vectors has no turn shard, or one without the vector (before turns
+        stopped being text points): its turns would never be found by image, so it is refused."""
         directory = self.path / kind
-        if (directory / "edge_config.json").exists() and self._with_image(kind) \
-                and IMAGE_VECTOR not in _vector_names(directory):
-            raise ValueError(f"{directory} was created without the {IMAGE_VECTOR!r} vector; index into a new data"
-                             " dir to turn on TESSERA_IMAGE_MODEL")
+        if self._with_image(kind):
+            written = (directory / "edge_config.json").exists()
+            if (IMAGE_VECTOR not in _vector_names(directory)) if written \
+                    else (self.path / "window" / "edge_config.json").exists():
+                raise ValueError(f"{self.path} was written without the {IMAGE_VECTOR!r} vector; index into a new"
+                                 " data dir to turn on TESSERA_IMAGE_MODEL")
         return open_shard(directory, self._config(kind))
 
     def upsert(self, units: Sequence[Unit]) -> None:
