@@ -1,8 +1,8 @@
 """What one fragment is indexed as: a turn and a window per member turn.
 
 The fragment itself is not a unit: search weighs a fragment by its best turns' hits (``hybrid.SearchConfig.
-fragment_turns``). Data dirs written before hold fragment units; ingest still deletes them by id with their
-fragment, and ``tessera reindex`` rewrites a data dir without them."""
+fragment_turns``). Data dirs written before hold fragment units; ingest deletes one by id whenever its fragment
+is written or goes, so ``tessera reindex``, which writes every fragment, leaves none."""
 
 from __future__ import annotations
 
