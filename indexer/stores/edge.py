@@ -520,9 +520,11 @@ class EdgeVectorStore(_Shards):
         stopped being text points): its turns would never be found by image, so it is refused."""
         directory = self.path / kind
         if self._with_image(kind):
-            written = (directory / "edge_config.json").exists()
-            if (IMAGE_VECTOR not in _vector_names(directory)) if written \
-                    else (self.path / "window" / "edge_config.json").exists():
+            if (directory / "edge_config.json").exists():
+                without_images = IMAGE_VECTOR not in _vector_names(directory)
+            else:
+                without_images = (self.path / "window" / "edge_config.json").exists()
+            if without_images:
                 raise ValueError(f"{self.path} was written without the {IMAGE_VECTOR!r} vector; index into a new"
                                  " data dir to turn on TESSERA_IMAGE_MODEL")
         return open_shard(directory, self._config(kind))
