@@ -229,6 +229,33 @@ def test_edge_shards_are_optimized_as_points_arrive(tmp_path, make):
     plain.close()
 
 
+def test_a_growing_shard_never_holds_more_than_max_appendable_points_appendable(tmp_path):
+    """Optimizer runs wait for the shard to double, but never past ``max_appendable`` points written: the
+    appendable segment keeps its vectors unquantized in the process's own memory, so a bulk load of any size
+    holds at most that many there (uncapped, a shard of 400 points held 140). Every point stays searchable."""
+    rng = np.random.default_rng(4)
+    capped = EdgeVectorStore(tmp_path / "c", dim=DIM, optimize_every=20, max_appendable=60)
+    uncapped = EdgeVectorStore(tmp_path / "u", dim=DIM, optimize_every=20, max_appendable=10**9)
+    appendable: dict[str, list[int]] = {"capped": [], "uncapped": []}
+    for batch in range(20):
+        units = [unit(f"u{batch}-{i}", "glacier trip", 0, conv=f"c{i % 7}") for i in range(20)]
+        for u in units:
+            u.vector = rng.normal(size=DIM).astype(np.float32)
+        for name, store in (("capped", capped), ("uncapped", uncapped)):
+            store.upsert(units)
+            info = store.shards["turn"].info()
+            appendable[name].append(info.points_count - info.indexed_vectors_count)
+    assert capped.shards["turn"].info().points_count == 400
+    assert max(appendable["capped"]) == 40 and max(appendable["uncapped"]) > 60
+    in_c3 = {h.unit_id for h in capped.search(one_hot(0), "turn", SearchFilter("t1", "bob", conversation_id="c3"),
+                                                1000)}
+    assert in_c3 == {h.unit_id for h in uncapped.search(one_hot(0), "turn", SearchFilter("t1", "bob",
+                                                                                          conversation_id="c3"), 1000)}
+    assert len(in_c3) == sum(1 for i in range(20) if i % 7 == 3) * 20
+    capped.close()
+    uncapped.close()
+
+
 @pytest.mark.skipif(not 2 <= SEARCH_THREADS <= 5, reason="one search thread needs one segment; past five, the"
                     " corpus that doubles that often holds ties")
 @pytest.mark.parametrize("make", [lambda p, n: EdgeVectorStore(p, dim=DIM, optimize_every=n),

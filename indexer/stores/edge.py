@@ -75,6 +75,9 @@ UPSERT_BATCH = 1024
 #: Points written to a shard (upserted or deleted) before its optimizer first runs; later runs wait until the
 #: shard has taken as many points again as it held at the last run (``_written``).
 OPTIMIZE_EVERY = 20_000
+#: Most points written to a shard between two optimizer runs, however large the shard: they wait in the appendable
+#: segment, float vectors and indexes in the process's own memory, so this bounds a bulk load's memory (``_written``).
+MAX_APPENDABLE = 500_000
 #: Segment size (KiB of vectors) above which the optimizer turns a segment immutable; 1: any segment it is run on.
 INDEXING_THRESHOLD_KB = 1
 #: Keyword payload indexes: the fields filters name (``build_filter``), beside ``tenant_id`` (counts).
@@ -352,6 +355,7 @@ class _Shards:
 
     shards: dict[str, EdgeShard]
     optimize_every: int
+    max_appendable: int
     _pending: dict[str, int]
     _optimized: dict[str, int]
 
@@ -388,9 +392,13 @@ class _Shards:
         4,288 MiB RSS querying, against 3,436 MiB optimized). A run merges the shard into about one segment per
         core, so its cost grows with the shard; waiting for the shard to double keeps the total at about twice
         the points (the 100k build took 791 s against 639 without runs; running every 20,000 points with eight
-        segments kept took 1,062 s and a 25 GB peak RSS against 14 GB)."""
+        segments kept took 1,062 s and a 25 GB peak RSS against 14 GB). But a doubling shard keeps up to half its
+        points appendable, in the process's own memory (13.4 GB at the peak of the 1M-fragment build), so runs
+        come at least every ``max_appendable`` points: the 100k build (500,000 points a shard) capped at 25,000
+        peaked at 414 MiB of its own memory against 1,087, but took 618 s against 319, since each run of a large
+        shard merges segments (15 s a run at 500,000 points)."""
         self._pending[kind] += points
-        if self._pending[kind] >= max(self.optimize_every, self._optimized[kind]):
+        if self._pending[kind] >= max(self.optimize_every, min(self._optimized[kind], self.max_appendable)):
             self._run_optimizer(kind)
 
     def _run_optimizer(self, kind: str) -> None:
@@ -494,8 +502,9 @@ class EdgeVectorStore(_Shards):
     concurrent_search = False
 
     def __init__(self, path: str | Path, dim: int = 384, image_dim: int | None = None,
-                 optimize_every: int = OPTIMIZE_EVERY):
+                 optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE):
         self.path = Path(path)
+        self.max_appendable = max_appendable
         self.dim = dim
         self.image_dim = image_dim
         # Turns are vector points only for their image vectors (``units.vector_units``).
@@ -581,8 +590,9 @@ class EdgeBM25Store(_Shards):
     #: As for the vector store: searches hold the GIL.
     concurrent_search = False
 
-    def __init__(self, path: str | Path, optimize_every: int = OPTIMIZE_EVERY):
+    def __init__(self, path: str | Path, optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE):
         self.path = Path(path)
+        self.max_appendable = max_appendable
         # Qdrant's defaults (k 1.2, b 0.75, avg_len 256). Setting avg_len to the measured length of chat
         # turns (12 tokens) lost 0.05 recall@10 on the single-turn list; the default's weaker length
         # normalisation suits short turns.
