@@ -75,6 +75,26 @@ def test_turns_stamps_tombstones_and_vectors(make_state):
     assert state.get_turn("t", "c", "m1") is None and state.senders_named("t", ["ann"]) == {"ann"}
 
 
+def test_vectors_are_kept_in_half_precision_and_earlier_float32_ones_still_read(make_state):
+    """A turn's vectors take two bytes a dimension (and a tag) instead of four; vectors an earlier version wrote as
+    float32 read as they were."""
+    state = make_state()
+    rng = np.random.default_rng(2)
+    text, image, earlier = (rng.normal(size=384).astype(np.float32) for _ in range(3))
+    with state.transaction():
+        state.put_turns("t", "c", [(turn("m1", "one", 1), None, (1.0, "e1")), (turn("m2", "two", 2), None, (2.0, "e2"))])
+        state.set_vectors("t", "c", [("m1", text, image)])
+        state._execute("UPDATE messages SET vector=? WHERE tenant_id=? AND message_id=?", (earlier.tobytes(), "t", "m2"))
+    size = state._one("SELECT length(vector), length(image_vector) FROM messages WHERE message_id=?", ("m1",))
+    assert tuple(size) == (1 + 2 * 384, 1 + 2 * 384)
+    read = state.turns_by_id("t", "c", ["m1", "m2"])
+    assert read["m1"].vector.dtype == np.float32 and read["m1"].vector.shape == (384,)
+    np.testing.assert_allclose(read["m1"].vector, text, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(read["m1"].image_vector, image, rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(read["m2"].vector, earlier)
+    assert read["m2"].image_vector is None
+
+
 def test_turns_are_read_by_key_across_conversations_of_one_tenant(make_state):
     state = make_state()
     with state.transaction():
