@@ -19,6 +19,10 @@ random 384-d vectors, a tenant AND participant filter, top 30) and what the data
   cache included), the dense window list took p50 45 ms with it, 10 ms without.
 * The originals are read only by the optimizer, so they stay on disk (``Memory.Cold``, ``_vector_params``):
   cached, they were read into memory when a shard loaded (733 of the 3,084 MiB RSS of that corpus).
+* The optimizer lays a segment's points out by tenant and conversation (``_CLUSTERED``): a user's points then sit
+  in runs, one a conversation, rather than spread over the tenant's pages. Warm, searches are as fast (100k
+  fragments, p50 9.4 to 9.8 against 9.3 to 9.5 ms); with the process held to 1 GB by a memory cgroup, page cache
+  included, the pages a query reads fit better: p95 32 to 34 against 43 to 44 ms, p99 55 to 61 against 178 to 182.
 * The rest of an immutable segment is memory-mapped and cached (``INDEX_MEMORY``): int8 vectors,
   payloads and payload indexes. The process's own memory is then little more than the
   appendable segments, and the pages of the files are the kernel's to drop under pressure: at 10k
@@ -85,6 +89,9 @@ INDEXING_THRESHOLD_KB = 1
 #: payload held then) cost 12% of the index's memory at 10k fragments (966 against 1102 MB RSS).
 _KEYWORDS = ("scope", "conversation_id", "sender_ids")
 _FLOATS = ("start_ts", "end_ts")
+#: Keyword indexes marked ``is_tenant``: the optimizer lays the points of a segment out in the order of these
+#: fields' values, so the points of one conversation sit together in every file a search reads.
+_CLUSTERED = ("tenant_id", "conversation_id")
 
 
 #: Joins tenant and principal in a scope keyword; identifiers cannot hold it (``schemas.ID_PATTERN``).
@@ -303,10 +310,9 @@ def turn_log_over(shard: EdgeShard, directory: Path) -> int:
 
 def _index_payload(shard: EdgeShard) -> None:
     """The payload indexes every filter uses; an index of the same field with other parameters is replaced."""
-    shard.update(UpdateOperation.create_field_index("tenant_id", KeywordIndexParams(is_tenant=True,
-                                                                                    memory=INDEX_MEMORY)))
-    for key in _KEYWORDS:
-        shard.update(UpdateOperation.create_field_index(key, KeywordIndexParams(memory=INDEX_MEMORY)))
+    for key in ("tenant_id", *_KEYWORDS):
+        shard.update(UpdateOperation.create_field_index(key, KeywordIndexParams(is_tenant=key in _CLUSTERED,
+                                                                                memory=INDEX_MEMORY)))
     for key in _FLOATS:
         shard.update(UpdateOperation.create_field_index(key, FloatIndexParams(memory=INDEX_MEMORY)))
 
