@@ -275,6 +275,30 @@ def test_edge_segments_lay_out_points_by_tenant_and_conversation(tmp_path, make)
     store.close()
 
 
+@pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM, optimize_every=1),
+                                  lambda p: EdgeBM25Store(p, optimize_every=1)], ids=["vectors", "bm25"])
+def test_edge_shards_indexed_before_the_conversation_layout_take_it_when_opened(tmp_path, make):
+    """A shard whose conversation index was made without ``is_tenant`` (before the layout) gets it again on open,
+    and what the optimizer builds after is laid out by conversation; its points stay found."""
+    import json
+
+    from qdrant_edge import KeywordIndexParams, UpdateOperation
+
+    store = make(tmp_path / "s")
+    store.upsert([unit(f"u{i}", "glacier trip", 0, conv=f"c{i % 3}") for i in range(6)])
+    store.shards["turn"].update(UpdateOperation.create_field_index("conversation_id", KeywordIndexParams()))
+    assert not store.shards["turn"].info().payload_schema["conversation_id"].params.is_tenant
+    store.close()
+    store = make(tmp_path / "s")
+    assert store.shards["turn"].info().payload_schema["conversation_id"].params.is_tenant
+    store.upsert([unit(f"v{i}", "glacier trip", 0, conv=f"c{i % 3}") for i in range(6)])
+    newest = max((tmp_path / "s" / "turn" / "segments").glob("*/payload_index/config.json"),
+                 key=lambda p: p.stat().st_mtime)
+    assert json.loads(newest.read_text())["indexed_fields"]["conversation_id"].get("is_tenant")
+    assert len(search(store, "glacier trip", 0, SearchFilter("t1", "bob", conversation_id="c1"))) == 4
+    store.close()
+
+
 @pytest.mark.skipif(not 2 <= SEARCH_THREADS <= 5, reason="one search thread needs one segment; past five, the"
                     " corpus that doubles that often holds ties")
 @pytest.mark.parametrize("make", [lambda p, n: EdgeVectorStore(p, dim=DIM, optimize_every=n),

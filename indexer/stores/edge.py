@@ -235,6 +235,8 @@ def open_shard(directory: Path, config: EdgeConfig) -> EdgeShard:
             _pack_hits(shard)
             _index_payload(shard)
             shard = optimized(shard, directory)
+        elif not _clustered(shard):
+            _index_payload(shard)
         return shard
     shard = EdgeShard.create(str(directory), config)
     _index_payload(shard)
@@ -315,6 +317,14 @@ def _index_payload(shard: EdgeShard) -> None:
                                                                                 memory=INDEX_MEMORY)))
     for key in _FLOATS:
         shard.update(UpdateOperation.create_field_index(key, FloatIndexParams(memory=INDEX_MEMORY)))
+
+
+def _clustered(shard: EdgeShard) -> bool:
+    """Whether the shard's indexes order its segments by ``_CLUSTERED``: shards created before the conversation
+    was among them get their indexes made again when opened, and the segments the optimizer builds from then on
+    (every one after ``tessera reindex``) take the layout."""
+    schema = shard.info().payload_schema
+    return all(key in schema and getattr(schema[key].params, "is_tenant", False) for key in _CLUSTERED)
 
 
 def _layout_is_current(store: Path) -> bool:
