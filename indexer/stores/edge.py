@@ -426,7 +426,8 @@ class _Shards:
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         raise NotImplementedError
 
-    def _open_shards(self, open_one, optimize_every: int, kinds: Sequence[str] = INGESTED_KINDS) -> None:
+    def _open_shards(self, open_one, optimize_every: int, max_appendable: int,
+                     kinds: Sequence[str] = INGESTED_KINDS) -> None:
         """Own the store directory, then open a shard per kind in ``kinds`` and per other kind the directory holds
         (fragment units of data dirs written before, which deletes must reach); a shard that fails to open lets
         the directory go. A shard of another kind opens when a unit of it is written (``_add_shard``): an empty
@@ -439,7 +440,7 @@ class _Shards:
         except BaseException:
             self._lock.close()
             raise
-        self._opened(optimize_every)
+        self._opened(optimize_every, max_appendable)
 
     def _add_shard(self, kind: str) -> None:
         self.shards[kind] = self._open_one(kind)
@@ -460,12 +461,13 @@ class _Shards:
             raise RuntimeError(f"{self.path} is open in another process (or another store of this one); the"
                                " multi-process local stack uses TESSERA_VECTOR_STORE=sqlite") from None
 
-    def _opened(self, optimize_every: int) -> None:
+    def _opened(self, optimize_every: int, max_appendable: int) -> None:
         """Every shard is open, so in today's layout; a shard opened with points counts them as optimized: a
         restart does not rewrite it."""
         if not _layout_is_current(self.path):
             _mark_layout(self.path)
-        self.optimize_every, self._pending = optimize_every, dict.fromkeys(self.shards, 0)
+        self.optimize_every, self.max_appendable = optimize_every, max_appendable
+        self._pending = dict.fromkeys(self.shards, 0)
         self._deleted = dict.fromkeys(self.shards, 0)
         self._optimized = {kind: shard.info().points_count for kind, shard in self.shards.items()}
 
@@ -520,11 +522,11 @@ class EdgeVectorStore(_Shards):
     def __init__(self, path: str | Path, dim: int = 384, image_dim: int | None = None,
                  optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE):
         self.path = Path(path)
-        self.max_appendable = max_appendable
         self.dim = dim
         self.image_dim = image_dim
         # Turns are vector points only for their image vectors (``units.vector_units``).
-        self._open_shards(self._open, optimize_every, INGESTED_KINDS if image_dim is not None else ("window",))
+        self._open_shards(self._open, optimize_every, max_appendable,
+                          INGESTED_KINDS if image_dim is not None else ("window",))
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         vectors = {TEXT_VECTOR: _vector_params(self.dim)}
@@ -608,12 +610,12 @@ class EdgeBM25Store(_Shards):
 
     def __init__(self, path: str | Path, optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE):
         self.path = Path(path)
-        self.max_appendable = max_appendable
         # Qdrant's defaults (k 1.2, b 0.75, avg_len 256). Setting avg_len to the measured length of chat
         # turns (12 tokens) lost 0.05 recall@10 on the single-turn list; the default's weaker length
         # normalisation suits short turns.
         self.model = Bm25(Bm25Config(language="english"))
-        self._open_shards(lambda kind: open_shard(self.path / kind, self._config(kind)), optimize_every)
+        self._open_shards(lambda kind: open_shard(self.path / kind, self._config(kind)), optimize_every,
+                          max_appendable)
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         # As for dense vectors: score the points the filter selects rather than walk the inverted index of
