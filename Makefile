@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo serve test eval eval-long eval-messy eval-cv eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
+.PHONY: install system-deps demo serve test eval eval-long eval-messy eval-typos eval-cv eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
 
 install: $(STAMP) system-deps
 
@@ -47,6 +47,10 @@ eval-long: $(STAMP)
 # The messy-chat stress: a message a sentence, casual spelling, "lol" and "nice!!" between turns.
 eval-messy: $(STAMP)
 	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --messy --out results/locomo-eval-messy.json
+
+# The messy-chat stress with one word in ten (of four letters or more) misspelt.
+eval-typos: $(STAMP)
+	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --typos 0.1 --out results/locomo-eval-typos.json
 
 # Leave-one-conversation-out check of the tuned search settings (results/locomo-cv.json).
 eval-cv: $(STAMP)

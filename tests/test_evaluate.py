@@ -94,6 +94,34 @@ def test_the_messy_chat_stress_sends_a_message_a_sentence_and_scores_pieces_as_t
     assert report["rows"]["tessera (hybrid fragments + spans)"]["recall@5"] == 1.0, "a piece of D1:1 counts as D1:1"
 
 
+def test_typos_in_the_messy_chat_stress_change_only_the_longer_words_of_the_same_messages(tmp_path):
+    from ops.eval.locomo import into_messy_chat, load
+
+    text = "Thank you so much! I adopted a little cat yesterday. Her name is Pixel and she loves sleeping."
+    data = {"session_1_date_time": "1:47 pm on 18 May, 2023",
+            "session_1": [{"speaker": "Ann", "dia_id": f"D1:{i}", "text": text} for i in range(1, 21)],
+            "qa": [{"question": "What is the cat called?", "evidence": ["D1:1"], "category": 4}]}
+    (tmp_path / "1.json").write_text(json.dumps(data))
+    turns, _ = load(tmp_path)
+    plain = into_messy_chat(turns)
+    typed = into_messy_chat(turns, typo_share=0.5)
+    assert [t.message_id for t in typed] == [t.message_id for t in plain], "the same messages and reactions"
+    assert into_messy_chat(turns, typo_share=0.5) == typed, "seeded"
+    changed = kept = 0
+    for a, b in zip(plain, typed):
+        words_a, words_b = a.text.split(" "), b.text.split(" ")
+        assert len(words_a) == len(words_b)
+        for wa, wb in zip(words_a, words_b):
+            if sum(ch.isalpha() for ch in wa) < 4:
+                assert wa == wb, "short words keep their spelling"
+            elif wa != wb:
+                changed += 1
+                assert wa[0] == wb[0] and abs(len(wa) - len(wb)) <= 1, "one edit inside the word"
+            else:
+                kept += 1
+    assert 0.3 < changed / (changed + kept) < 0.7
+
+
 def test_cross_validation_chooses_on_the_other_conversations_and_scores_the_held_out_one(tmp_path):
     from ops.eval.crossval import DEFAULT, cross_validate, format_report
 

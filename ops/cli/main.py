@@ -142,7 +142,7 @@ def cmd_eval(args) -> int:
         return main_cross_validate(args.dir, out, progress=not args.quiet)
 
     return main_eval(args.dir, args.out, progress=not args.quiet, one_conversation=args.one_conversation,
-                     messy=args.messy)
+                     messy=args.messy, typos=args.typos)
 
 
 def cmd_eval_dialogue(args) -> int:
@@ -447,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the long-chat stress: all conversations as one, sessions in time order")
     e.add_argument("--messy", action="store_true",
                    help="the messy-chat stress: a message a sentence, casual spelling, reactions between turns")
+    e.add_argument("--typos", type=float, default=0.0, metavar="SHARE",
+                   help="the messy-chat stress with SHARE of its words of four letters or more misspelt")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
     e = evsub.add_parser("dialogue", help="rewriting, time filters and clarifying questions on LoCoMo-format DIR")

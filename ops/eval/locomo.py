@@ -91,6 +91,7 @@ REACTIONS = ("lol", "omg", "nice!!", "haha yes", "wow", "ikr", "aww", "ok!", "\U
 #: Joins a turn's id and the number of its piece (``D1:3+0``); a reaction is ``r.D1:3``.
 PIECE = "+"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_LETTERS = re.compile(r"[a-z]+")
 
 
 def casual(text: str) -> str:
@@ -101,13 +102,31 @@ def casual(text: str) -> str:
     return out
 
 
+def misspell(text: str, share: float, rnd: random.Random) -> str:
+    """One slip of the finger (two letters swapped, one dropped or one doubled, never the first) in about
+    ``share`` of the words of four letters or more."""
+    def slip(match: re.Match) -> str:
+        word = match.group(0)
+        if len(word) < 4 or rnd.random() >= share:
+            return word
+        i, op = rnd.randrange(1, len(word) - 1), rnd.randrange(3)
+        if op == 0 and word[i] != word[i + 1]:
+            return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        if op == 2:
+            return word[:i] + word[i] + word[i:]
+        return word[:i] + word[i + 1:]
+    return _LETTERS.sub(slip, text)
+
+
 def into_messy_chat(turns: list[LocomoTurn], reaction_share: float = 0.35,
-                    seed: int = 5) -> list[LocomoTurn]:
+                    seed: int = 5, typo_share: float = 0.0) -> list[LocomoTurn]:
     """The messy-chat stress: each turn sent as one message a sentence (``D1:3+0``, ``D1:3+1``, a second
     apart, the image with the last), in casual spelling, and after about a third of the turns a reaction
     by the other person ("lol", "nice!!": ``r.D1:3``). Questions stay as written; a piece answers for its
-    turn (``turn_of``)."""
+    turn (``turn_of``). ``typo_share``: that share of the longer words misspelt (``misspell``), drawn apart
+    from the reactions, so the messages are the same with and without typos."""
     rnd = random.Random(seed)
+    typos = random.Random(seed + 1)
     speakers: dict[str, list[str]] = {}
     for t in turns:
         people = speakers.setdefault(t.conversation_id, [])
@@ -117,7 +136,7 @@ def into_messy_chat(turns: list[LocomoTurn], reaction_share: float = 0.35,
     for t in turns:
         pieces = [p for p in _SENTENCE_END.split(t.text) if p.strip()] or [t.text]
         for k, piece in enumerate(pieces):
-            out.append(replace(t, message_id=f"{t.message_id}{PIECE}{k}", text=casual(piece),
+            out.append(replace(t, message_id=f"{t.message_id}{PIECE}{k}", text=misspell(casual(piece), typo_share, typos),
                                caption=t.caption if k == len(pieces) - 1 else None,
                                sent_at=t.sent_at + timedelta(seconds=k)))
         if rnd.random() < reaction_share:

@@ -188,11 +188,13 @@ def ask_all(engine, questions: Sequence[Question], asked_at: Sequence, progress:
 
 
 def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
-                    progress: bool = True, embedder=None, one_conversation: bool = False, messy: bool = False) -> dict:
+                    progress: bool = True, embedder=None, one_conversation: bool = False, messy: bool = False,
+                    typos: float = 0.0) -> dict:
     """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one.
     ``one_conversation``: the long-chat stress (``locomo.into_one_conversation``), each question asked
     when it was asked of its own conversation. ``messy``: the messy-chat stress (``locomo.into_messy_chat``),
-    a piece of a turn found counting as its turn, for Tessera and the baselines alike."""
+    a piece of a turn found counting as its turn, for Tessera and the baselines alike; ``typos``: that share of
+    its longer words misspelt (``locomo.misspell``)."""
     from ops.runtime.config import Config
     from ops.runtime.assemble import configured_embedder, open_engine
 
@@ -204,7 +206,7 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     if one_conversation:
         turns, questions = into_one_conversation(turns, questions)
     if messy:
-        turns = into_messy_chat(turns)
+        turns = into_messy_chat(turns, typo_share=typos)
     embedder = embedder or configured_embedder(Config.from_env(data_dir))
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
@@ -277,8 +279,9 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 def main_eval(directory: str, out: str | None, progress: bool = True, one_conversation: bool = False,
-              messy: bool = False) -> int:
-    report = evaluate_locomo(directory, out, progress=progress, one_conversation=one_conversation, messy=messy)
+              messy: bool = False, typos: float = 0.0) -> int:
+    report = evaluate_locomo(directory, out, progress=progress, one_conversation=one_conversation,
+                             messy=messy or typos > 0, typos=typos)
     print(format_table(report))
     return 0
 
