@@ -194,7 +194,7 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     ``one_conversation``: the long-chat stress (``locomo.into_one_conversation``), each question asked
     when it was asked of its own conversation. ``messy``: the messy-chat stress (``locomo.into_messy_chat``),
     a piece of a turn found counting as its turn, for Tessera and the baselines alike; ``typos``: that share of
-    its longer words misspelt (``locomo.misspell``)."""
+    its longer words misspelt (``locomo.misspell``), which implies ``messy``."""
     from ops.runtime.config import Config
     from ops.runtime.assemble import configured_embedder, open_engine
 
@@ -205,6 +205,7 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     asked_at = [asked[q.conversation_id] for q in questions]
     if one_conversation:
         turns, questions = into_one_conversation(turns, questions)
+    messy = messy or typos > 0
     if messy:
         turns = into_messy_chat(turns, typo_share=typos)
     embedder = embedder or configured_embedder(Config.from_env(data_dir))
@@ -280,8 +281,8 @@ def format_table(report: dict) -> str:
 
 def main_eval(directory: str, out: str | None, progress: bool = True, one_conversation: bool = False,
               messy: bool = False, typos: float = 0.0) -> int:
-    report = evaluate_locomo(directory, out, progress=progress, one_conversation=one_conversation,
-                             messy=messy or typos > 0, typos=typos)
+    report = evaluate_locomo(directory, out, progress=progress, one_conversation=one_conversation, messy=messy,
+                             typos=typos)
     print(format_table(report))
     return 0
 
