@@ -92,6 +92,16 @@ def test_query_by_image_and_by_image_plus_words(image_engine, tmp_path):
     assert "m003" in both.fragments[0].message_ids
 
 
+def test_a_query_longer_than_the_image_models_text_positions_is_answered(image_engine, tmp_path):
+    """The query's words go to the image model's text encoder too, which takes 77 positions (CLIP); a tokenizer
+    that does not say so must not turn a long question into an error."""
+    _, batch = events(tmp_path)
+    image_engine.ingest(batch)
+    long = "where is the photo of the green lake that ann sent " + " ".join(f"word{i}" for i in range(120))
+    result = image_engine.query(query(long, reasoning="fast"))
+    assert result.status in ("ok", "clarify") and result.fragments
+
+
 def test_query_image_refused_is_an_error_with_a_code(image_engine, tmp_path):
     result = image_engine.query(query("", image={"uri": "http://169.254.169.254/latest/meta-data"}))
     assert result.status == "error" and result.error.code == "image_address_refused"

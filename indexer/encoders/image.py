@@ -96,7 +96,10 @@ class ImageEmbedder:
         import torch
 
         padding = "max_length" if self._siglip else True
-        inputs = self._processor(text=list(texts), return_tensors="pt", padding=padding, truncation=True)
+        # Cut at the model's own text positions: a tokenizer saved without ``model_max_length`` does not cut at all.
+        positions = self._model.config.text_config.max_position_embeddings
+        inputs = self._processor(text=list(texts), return_tensors="pt", padding=padding, truncation=True,
+                                 max_length=positions)
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             return self._normalised(self._features(self._model.get_text_features(**inputs)))
