@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install system-deps demo serve test eval eval-long eval-messy eval-typos eval-cv eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
+.PHONY: install system-deps demo serve test eval eval-long eval-messy eval-typos eval-ocr eval-cv eval-dialogue bench bench-http bench-ingest bench-pipeline bench-reasoning bench-state schemas clean
 
 install: $(STAMP) system-deps
 
@@ -51,6 +51,11 @@ eval-messy: $(STAMP)
 # The messy-chat stress with one word in ten (of four letters or more) misspelt.
 eval-typos: $(STAMP)
 	$(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --typos 0.1 --out results/locomo-eval-typos.json
+
+# The screenshot stress: a quarter of the single-evidence turns sent as pictures of their text, read (OCR) or not.
+eval-ocr: $(STAMP)
+	TESSERA_OCR=0 $(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --screenshots 0.25 --out results/locomo-eval-screenshots.json
+	TESSERA_OCR=1 $(VENV)/bin/tessera eval locomo ../shared/datasets/locomo-dev --screenshots 0.25 --out results/locomo-eval-ocr.json
 
 # Leave-one-conversation-out check of the tuned search settings (results/locomo-cv.json).
 eval-cv: $(STAMP)

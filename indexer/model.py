@@ -57,6 +57,8 @@ class Parked:
 class ImageInfo:
     uri: str
     caption: str | None = None
+    #: Words read off the image (``encoders.ocr``), once it was fetched with the reader on.
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ class IngestReport:
     #: Events older than the version already applied (late edits), ignored.
     stale: int = 0
     images_embedded: int = 0
+    #: Images whose words were read and indexed with their turn (``TESSERA_OCR``).
+    images_read: int = 0
     #: Conversations whose indexing failed for a reason of their own (retried by later tasks) ...
     index_failures: int = 0
     #: ... and those of them set aside after MAX_INDEX_ATTEMPTS (``tessera dead-letters``).

@@ -21,7 +21,7 @@ STOPWORDS = frozenset(
 
 
 def render_turn(turn: Turn) -> str:
-    """The text indexed for a turn: speaker, words, and each image through its caption.
+    """The text indexed for a turn: speaker, words, and each image through its caption and the words it shows.
 
     The speaker's name is part of the text because people search by who said it ("what did
     Anna say about ..."), and across conversations names are the strongest discriminator.
@@ -30,6 +30,8 @@ def render_turn(turn: Turn) -> str:
     parts = [f"{speaker}: {turn.text}".rstrip()]
     for image in turn.images:
         parts.append(f"[image: {image.caption}]" if image.caption else "[image]")
+        if image.text:
+            parts.append(f"[image text: {image.text}]")
     return " ".join(parts)
 
 

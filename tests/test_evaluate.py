@@ -178,3 +178,27 @@ def test_the_evals_encode_with_the_configured_model(tmp_path, monkeypatch, encod
         evaluate_locomo(tmp_path / "set", data_dir=tmp_path / "d", progress=False)
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         cross_validate(tmp_path / "set", {}, data_dir=tmp_path / "c", progress=False)
+
+
+def test_the_screenshot_stress_pictures_a_share_of_single_evidence_turns_and_keeps_the_rest(tmp_path):
+    from PIL import Image
+
+    from ops.eval.locomo import SCREENSHOT_WORDS, into_screenshots, load, to_events
+
+    data = {"session_1_date_time": "1:47 pm on 18 May, 2023",
+            "session_1": [{"speaker": "Ann", "dia_id": f"D1:{i}", "text": f"turn number {i} about pottery"}
+                          for i in range(1, 21)],
+            "qa": [{"question": f"q{i}", "evidence": [f"D1:{i}"], "category": 4} for i in range(1, 9)]
+            + [{"question": "both", "evidence": ["D1:10", "D1:11"], "category": 1}]}
+    (tmp_path / "1.json").write_text(json.dumps(data))
+    turns, questions = load(tmp_path)
+    shots_dir = tmp_path / "shots"
+    stressed, shots = into_screenshots(turns, questions, 0.5, shots_dir)
+    assert len(shots) == 4 and all(m in {f"D1:{i}" for i in range(1, 9)} for _, m in shots), "single evidence only"
+    assert into_screenshots(turns, questions, 0.5, tmp_path / "again")[1] == shots, "seeded"
+    for before, after, event in zip(turns, stressed, to_events(stressed)):
+        if (after.conversation_id, after.message_id) in shots:
+            assert after.text in SCREENSHOT_WORDS and event.images[-1].caption is None
+            assert Image.open(event.images[-1].uri.removeprefix("file://")).size[0] == 640
+        else:
+            assert after == before and not event.images

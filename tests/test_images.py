@@ -187,3 +187,16 @@ def test_refusals_tell_the_user_no_internal_detail(server):
                 "address_refused", ""), text
         else:
             raise AssertionError(f"{uri} was fetched")
+
+
+def test_words_the_recogniser_glued_are_split_where_known_words_spell_them():
+    from indexer.encoders.ocr import spaced, vocabulary
+
+    known = vocabulary()
+    assert spaced("went to a support groupyesterday and it wassopowerful.", known) == \
+        "went to a support group yesterday and it was so powerful."
+    assert spaced("How have you been?I just signedupfor apotteryclass", known) == \
+        "How have you been? I just signed up for a pottery class"
+    # Known words, names and runs no split spells stay as read.
+    assert spaced("Caroline at Luigis Trattoria, nowhere near checkout 2.3.1", known) == \
+        "Caroline at Luigis Trattoria, nowhere near check out 2.3.1"

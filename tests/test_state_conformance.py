@@ -75,6 +75,20 @@ def test_turns_stamps_tombstones_and_vectors(make_state):
     assert state.get_turn("t", "c", "m1") is None and state.senders_named("t", ["ann"]) == {"ann"}
 
 
+def test_the_words_read_off_a_turns_images_are_kept_with_them(make_state):
+    from dataclasses import replace
+
+    from indexer.model import ImageInfo
+
+    state = make_state()
+    shot, photo = ImageInfo("file:///s.png"), ImageInfo("file:///p.png", "a lake")
+    with state.transaction():
+        state.put_turns("t", "c", [(replace(turn("m1", "see this"), images=(shot, photo)), None, (1.0, "e1"))])
+        state.set_images("t", "c", [("m1", (replace(shot, text="invoice 4471 overdue"), photo))])
+    images = make_state(same=True).get_turn("t", "c", "m1").images
+    assert images == (ImageInfo("file:///s.png", None, "invoice 4471 overdue"), photo)
+
+
 def test_vectors_are_kept_in_half_precision_and_earlier_float32_ones_still_read(make_state):
     """A turn's vectors take two bytes a dimension (and a tag) instead of four; vectors an earlier version wrote as
     float32 read as they were."""

@@ -140,3 +140,42 @@ def test_an_edit_that_removes_the_image_removes_the_turn_from_image_search(image
     flt = SearchFilter(tenant_id="t1", user_id="u1")
     hits = image_engine.vectors.search(image_engine.images.embed_query_image(uris["red"]), "turn", flt, 10, "image")
     assert {h.payload["message_ids"][0] for h in hits} == {"m003", "m004"}
+
+
+def screenshot(path, text):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (440, 60), "white")
+    ImageDraw.Draw(image).text((10, 16), text, fill="black", font_size=24)
+    image.save(path)
+    return f"file://{path}"
+
+
+@pytest.mark.parametrize("ocr,image_model", [(True, True), (True, False), (False, True)],
+                         ids=["ocr", "ocr-without-image-model", "no-ocr"])
+def test_the_words_a_screenshot_shows_find_its_turn_with_ocr_on(tmp_path, embedder, clip_path, ocr, image_model):
+    """A screenshot sent without a caption: with TESSERA_OCR its words are indexed with the turn (BM25 finds it, the
+    state keeps them for re-segmentation), with or without an image model; without OCR nothing of them is anywhere."""
+    from indexer.images import ImagePolicy
+    from ops.runtime.assemble import open_engine
+    from ops.runtime.config import Config
+
+    engine = open_engine(Config(data_dir=tmp_path / "data", vector_store="edge", ocr=ocr,
+                                image_model=str(clip_path) if image_model else None,
+                                image_policy=ImagePolicy(file_roots=(tmp_path.resolve(),))), embedder=embedder)
+    try:
+        shot = screenshot(tmp_path / "shot.png", "invoice 4471 overdue penguin")
+        report = engine.ingest([message("c1", 1, "ann", "see attached", images=[{"uri": shot}]),
+                                message("c1", 2, "bob", "will look at the invoice tomorrow", minutes=2),
+                                message("c1", 3, "ann", "thanks, the trip photos are next", minutes=3)])
+        assert (report.images_read, report.images_embedded) == (int(ocr), int(image_model))
+        flt = SearchFilter(tenant_id="t1", user_id="u1")
+        hits = [h.payload["message_ids"][0] for h in engine.keywords.search("overdue penguin", "turn", flt, 10)]
+        read = engine.state.turns("t1", "c1")[0].images[0].text
+        if ocr:
+            assert hits == ["m001"] and "penguin" in read.lower()
+            assert engine.query(query("the overdue penguin invoice")).fragments[0].message_ids[0] == "m001"
+        else:
+            assert hits == [] and read is None
+    finally:
+        engine.close()

@@ -107,26 +107,37 @@ class ImageEmbedder:
 
 @dataclass
 class ImageBatch:
-    """Vectors of the URIs that could be fetched and embedded, the refusal code of the others."""
+    """Vectors of the URIs that could be fetched and embedded, the refusal code of the others, and the words read
+    off them where the indexer has a reader (``encoders.ocr``) and they show any."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+
+    def merged(self, other: "ImageBatch") -> "ImageBatch":
+        return ImageBatch({**self.vectors, **other.vectors}, {**self.failures, **other.failures},
+                          {**self.texts, **other.texts})
 
 
 class ImageIndexer:
-    """Fetches (guarded, concurrent) and embeds images; owns the embedder and the fetch pool."""
+    """Fetches (guarded, concurrent) and embeds images with ``embedder``, and reads their words with ``reader``;
+    either may be None (no image vectors, or no words read). Owns the fetch pool."""
 
-    def __init__(self, embedder: ImageEmbedder, policy: ImagePolicy | None = None, threads: int = FETCH_THREADS):
+    def __init__(self, embedder: ImageEmbedder | None, policy: ImagePolicy | None = None,
+                 threads: int = FETCH_THREADS, reader=None):
         self.embedder = embedder
         self.policy = policy or ImagePolicy()
+        self.reader = reader
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-fetch")
 
     @property
-    def dim(self) -> int:
-        return self.embedder.dim
+    def dim(self) -> int | None:
+        """Width of the image vectors; None when images are only read (no image model)."""
+        return self.embedder.dim if self.embedder is not None else None
 
     def warm_up(self) -> None:
-        self.embedder.warm_up()
+        if self.embedder is not None:
+            self.embedder.warm_up()
 
     def _load(self, uri: str):
         try:
@@ -142,9 +153,12 @@ class ImageIndexer:
         for uri, image in zip(unique, loaded):
             if isinstance(image, ImageError):
                 batch.failures[uri] = image.code
-        if good:
+        if good and self.embedder is not None:
             vectors = self.embedder.encode_images([image for _, image in good])
             batch.vectors.update({uri: v for (uri, _), v in zip(good, vectors)})
+        if good and self.reader is not None:
+            texts = ((uri, self.reader.read(image)) for uri, image in good)
+            batch.texts.update({uri: text for uri, text in texts if text})
         return batch
 
     def embed_query_image(self, uri: str) -> np.ndarray:

@@ -7,6 +7,8 @@ stores. The two halves run in different tasks of a fleet, and a crash between th
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from typing import Iterable, Sequence
@@ -128,19 +130,21 @@ class Ingestor:
             pending = self.state.pending(only=taken)
             waiting = [(tenant_id, conversation_id, turn) for tenant_id, conversation_id, _ in pending
                        for turn in self.state.turns_without_vector(tenant_id, conversation_id)]
-            texts = [render_turn(t) for _, _, t in waiting]
-            missing = list(dict.fromkeys(t for t in texts if t not in known))
-            fresh = dict(zip(missing, self.embedder.encode(missing))) if missing else {}
             if self.images is not None:
                 uris = list(dict.fromkeys(i.uri for _, _, t in waiting for i in t.images))
                 todo = [u for u in uris if u not in images.vectors and u not in images.failures]
-                extra = self.embed_images(todo)
-                images = ImageBatch({**images.vectors, **extra.vectors}, {**images.failures, **extra.failures})
+                images = images.merged(self.embed_images(todo))
                 report.images_embedded += sum(1 for u in uris if u in images.vectors)
+                report.images_read += sum(1 for u in uris if u in images.texts)
                 for uri in uris:
                     if uri in images.failures:
                         code = images.failures[uri]
                         report.image_failures[code] = report.image_failures.get(code, 0) + 1
+                waiting = self._with_image_texts(waiting, images.texts)
+            # Rendered after the images were read: the turn's vector encodes the words its images show.
+            texts = [render_turn(t) for _, _, t in waiting]
+            missing = list(dict.fromkeys(t for t in texts if t not in known))
+            fresh = dict(zip(missing, self.embedder.encode(missing))) if missing else {}
             encoded: dict[tuple[str, str], list] = {}
             for (tenant_id, conversation_id, turn), text in zip(waiting, texts):
                 vector = known[text] if text in known else fresh[text]
@@ -165,6 +169,22 @@ class Ingestor:
                     log.warning("indexing %s/%s failed (attempt %d of %d): %s", tenant_id, conversation_id,
                                 attempts, MAX_INDEX_ATTEMPTS, reason)
         return report
+
+    def _with_image_texts(self, waiting: list, texts: dict[str, str]) -> list:
+        """The waiting turns with the words read off their images (``ImageBatch.texts``), kept in the state so that
+        a re-segmentation indexes them without reading the images again."""
+        if not texts:
+            return waiting
+        out, read = [], {}
+        for tenant_id, conversation_id, turn in waiting:
+            images = tuple(dataclasses.replace(i, text=texts[i.uri]) if i.uri in texts else i for i in turn.images)
+            if images != turn.images:
+                turn = dataclasses.replace(turn, images=images)
+                read.setdefault((tenant_id, conversation_id), []).append((turn.message_id, images))
+            out.append((tenant_id, conversation_id, turn))
+        for conv, turns in read.items():
+            self.state.set_images(*conv, turns)
+        return out
 
     def replay_parked(self, tenant_id: str, conversation_id: str) -> bool:
         """Index a parked conversation again (after the cause was fixed); True when it is indexed now."""

@@ -39,7 +39,8 @@ class Searcher:
         self.embedder = embedder
         self.hybrid = HybridSearcher(vectors, keywords, search_config)
         #: Image query encoders; None: a query by image is refused, words search captions only.
-        self.images = images
+        # Images are searched through an image model; an indexer that only reads their words adds no list.
+        self.images = images if images is not None and images.embedder is not None else None
         self.rewriter = rewriter or RuleRewriter()
         self.clarify = clarify
         #: Ask only when the runner-up span is within this share of the best (``clarify.ASK_RATIO``).

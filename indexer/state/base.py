@@ -16,7 +16,7 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from indexer.model import ConversationKey, ConversationMeta, FragmentRecord, Parked, SortKey, Stamp, Turn
+from indexer.model import ConversationKey, ConversationMeta, FragmentRecord, ImageInfo, Parked, SortKey, Stamp, Turn
 
 class ConversationState(Protocol):
     """What the engine reads and writes; every write happens inside ``transaction()``."""
@@ -62,6 +62,9 @@ class ConversationState(Protocol):
     def set_vectors(self, tenant_id: str, conversation_id: str,
                     vectors: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
         """(message id, text vector, image vector or None) of turns that waited for them."""
+
+    def set_images(self, tenant_id: str, conversation_id: str, turns: Sequence[tuple[str, Sequence[ImageInfo]]]) -> None:
+        """(message id, images) of turns whose images were read (``ImageInfo.text``)."""
 
     def clear_vectors(self, tenant_id: str, conversation_id: str) -> None: ...
 

@@ -33,13 +33,13 @@ def _turn_from_row(row) -> Turn:
     return Turn(
         message_id=message_id, sender_id=sender_id, sender_name=sender_name,
         sent_at=datetime.fromisoformat(sent_at), text=text,
-        images=tuple(ImageInfo(i["uri"], i.get("caption")) for i in json.loads(images)),
+        images=tuple(ImageInfo(i["uri"], i.get("caption"), i.get("text")) for i in json.loads(images)),
         vector=unblob(vector), image_vector=unblob(image_vector),
     )
 
 
 def images_json(images: Sequence[ImageInfo]) -> str:
-    return json.dumps([{"uri": i.uri, "caption": i.caption} for i in images])
+    return json.dumps([{"uri": i.uri, "caption": i.caption} | ({"text": i.text} if i.text else {}) for i in images])
 
 
 #: Tags a vector kept as float16. A turn's text vector was 1,536 of the about 1,900 bytes of its row (9.8 of the 11 GB
@@ -180,6 +180,11 @@ class SqlState:
         self._executemany("UPDATE messages SET vector=?, image_vector=? WHERE tenant_id=? AND conversation_id=?"
                           " AND message_id=?", [(blob(v), blob(i), tenant_id, conversation_id, m)
                                                 for m, v, i in vectors])
+
+    def set_images(self, tenant_id: str, conversation_id: str, turns: Sequence[tuple[str, Sequence[ImageInfo]]]) -> None:
+        """Turns' images as read since they arrived (their words, ``ImageInfo.text``)."""
+        self._executemany("UPDATE messages SET images=? WHERE tenant_id=? AND conversation_id=? AND message_id=?",
+                          [(images_json(images), tenant_id, conversation_id, m) for m, images in turns])
 
     def clear_vectors(self, tenant_id: str, conversation_id: str) -> None:
         self._execute("UPDATE messages SET vector=NULL, image_vector=NULL WHERE tenant_id=? AND conversation_id=?",

@@ -142,7 +142,7 @@ def cmd_eval(args) -> int:
         return main_cross_validate(args.dir, out, progress=not args.quiet)
 
     return main_eval(args.dir, args.out, progress=not args.quiet, one_conversation=args.one_conversation,
-                     messy=args.messy, typos=args.typos)
+                     messy=args.messy, typos=args.typos, screenshots=args.screenshots)
 
 
 def cmd_eval_dialogue(args) -> int:
@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the messy-chat stress: a message a sentence, casual spelling, reactions between turns")
     e.add_argument("--typos", type=float, default=0.0, metavar="SHARE",
                    help="the messy-chat stress with SHARE of its words of four letters or more misspelt")
+    e.add_argument("--screenshots", type=float, default=0.0, metavar="SHARE",
+                   help="the screenshot stress: SHARE of the single-evidence turns sent as a picture of their text"
+                        " (found through their words with TESSERA_OCR=1)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
     e = evsub.add_parser("dialogue", help="rewriting, time filters and clarifying questions on LoCoMo-format DIR")

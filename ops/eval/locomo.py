@@ -34,6 +34,8 @@ class LocomoTurn:
     text: str
     caption: str | None
     sent_at: datetime
+    #: An image file the turn sends (``into_screenshots``); LoCoMo's own photos are not here, only their captions.
+    image_uri: str | None = None
 
 
 def parse_session_time(value: str) -> datetime:
@@ -146,6 +148,39 @@ def into_messy_chat(turns: list[LocomoTurn], reaction_share: float = 0.35,
     return out
 
 
+#: What a person types beside a screenshot (``into_screenshots``).
+SCREENSHOT_WORDS = ("see this", "look", "screenshot", "this one", "ha", "here")
+
+
+def into_screenshots(turns: list[LocomoTurn], questions: list[Question], share: float, directory: Path,
+                     seed: int = 5) -> tuple[list[LocomoTurn], set[tuple[str, str]]]:
+    """The screenshot stress: ``share`` of the turns that are a question's only evidence are sent as a picture of
+    their text (a PNG under ``directory``, no caption) with a few words of their own ("see this"), so that only the
+    words read off the image (``TESSERA_OCR``) say what the turn said. Returns the turns and the (conversation,
+    message) of the screenshots."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    rnd = random.Random(seed)
+    single = sorted({(q.conversation_id, next(iter(q.evidence))) for q in questions if len(q.evidence) == 1})
+    chosen = set(rnd.sample(single, round(len(single) * min(max(share, 0.0), 1.0))))
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for t in turns:
+        if (t.conversation_id, t.message_id) in chosen:
+            lines = textwrap.wrap(t.text, 48) or [""]
+            image = Image.new("RGB", (640, 24 + 34 * len(lines)), "white")
+            draw = ImageDraw.Draw(image)
+            for i, line in enumerate(lines):
+                draw.text((16, 12 + 34 * i), line, fill="black", font_size=22)
+            path = directory / re.sub(r"[^A-Za-z0-9._-]", "_", f"{t.conversation_id}-{t.message_id}.png")
+            image.save(path)
+            t = replace(t, text=rnd.choice(SCREENSHOT_WORDS), image_uri=path.resolve().as_uri())
+        out.append(t)
+    return out, chosen
+
+
 def turn_of(message_id: str) -> str:
     """The turn a piece of the messy-chat stress came from; any other id unchanged."""
     return message_id.split(PIECE, 1)[0]
@@ -156,6 +191,8 @@ def to_events(turns: list[LocomoTurn]) -> list[MessageEvent]:
     for t in turns:
         images = [{"uri": f"https://locomo.invalid/{t.conversation_id}/{t.message_id}.jpg", "caption": t.caption}] \
             if t.caption else []
+        if t.image_uri:
+            images.append({"uri": t.image_uri})
         events.append(MessageEvent.model_validate({
             "schema": MESSAGE_SCHEMA, "event_id": f"{t.conversation_id}:{t.message_id}", "tenant_id": TENANT,
             "conversation_id": t.conversation_id, "message_id": t.message_id,

@@ -7,7 +7,9 @@ order given, best fragment first).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -25,7 +27,7 @@ from indexer.ingest.units import turn_of_event
 from indexer.stores.fts5 import match_expression
 from indexer.text import render_turn
 from ops.eval.locomo import (
-    TENANT, LocomoTurn, Question, into_messy_chat, into_one_conversation, load, to_events, turn_of,
+    TENANT, LocomoTurn, Question, into_messy_chat, into_one_conversation, into_screenshots, load, to_events, turn_of,
 )
 from schemas import QUERY_SCHEMA, QueryJob
 
@@ -189,12 +191,14 @@ def ask_all(engine, questions: Sequence[Question], asked_at: Sequence, progress:
 
 def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, data_dir: str | Path | None = None,
                     progress: bool = True, embedder=None, one_conversation: bool = False, messy: bool = False,
-                    typos: float = 0.0) -> dict:
+                    typos: float = 0.0, screenshots: float = 0.0) -> dict:
     """``embedder`` defaults to the configured encoder (``TESSERA_ENCODER``); the bench passes each one.
     ``one_conversation``: the long-chat stress (``locomo.into_one_conversation``), each question asked
     when it was asked of its own conversation. ``messy``: the messy-chat stress (``locomo.into_messy_chat``),
     a piece of a turn found counting as its turn, for Tessera and the baselines alike; ``typos``: that share of
-    its longer words misspelt (``locomo.misspell``), which implies ``messy``."""
+    its longer words misspelt (``locomo.misspell``), which implies ``messy``. ``screenshots``: the screenshot stress
+    (``locomo.into_screenshots``) with that share of the single-evidence turns, read or not as ``TESSERA_OCR`` says;
+    the report adds the scores of the questions on them (``screenshots``)."""
     from ops.runtime.config import Config
     from ops.runtime.assemble import configured_embedder, open_engine
 
@@ -208,10 +212,20 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
     messy = messy or typos > 0
     if messy:
         turns = into_messy_chat(turns, typo_share=typos)
+    if screenshots > 0 and messy:
+        raise SystemExit("--screenshots pictures whole turns: it does not combine with --messy or --typos")
+    shots: set[tuple[str, str]] = set()
+    shots_dir = Path(tempfile.mkdtemp(prefix="tessera-screenshots-"))
+    if screenshots > 0:
+        turns, shots = into_screenshots(turns, questions, screenshots, shots_dir)
     embedder = embedder or configured_embedder(Config.from_env(data_dir))
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
-    engine = open_engine(Config.from_env(work), embedder=embedder)
+    config = Config.from_env(work)
+    policy = config.image_policy
+    config = dataclasses.replace(config, image_policy=dataclasses.replace(
+        policy, file_roots=policy.file_roots + (shots_dir.resolve(),)))
+    engine = open_engine(config, embedder=embedder)
     events = to_events(turns)
     t0 = time.perf_counter()
     batch = 256
@@ -254,6 +268,12 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
                              "mean": float(lat.mean())},
         "ingest_seconds": ingest_s,
     }
+    if shots:
+        on_shots = [i for i, q in enumerate(questions) if len(q.evidence) == 1
+                    and (q.conversation_id, next(iter(q.evidence))) in shots]
+        report["screenshots"] = {"turns": len(shots), "questions": len(on_shots), "ocr": config.ocr,
+                                 **score([questions[i] for i in on_shots], [system[i] for i in on_shots])}
+    shutil.rmtree(shots_dir, ignore_errors=True)
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(report, indent=2))
@@ -275,14 +295,18 @@ def format_table(report: dict) -> str:
     lines.append("by category (tessera; 1 multi-hop, 2 temporal, 3 open-domain, 4 single-hop): " + ", ".join(
         f"{c}: r@10 {r['recall@10']:.3f} mrr {r['mrr']:.3f} span F1 {r['span_f1@top1']:.3f}"
         f" clarify {r['clarify_share']:.0%}" for c, r in report["by_category"].items()))
+    if "screenshots" in report:
+        sh = report["screenshots"]
+        lines.append(f"screenshots: {sh['turns']} turns sent as pictures of their text, their {sh['questions']}"
+                     f" questions (OCR {'on' if sh['ocr'] else 'off'}): r@10 {sh['recall@10']:.3f} mrr {sh['mrr']:.3f}")
     lat = report["query_latency_ms"]
     lines.append(f"query latency ms: p50 {lat['p50']:.1f}, p99 {lat['p99']:.1f}, mean {lat['mean']:.1f}")
     return "\n".join(lines)
 
 def main_eval(directory: str, out: str | None, progress: bool = True, one_conversation: bool = False,
-              messy: bool = False, typos: float = 0.0) -> int:
+              messy: bool = False, typos: float = 0.0, screenshots: float = 0.0) -> int:
     report = evaluate_locomo(directory, out, progress=progress, one_conversation=one_conversation, messy=messy,
-                             typos=typos)
+                             typos=typos, screenshots=screenshots)
     print(format_table(report))
     return 0
 

@@ -55,10 +55,16 @@ def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = Fa
         _claim(index, "keyword-store", keyword_store, "TESSERA_KEYWORD_STORE", rebuild,
                {"fts5": "bm25.sqlite", "edge": "edge-bm25"}, before="fts5")
     images = None
-    if config.image_model:
+    if config.image_model or config.ocr:
         from indexer.encoders.image import ImageEmbedder, ImageIndexer
 
-        images = ImageIndexer(ImageEmbedder(config.image_model), policy=config.image_policy)
+        reader = None
+        if config.ocr:
+            from indexer.encoders.ocr import ImageReader
+
+            reader = ImageReader()
+        embedder_of_images = ImageEmbedder(config.image_model) if config.image_model else None
+        images = ImageIndexer(embedder_of_images, policy=config.image_policy, reader=reader)
     image_dim = images.dim if images is not None else None
     if config.vector_store == "edge":
         from indexer.stores.edge import EdgeVectorStore

@@ -47,6 +47,8 @@ ENVIRONMENT = {
     "TESSERA_S3_ENDPOINT": "http(s)://host:port serving s3://bucket/key images as /bucket/key",
     "TESSERA_IMAGE_MODEL": "path of a CLIP or SigLIP model (transformers); set, images are fetched, embedded into the"
     " 'image' vector of turns and searchable by a query's image or words. Unset: images count through captions",
+    "TESSERA_OCR": "1: images are fetched and the words they show (screenshots, receipts) read (RapidOCR, about 1 s an"
+    " image on two cores) and indexed with their turn's text, with or without TESSERA_IMAGE_MODEL. 0 (default): not read",
     "TESSERA_REWRITE_MODEL": "path of a sequence-to-sequence model (T5, BART) that rewrites history + query;"
     " unset: the deterministic rule",
     "TESSERA_CLARIFY": "1 (default): ambiguous queries are answered with status clarify and options; 0: never ask",
@@ -87,6 +89,7 @@ CHOICES = {
     "TESSERA_VECTOR_STORE": ("edge", "sqlite", "qdrant"),
     "TESSERA_KEYWORD_STORE": ("edge", "fts5"),
     "TESSERA_ENCODER": ("onnx-int8", "onnx", "torch"),
+    "TESSERA_OCR": ("0", "1"),
     "TESSERA_CLARIFY": ("0", "1"),
 }
 #: Shown as set or unset, never printed.
@@ -115,6 +118,7 @@ class Config:
     model_cache: Path = Path.home() / ".cache" / "tessera"
     image_model: str | None = None
     image_policy: ImagePolicy = ImagePolicy()
+    ocr: bool = False
     rewrite_model: str | None = None
     clarify: bool = True
     vlm_model: str | None = None
@@ -166,6 +170,7 @@ class Config:
                 allow_hosts=frozenset(h.strip().lower() for h in (get.text("TESSERA_IMAGE_ALLOW_HOSTS") or "").split(",")
                                       if h.strip()),
                 s3_endpoint=get.text("TESSERA_S3_ENDPOINT")),
+            ocr=(get.choice("TESSERA_OCR") or "0") == "1",
             rewrite_model=get.text("TESSERA_REWRITE_MODEL"),
             clarify=(get.choice("TESSERA_CLARIFY") or "1") == "1",
             vlm_model=get.text("TESSERA_VLM_MODEL"),

@@ -63,7 +63,8 @@ GPU_MEMORY = Gauge("tessera_gpu_memory_bytes", "CUDA memory allocated by the rea
 HTTP_REQUESTS = Counter("tessera_http_requests_total", "HTTP API requests by route and status", ["route", "status"])
 HTTP_SECONDS = Histogram("tessera_http_request_duration_seconds", "HTTP API request time", ["route"],
                          buckets=LATENCY_BUCKETS)
-IMAGES = Counter("tessera_images_total", "Message images by outcome: embedded, or the refusal code", ["outcome"])
+IMAGES = Counter("tessera_images_total", "Message images by outcome: embedded (image vector), read (words indexed"
+                 " with the turn, TESSERA_OCR), or the refusal code", ["outcome"])
 BUILD = Info("tessera_build", "Version of the running Tessera")
 
 #: Query stages recorded from a result's ``timings_ms`` (the total is its own stage).
@@ -91,6 +92,8 @@ def record_ingest(report) -> None:
     FRAGMENTS.labels("deleted").inc(report.fragments_deleted)
     if report.images_embedded:
         IMAGES.labels("embedded").inc(report.images_embedded)
+    if report.images_read:
+        IMAGES.labels("read").inc(report.images_read)
     for code, n in report.image_failures.items():
         IMAGES.labels(code).inc(n)
 
