@@ -9,7 +9,8 @@ import pytest
 from indexer.model import EVERYONE, HIT_FIELDS, SearchFilter, Unit
 from indexer.stores.fts5 import SqliteBM25Store, match_expression
 from indexer.stores.sqlite_vectors import SqliteVectorStore
-from indexer.stores.edge import SEARCH_THREADS, SEGMENTS, EdgeBM25Store, EdgeVectorStore
+from indexer.ingest.units import vector_units
+from indexer.stores.edge import OPTIMIZE_EVERY, SEARCH_THREADS, SEGMENTS, EdgeBM25Store, EdgeVectorStore
 from indexer.stores.qdrant import QdrantVectorStore
 
 DIM = 8
@@ -40,6 +41,41 @@ def _qdrant_server(tmp_path):
                              dim=DIM, api_key=os.environ.get("TESSERA_QDRANT_API_KEY"))
 
 
+class EdgeWindowsPair:
+    """The edge keyword store whose window list lives in the vector store's window shard (``windows``), written
+    as the ingestor writes both (``Ingestor.write_units``): the keyword suite runs on what it searches."""
+
+    def __init__(self, path, optimize_every=OPTIMIZE_EVERY):
+        self.vectors = EdgeVectorStore(path / "e", dim=DIM, window_bm25=True, optimize_every=optimize_every)
+        self.keywords = EdgeBM25Store(path / "k", windows=self.vectors, optimize_every=optimize_every)
+
+    def upsert(self, units):
+        self.vectors.upsert(vector_units(units))
+        self.keywords.upsert(units)
+
+    def delete(self, unit_ids):
+        self.vectors.delete(unit_ids)
+        self.keywords.delete(unit_ids)
+
+    def search(self, text, kind, flt, limit):
+        return self.keywords.search(text, kind, flt, limit)
+
+    def count(self, tenant_id=None):
+        return self.keywords.count(tenant_id)
+
+    def refresh(self):
+        self.vectors.refresh()
+        self.keywords.refresh()
+
+    def compact(self):
+        self.keywords.compact()
+        self.vectors.compact()
+
+    def close(self):
+        self.keywords.close()
+        self.vectors.close()
+
+
 BACKENDS = {
     "bm25-sqlite": lambda tmp_path: SqliteBM25Store(tmp_path / "b.sqlite"),
     "qdrant-local": lambda tmp_path: QdrantVectorStore(path=tmp_path / "q", dim=DIM),
@@ -48,6 +84,8 @@ BACKENDS = {
     # Every write runs the optimizer: the same contract on immutable, quantized segments.
     "qdrant-edge-optimized": lambda tmp_path: EdgeVectorStore(tmp_path / "e", dim=DIM, optimize_every=1),
     "bm25-edge-optimized": lambda tmp_path: EdgeBM25Store(tmp_path / "k", optimize_every=1),
+    "bm25-edge-windows": lambda tmp_path: EdgeWindowsPair(tmp_path),
+    "bm25-edge-windows-optimized": lambda tmp_path: EdgeWindowsPair(tmp_path, optimize_every=1),
     "vectors-sqlite": lambda tmp_path: SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM),
     "elasticsearch": _elasticsearch,
     "qdrant-server": _qdrant_server,
@@ -595,3 +633,59 @@ def test_qdrant_collections_created_by_another_process_in_between_are_used(tmp_p
     store = QdrantVectorStore(path=tmp_path / "q", dim=DIM)
     assert looked == set(store.collections.values())
     store.close()
+
+
+WINDOWS = [unit("wa", "glacier hike at dawn", 0, kind="window"),
+           unit("wb", "river walk, glacier later", 1, kind="window"),
+           unit("wc", "glacier photo", 2, visible=("ann",), kind="window"), unit("ta", "glacier hike", 0)]
+
+
+def test_windows_are_one_point_for_both_lists_when_the_keyword_store_searches_the_vector_stores_windows(tmp_path):
+    """With ``windows``, the keyword store writes no window of its own: the vector store's window shard holds the
+    terms, and the window list finds what a keyword store of its own finds, with the same scores."""
+    own = EdgeBM25Store(tmp_path / "own")
+    own.upsert(WINDOWS)
+    pair = EdgeWindowsPair(tmp_path / "pair")
+    pair.upsert(WINDOWS)
+    flt = SearchFilter("t1", "bob")
+    for store in (own, pair):
+        store.refresh()
+    expected = [(h.unit_id, round(h.score, 5)) for h in own.search("glacier hike", "window", flt, 10)]
+    assert len(expected) == 2
+    assert [(h.unit_id, round(h.score, 5)) for h in pair.search("glacier hike", "window", flt, 10)] == expected
+    assert not (tmp_path / "pair" / "k" / "window").exists() and pair.keywords.count() == 1
+    pair.vectors.delete([WINDOWS[0].unit_id])
+    assert [h.unit_id for h in pair.search("glacier hike", "window", flt, 10)] == [WINDOWS[1].unit_id]
+    own.close()
+    pair.close()
+
+
+@pytest.mark.parametrize("optimize_every", [10**9, 1], ids=["appendable", "optimized"])
+def test_a_data_dir_with_the_keyword_stores_own_windows_gives_their_terms_to_the_vector_store(tmp_path,
+                                                                                            optimize_every):
+    """A data dir written before windows held their terms: reopened, the vector store's window shard takes the
+    BM25 vector and the keyword store's window terms, then the keyword store's window shard goes; searches find
+    what they found, with the same scores."""
+    vectors = EdgeVectorStore(tmp_path / "e", dim=DIM, optimize_every=optimize_every)
+    keywords = EdgeBM25Store(tmp_path / "k", optimize_every=optimize_every)
+    vectors.upsert(vector_units(WINDOWS))
+    keywords.upsert(WINDOWS)
+    keywords.refresh()
+    flt = SearchFilter("t1", "ann")
+    before = [(h.unit_id, round(h.score, 5)) for h in keywords.search("glacier hike", "window", flt, 10)]
+    assert len(before) == 3
+    keywords.close()
+    vectors.close()
+    pair = EdgeWindowsPair(tmp_path, optimize_every=optimize_every)
+    assert not (tmp_path / "k" / "window").exists()
+    assert [(h.unit_id, round(h.score, 5)) for h in pair.search("glacier hike", "window", flt, 10)] == before
+    assert [h.payload["message_ids"] for h in pair.search("hike", "turn", flt, 10)] == [["ta"]]
+    pair.close()
+    reopened = EdgeWindowsPair(tmp_path, optimize_every=optimize_every)
+    assert [(h.unit_id, round(h.score, 5)) for h in reopened.search("glacier hike", "window", flt, 10)] == before
+    reopened.close()
+
+
+def test_a_keyword_store_can_search_windows_only_in_a_vector_store_that_holds_their_terms(tmp_path):
+    with pytest.raises(ValueError, match="window_bm25"):
+        EdgeBM25Store(tmp_path / "k", windows=EdgeVectorStore(tmp_path / "e", dim=DIM))

@@ -1,7 +1,9 @@
 """The embedded vector and BM25 stores on Qdrant's own engine (``qdrant-edge-py``): no server, one process.
 
 One shard per unit kind under ``path`` (``turn``, ``window``; ``fragment`` in data dirs written before
-fragments stopped being units), so a search touches only the points of its kind. The configuration follows what was measured on this machine (issue 17:
+fragments stopped being units), so a search touches only the points of its kind; with the keyword store on the
+same engine, the vector store's window shard also holds the windows' BM25 terms (``window_bm25``), one point a
+window for both lists. The configuration follows what was measured on this machine (issue 17:
 random 384-d vectors, a tenant AND participant filter, top 30) and what the data looks like:
 
 * Every search carries a selective filter (tenant, then the user's conversations), so the points
@@ -60,6 +62,7 @@ has one owner at a time (``_own``): the multi-process local stack uses the ``sql
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -67,12 +70,13 @@ import numpy as np
 from qdrant_edge import (
     Bm25, Bm25Config, CountRequest, Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard, EdgeSparseVectorParams,
     EdgeVectorParams, FieldCondition, Filter, FloatIndexParams, HnswIndexConfig, IdfParams, KeywordIndexParams,
-    MatchAny, MatchValue, Memory, Modifier, Point, QuantizationSearchParams, Query, QueryRequest, RangeFloat,
-    ScalarQuantizationConfig, ScalarType, ScrollRequest, SearchParams, UpdateOperation,
+    MatchAny, MatchValue, Memory, Modifier, Point, PointVectors, QuantizationSearchParams, Query, QueryRequest,
+    RangeFloat, ScalarQuantizationConfig, ScalarType, ScrollRequest, SearchParams, UpdateOperation,
 )
 
 from indexer.model import EVERYONE, INGESTED_KINDS, UNIT_KINDS, Hit, SearchFilter, Unit
 from indexer.stores.base import check_vectors
+from indexer.text import chat_text
 
 TEXT_VECTOR = "text"
 IMAGE_VECTOR = "image"
@@ -431,16 +435,17 @@ class _Shards:
         raise NotImplementedError
 
     def _open_shards(self, open_one, optimize_every: int, max_appendable: int,
-                     kinds: Sequence[str] = INGESTED_KINDS) -> None:
+                     kinds: Sequence[str] = INGESTED_KINDS, elsewhere: Sequence[str] = ()) -> None:
         """Own the store directory, then open a shard per kind in ``kinds`` and per other kind the directory holds
-        (fragment units of data dirs written before, which deletes must reach); a shard that fails to open lets
-        the directory go. A shard of another kind opens when a unit of it is written (``_add_shard``): an empty
-        shard maps 17 MB of write-ahead log and takes a look-up in every delete."""
+        (fragment units of data dirs written before, which deletes must reach) but those another store holds
+        (``elsewhere``); a shard that fails to open lets the directory go. A shard of another kind opens when a unit
+        of it is written (``_add_shard``): an empty shard maps 17 MB of write-ahead log and takes a look-up in
+        every delete."""
         self._own()
         self._open_one = open_one
         try:
             self.shards = {kind: open_one(kind) for kind in UNIT_KINDS
-                           if kind in kinds or (self.path / kind).exists()}
+                           if kind not in elsewhere and (kind in kinds or (self.path / kind).exists())}
         except BaseException:
             self._lock.close()
             raise
@@ -516,28 +521,56 @@ def _tenant(tenant_id: str) -> Filter:
     return Filter(must=[FieldCondition(key="tenant_id", match=MatchValue(value=tenant_id))])
 
 
+#: Sparse vector of BM25 terms, in the BM25 shards and in the window shard of a vector store that holds them.
+BM25_VECTOR = "bm25"
+
+
+def bm25_model() -> Bm25:
+    """Qdrant's defaults (k 1.2, b 0.75, avg_len 256). Setting avg_len to the measured length of chat turns (12
+    tokens) lost 0.05 recall@10 on the single-turn list; the default's weaker length normalisation suits short
+    turns."""
+    return Bm25(Bm25Config(language="english"))
+
+
+def _sparse_params() -> EdgeSparseVectorParams:
+    """As for dense vectors: score the points the filter selects rather than walk the inverted index of the whole
+    shard (a common word's postings span every tenant): the turn list at 100k fragments took 19 ms the other way,
+    6.6 ms this way."""
+    return EdgeSparseVectorParams(modifier=Modifier.Idf, full_scan_threshold=FULL_SCAN_THRESHOLD)
+
+
 class EdgeVectorStore(_Shards):
-    """Qdrant's engine in the process: WAL, segments, payload indexes, int8 quantization."""
+    """Qdrant's engine in the process: WAL, segments, payload indexes, int8 quantization.
+
+    ``window_bm25``: the window shard also holds each window's BM25 terms (``BM25_VECTOR``, of its chat text as
+    ``keyword_units`` gives it), so that the keyword store's window list is searched here (``EdgeBM25Store(windows=
+    ...)``): a window is then one point with one payload and one set of payload indexes, not two. At 1M fragments
+    the second copy was 1.27 GB of payload and 1.0 GB of payload indexes resident while querying, of 12.1 GB.
+    """
 
     #: A search holds the GIL (two threads: 1.23 ms a search against 1.46 ms one after the other), so a
     #: query's lists recalled on threads only queue: recall took 11.0 ms that way at 10k fragments, 8.4 in turn.
     concurrent_search = False
 
     def __init__(self, path: str | Path, dim: int = 384, image_dim: int | None = None,
-                 optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE):
+                 optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE, window_bm25: bool = False):
         self.path = Path(path)
         self.dim = dim
         self.image_dim = image_dim
+        self.bm25 = bm25_model() if window_bm25 else None
         # Turns are vector points only for their image vectors (``units.vector_units``).
         self._open_shards(self._open, optimize_every, max_appendable,
                           INGESTED_KINDS if image_dim is not None else ("window",))
 
-    def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
+    def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS,
+                bm25: bool | None = None) -> EdgeConfig:
+        """``bm25``: whether the shard has the BM25 vector (None: whether it should, ``_with_bm25``)."""
         vectors = {TEXT_VECTOR: _vector_params(self.dim)}
         if self._with_image(kind):
             vectors[IMAGE_VECTOR] = _vector_params(self.image_dim)
+        bm25 = self._with_bm25(kind) if bm25 is None else bm25
         return EdgeConfig(
-            vectors=vectors,
+            vectors=vectors, sparse_vectors={BM25_VECTOR: _sparse_params()} if bm25 else None,
             hnsw_config=HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=FULL_SCAN_THRESHOLD),
             quantization_config=ScalarQuantizationConfig(type=ScalarType.Int8, quantile=0.99, memory=INDEX_MEMORY),
             optimizers=optimizers, payload_memory=Memory.Cached, max_search_threads=SEARCH_THREADS,
@@ -545,6 +578,9 @@ class EdgeVectorStore(_Shards):
 
     def _with_image(self, kind: str) -> bool:
         return kind == "turn" and self.image_dim is not None
+
+    def _with_bm25(self, kind: str) -> bool:
+        return kind == "window" and self.bm25 is not None
 
     def _open(self, kind: str) -> EdgeShard:
         """A store written without image vectors has no turn shard, or one without the vector (before turns
@@ -558,7 +594,43 @@ class EdgeVectorStore(_Shards):
             if without_images:
                 raise ValueError(f"{self.path} was written without the {IMAGE_VECTOR!r} vector; index into a new"
                                  " data dir to turn on TESSERA_IMAGE_MODEL")
+        if self._with_bm25(kind) and (directory / "edge_config.json").exists() \
+                and BM25_VECTOR not in _vector_names(directory, "sparse_vectors"):
+            # Written before windows held their BM25 terms: the vector is added, empty, and filled by the keyword
+            # store from its own window shard (``EdgeBM25Store``) or by a reindex.
+            shard = EdgeShard.load(str(directory), self._config(kind, bm25=False))
+            shard.update(UpdateOperation.create_sparse_vector(BM25_VECTOR, modifier=Modifier.Idf))
+            shard.flush()
+            shard.close()
         return open_shard(directory, self._config(kind))
+
+    def take_window_bm25(self, source: Path) -> int:
+        """Copy the BM25 terms of the windows in the keyword store's own window shard at ``source`` (a data dir
+        written before windows held them) onto this store's windows; returns how many. The points this store does
+        not hold are left (a reindex writes them); the copied ones move out of their immutable segments into the
+        appendable one, so the optimizer runs as for writes (``_written``) and once more at the end. The
+        100k-fragment bench corpus (500,000 windows) took 2 minutes."""
+        shard, moved, offset = EdgeShard.load(str(source)), 0, None
+        try:
+            while True:
+                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=UPSERT_BATCH, with_payload=False,
+                                                             with_vector=[BM25_VECTOR]))
+                terms = {record.id: record.vector[BM25_VECTOR] for record in records
+                         if record.vector and BM25_VECTOR in record.vector}
+                held = [r.id for r in self.shards["window"].retrieve(list(terms), with_payload=False,
+                                                                     with_vector=False)] if terms else []
+                if held:
+                    self.shards["window"].update(UpdateOperation.update_vectors(
+                        [PointVectors(id=i, vector={BM25_VECTOR: terms[i]}) for i in held]))
+                    moved += len(held)
+                    self._written("window", len(held))
+                if offset is None:
+                    break
+        finally:
+            shard.close()
+        if self._pending["window"]:
+            self._run_optimizer("window")
+        return moved
 
     def upsert(self, units: Sequence[Unit]) -> None:
         for unit in units:
@@ -568,6 +640,8 @@ class EdgeVectorStore(_Shards):
             named = {TEXT_VECTOR: unit.vector.astype(np.float32).tolist()}
             if unit.image_vector is not None:
                 named[IMAGE_VECTOR] = unit.image_vector.astype(np.float32).tolist()
+            if self._with_bm25(unit.kind):
+                named[BM25_VECTOR] = self.bm25.embed_document(chat_text(unit.text))
             return Point(id=unit.unit_id, vector=named, payload=payload_of(unit))
 
         self._batches(units, point)
@@ -584,17 +658,15 @@ class EdgeVectorStore(_Shards):
         return [PointHit(p) for p in points]
 
 
-def _vector_names(directory: Path) -> set[str]:
-    """Named vectors a shard was created with, from its configuration file."""
+def _vector_names(directory: Path, field: str = "vectors") -> set[str]:
+    """Named vectors (``field``: dense ``vectors`` or ``sparse_vectors``) a shard has, from its configuration file."""
     import json
 
     config = json.loads((directory / "edge_config.json").read_text())
-    vectors = config.get("vectors") or {}
+    vectors = config.get(field) or {}
     return set(vectors) if isinstance(vectors, dict) else set()
 
 
-#: Sparse vector of the BM25 shards.
-BM25_VECTOR = "bm25"
 
 
 class EdgeBM25Store(_Shards):
@@ -607,29 +679,37 @@ class EdgeBM25Store(_Shards):
     user sees 12,250), the turn list took 11.8 ms counting over the tenant, 7.0 ms over the user's points, 6.4 ms
     with the shard's own IDF. Narrowing conditions (a conversation, senders, times) stay out of the corpus: a
     word's weight does not change with the window a query looks through.
+
+    ``windows``: an ``EdgeVectorStore`` with ``window_bm25`` whose window shard holds the windows' terms: the window
+    list is searched there and window units are not written here (the vector store writes them, with their dense
+    vector). A window shard of its own, from a data dir written before, gives its terms to ``windows`` when the
+    store opens, then goes.
     """
 
     #: As for the vector store: searches hold the GIL.
     concurrent_search = False
 
-    def __init__(self, path: str | Path, optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE):
+    def __init__(self, path: str | Path, optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE,
+                 windows: EdgeVectorStore | None = None):
+        if windows is not None and windows.bm25 is None:
+            raise ValueError("windows: the vector store must hold the windows' BM25 terms (window_bm25=True)")
         self.path = Path(path)
-        # Qdrant's defaults (k 1.2, b 0.75, avg_len 256). Setting avg_len to the measured length of chat
-        # turns (12 tokens) lost 0.05 recall@10 on the single-turn list; the default's weaker length
-        # normalisation suits short turns.
-        self.model = Bm25(Bm25Config(language="english"))
+        self.model = bm25_model()
+        self.windows = windows
         self._open_shards(lambda kind: open_shard(self.path / kind, self._config(kind)), optimize_every,
-                          max_appendable)
+                          max_appendable, ("turn",) if windows is not None else INGESTED_KINDS,
+                          elsewhere=("window",) if windows is not None else ())
+        if windows is not None and (self.path / "window" / "edge_config.json").exists():
+            windows.take_window_bm25(self.path / "window")
+            shutil.rmtree(self.path / "window")
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
-        # As for dense vectors: score the points the filter selects rather than walk the inverted index of
-        # the whole shard (a common word's postings span every tenant): the turn list at 100k fragments
-        # took 19 ms the other way, 6.6 ms this way.
-        sparse = EdgeSparseVectorParams(modifier=Modifier.Idf, full_scan_threshold=FULL_SCAN_THRESHOLD)
-        return EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: sparse}, optimizers=optimizers,
+        return EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: _sparse_params()}, optimizers=optimizers,
                           payload_memory=Memory.Cached, max_search_threads=SEARCH_THREADS)
 
     def upsert(self, units: Sequence[Unit]) -> None:
+        if self.windows is not None:
+            units = [u for u in units if u.kind != "window"]
         self._batches(units, lambda u: Point(id=u.unit_id, vector={BM25_VECTOR: self.model.embed_document(u.text)},
                                              payload=payload_of(u)))
 
@@ -637,9 +717,10 @@ class EdgeBM25Store(_Shards):
         if kind not in UNIT_KINDS:
             raise ValueError(f"unknown kind {kind!r}")
         query = self.model.embed_query(text)
-        if not query.indices or kind not in self.shards:
+        shards = self.windows.shards if self.windows is not None and kind == "window" else self.shards
+        if not query.indices or kind not in shards:
             return []
-        points = self.shards[kind].query(QueryRequest(
+        points = shards[kind].query(QueryRequest(
             limit=limit, query=Query.Nearest(query, using=BM25_VECTOR), filter=build_filter(flt),
             with_payload=[HIT], params=SearchParams(idf=IdfParams(corpus=Filter(should=_visible(flt))))))
         return [PointHit(p) for p in points]

@@ -66,10 +66,12 @@ def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = Fa
         embedder_of_images = ImageEmbedder(config.image_model) if config.image_model else None
         images = ImageIndexer(embedder_of_images, policy=config.image_policy, reader=reader)
     image_dim = images.dim if images is not None else None
+    # Both on the embedded engine: the windows' BM25 terms live with their dense vectors, one point a window.
+    windows_in_one = config.vector_store == "edge" and keyword_store == "edge" and not config.es_url
     if config.vector_store == "edge":
         from indexer.stores.edge import EdgeVectorStore
 
-        vectors = EdgeVectorStore(index / "edge", dim=embedder.dim, image_dim=image_dim)
+        vectors = EdgeVectorStore(index / "edge", dim=embedder.dim, image_dim=image_dim, window_bm25=windows_in_one)
     elif config.vector_store == "sqlite":
         vectors = SqliteVectorStore(index / "vectors.sqlite", dim=embedder.dim, image_dim=image_dim)
     elif config.vector_store == "qdrant":
@@ -88,7 +90,8 @@ def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = Fa
     elif keyword_store == "edge":
         from indexer.stores.edge import EdgeBM25Store
 
-        keywords = InstrumentedStore(EdgeBM25Store(index / "edge-bm25"), "qdrant-edge-bm25")
+        keywords = InstrumentedStore(EdgeBM25Store(index / "edge-bm25", windows=vectors if windows_in_one else None),
+                                     "qdrant-edge-bm25")
     elif keyword_store == "fts5":
         keywords = InstrumentedStore(SqliteBM25Store(index / "bm25.sqlite"), "sqlite-bm25")
     else:
