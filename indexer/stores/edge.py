@@ -61,6 +61,7 @@ has one owner at a time (``_own``): the multi-process local stack uses the ``sql
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -77,6 +78,8 @@ from qdrant_edge import (
 from indexer.model import EVERYONE, INGESTED_KINDS, UNIT_KINDS, Hit, SearchFilter, Unit
 from indexer.stores.base import check_vectors
 from indexer.text import chat_text
+
+log = logging.getLogger("tessera.stores")
 
 TEXT_VECTOR = "text"
 IMAGE_VECTOR = "image"
@@ -611,6 +614,8 @@ class EdgeVectorStore(_Shards):
         appendable one, so the optimizer runs as for writes (``_written``) and once more at the end. The
         100k-fragment bench corpus (500,000 windows) took 2 minutes."""
         shard, moved, offset = EdgeShard.load(str(source)), 0, None
+        log.warning("moving the BM25 terms of %d windows from %s into %s (once, for this data dir)",
+                    shard.info().points_count, source, self.path / "window")
         try:
             while True:
                 records, offset = shard.scroll(ScrollRequest(offset=offset, limit=UPSERT_BATCH, with_payload=False,
