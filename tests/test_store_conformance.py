@@ -689,3 +689,17 @@ def test_a_data_dir_with_the_keyword_stores_own_windows_gives_their_terms_to_the
 def test_a_keyword_store_can_search_windows_only_in_a_vector_store_that_holds_their_terms(tmp_path):
     with pytest.raises(ValueError, match="window_bm25"):
         EdgeBM25Store(tmp_path / "k", windows=EdgeVectorStore(tmp_path / "e", dim=DIM))
+
+
+def test_a_window_shard_given_bm25_terms_opens_for_another_keyword_store(tmp_path):
+    """Windows written with their terms, then a keyword store of another kind (FTS5, Elasticsearch): the window
+    shard keeps its BM25 vector, opens, and its windows are written and found by their dense vectors."""
+    pair = EdgeWindowsPair(tmp_path)
+    pair.upsert(WINDOWS)
+    pair.close()
+    vectors = EdgeVectorStore(tmp_path / "e", dim=DIM)
+    vectors.upsert([unit("wd", "glacier at noon", 3, kind="window")])
+    vectors.refresh()
+    found = [h.payload["message_ids"][0] for h in vectors.search(one_hot(3), "window", SearchFilter("t1", "bob"), 1)]
+    assert found == ["wd"]
+    vectors.close()

@@ -8,7 +8,6 @@ stores. The two halves run in different tasks of a fleet, and a crash between th
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import time
 from typing import Iterable, Sequence

@@ -38,8 +38,8 @@ class Searcher:
         self.state = state
         self.embedder = embedder
         self.hybrid = HybridSearcher(vectors, keywords, search_config)
-        #: Image query encoders; None: a query by image is refused, words search captions only.
-        # Images are searched through an image model; an indexer that only reads their words adds no list.
+        #: Image query encoders; None: a query by image is refused, words search captions only. An indexer without
+        #: an image model (it only reads images' words, ``TESSERA_OCR``) adds no list either.
         self.images = images if images is not None and images.embedder is not None else None
         self.rewriter = rewriter or RuleRewriter()
         self.clarify = clarify
