@@ -3,7 +3,8 @@
 People search for what a picture said ("the screenshot with the 504 error") and a platform rarely sends a caption
 for it, so the words an image shows become part of its turn's indexed text (``render_turn``). RapidOCR's PP-OCR
 models ship inside its PyPI package and run on ONNX Runtime, on the CPU: no model is fetched at run time. It costs
-about 1 s an image on two cores (a 640 x 130 screenshot of three lines), so it is off unless ``TESSERA_OCR`` is set.
+about 1.4 s an image on two cores (``make eval-ocr``'s 640-pixel screenshots of two to six lines), so it is off
+unless ``TESSERA_OCR`` is set.
 
 The recogniser it ships reads Chinese and English and often drops the space between English words ("went toaLGBTQ
 support groupyesterday"); BM25 would see one unknown word. A run of letters that is no word of the text model's
