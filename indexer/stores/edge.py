@@ -672,8 +672,6 @@ def _vector_names(directory: Path, field: str = "vectors") -> set[str]:
     return set(vectors) if isinstance(vectors, dict) else set()
 
 
-
-
 class EdgeBM25Store(_Shards):
     """BM25 in the same engine: sparse term-frequency vectors (English stemming, stopwords) with IDF.
 

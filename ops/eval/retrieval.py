@@ -214,17 +214,19 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
         turns = into_messy_chat(turns, typo_share=typos)
     if screenshots > 0 and messy:
         raise SystemExit("--screenshots pictures whole turns: it does not combine with --messy or --typos")
-    shots: set[tuple[str, str]] = set()
-    shots_dir = Path(tempfile.mkdtemp(prefix="tessera-screenshots-"))
-    if screenshots > 0:
-        turns, shots = into_screenshots(turns, questions, screenshots, shots_dir)
     embedder = embedder or configured_embedder(Config.from_env(data_dir))
     embedder.warm_up()
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="tessera-eval-"))
     config = Config.from_env(work)
-    policy = config.image_policy
-    config = dataclasses.replace(config, image_policy=dataclasses.replace(
-        policy, file_roots=policy.file_roots + (shots_dir.resolve(),)))
+    shots: set[tuple[str, str]] = set()
+    shots_dir = None
+    if screenshots > 0:
+        # The pictures are files the engine may fetch: their directory joins the image policy's roots.
+        shots_dir = Path(tempfile.mkdtemp(prefix="tessera-screenshots-"))
+        turns, shots = into_screenshots(turns, questions, screenshots, shots_dir)
+        policy = config.image_policy
+        config = dataclasses.replace(config, image_policy=dataclasses.replace(
+            policy, file_roots=policy.file_roots + (shots_dir.resolve(),)))
     engine = open_engine(config, embedder=embedder)
     events = to_events(turns)
     t0 = time.perf_counter()
@@ -273,7 +275,8 @@ def evaluate_locomo(directory: str | Path, out_path: str | Path | None = None, d
                     and (q.conversation_id, next(iter(q.evidence))) in shots]
         report["screenshots"] = {"turns": len(shots), "questions": len(on_shots), "ocr": config.ocr,
                                  **score([questions[i] for i in on_shots], [system[i] for i in on_shots])}
-    shutil.rmtree(shots_dir, ignore_errors=True)
+    if shots_dir is not None:
+        shutil.rmtree(shots_dir, ignore_errors=True)
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(report, indent=2))
