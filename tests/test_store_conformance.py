@@ -1,16 +1,21 @@
 """One contract for every store backend: idempotent upsert, delete, filters inside the store."""
 
+import dataclasses
+import json
 import os
 import uuid
 
 import numpy as np
 import pytest
 
+from indexer import ids
 from indexer.model import EVERYONE, HIT_FIELDS, SearchFilter, Unit
 from indexer.stores.fts5 import SqliteBM25Store, match_expression
 from indexer.stores.sqlite_vectors import SqliteVectorStore
 from indexer.ingest.units import vector_units
-from indexer.stores.edge import OPTIMIZE_EVERY, SEARCH_THREADS, SEGMENTS, EdgeBM25Store, EdgeVectorStore
+from indexer.stores.edge import (
+    OPTIMIZE_EVERY, SEARCH_THREADS, SEGMENTS, TURN_BM25_VECTOR, EdgeBM25Store, EdgeVectorStore,
+)
 from indexer.stores.qdrant import QdrantVectorStore
 
 DIM = 8
@@ -23,9 +28,8 @@ def one_hot(i: int) -> np.ndarray:
 
 
 def unit(uid, text, vec, tenant="t1", conv="c1", visible=(EVERYONE,), sender="s1", ts=100.0, kind="turn"):
-    import uuid
-
-    return Unit(str(uuid.uuid5(uuid.NAMESPACE_OID, uid)), kind, tenant, conv, "f-" + conv, [uid], [sender],
+    """A unit of message ``uid``, with the id the ingestor gives it (``units.fragment_units``)."""
+    return Unit(ids.turn_unit_id(tenant, conv, uid, kind), kind, tenant, conv, "f-" + conv, [uid], [sender],
                 list(visible), ts, ts, text, one_hot(vec))
 
 
@@ -42,19 +46,29 @@ def _qdrant_server(tmp_path):
 
 
 class EdgeWindowsPair:
-    """The edge keyword store whose window list lives in the vector store's window shard (``windows``), written
-    as the ingestor writes both (``Ingestor.write_units``): the keyword suite runs on what it searches."""
+    """The edge keyword store whose lists live on the vector store's window points (``windows``), written as the
+    ingestor writes both (``Ingestor.write_units``), a window with each turn and the two deleted together: the
+    keyword suite runs on what it searches. A turn written without its window gets one of the same payload."""
 
     def __init__(self, path, optimize_every=OPTIMIZE_EVERY):
         self.vectors = EdgeVectorStore(path / "e", dim=DIM, window_bm25=True, optimize_every=optimize_every)
         self.keywords = EdgeBM25Store(path / "k", windows=self.vectors, optimize_every=optimize_every)
+        self.window_of: dict[str, str] = {}
 
     def upsert(self, units):
-        self.vectors.upsert(vector_units(units))
+        given = {u.unit_id for u in units}
+        windows = []
+        for u in units:
+            if u.kind == "turn":
+                window = ids.turn_unit_id(u.tenant_id, u.conversation_id, u.message_ids[0], "window")
+                self.window_of[u.unit_id] = window
+                if window not in given:
+                    windows.append(dataclasses.replace(u, unit_id=window, kind="window", image_vector=None))
+        self.vectors.upsert(vector_units(units) + windows)
         self.keywords.upsert(units)
 
     def delete(self, unit_ids):
-        self.vectors.delete(unit_ids)
+        self.vectors.delete(list(unit_ids) + [self.window_of[i] for i in unit_ids if i in self.window_of])
         self.keywords.delete(unit_ids)
 
     def search(self, text, kind, flt, limit):
@@ -448,7 +462,7 @@ def test_an_edge_store_keeps_a_fragment_shard_only_where_fragment_units_were_wri
     store.close()
     store = make(tmp_path / "s")
     assert set(store.shards) == {"turn", "window", "fragment"} and store.count() == 2
-    store.delete([unit("f1", "glacier", 0).unit_id])
+    store.delete([unit("f1", "glacier", 0, kind="fragment").unit_id])
     assert store.count() == 1
     store.close()
 
@@ -635,54 +649,97 @@ def test_qdrant_collections_created_by_another_process_in_between_are_used(tmp_p
     store.close()
 
 
-WINDOWS = [unit("wa", "glacier hike at dawn", 0, kind="window"),
-           unit("wb", "river walk, glacier later", 1, kind="window"),
-           unit("wc", "glacier photo", 2, visible=("ann",), kind="window"), unit("ta", "glacier hike", 0)]
+def message(uid, turn_text, window_text, vec, **kw):
+    """A message's two units as ingest makes them: its turn and its window, with one payload."""
+    return [unit(uid, turn_text, vec, **kw), unit(uid, window_text, vec, kind="window", **kw)]
 
 
-def test_windows_are_one_point_for_both_lists_when_the_keyword_store_searches_the_vector_stores_windows(tmp_path):
-    """With ``windows``, the keyword store writes no window of its own: the vector store's window shard holds the
-    terms, and the window list finds what a keyword store of its own finds, with the same scores."""
+MESSAGES = (message("wa", "glacier hike", "glacier hike at dawn", 0) + message("wb", "river walk",
+            "river walk, glacier later", 1) + message("wc", "glacier photo", "glacier photo", 2, visible=("ann",)))
+
+
+def _both_lists(store, flt):
+    return [[(h.unit_id, round(h.score, 5)) for h in store.search("glacier hike", kind, flt, 10)]
+            for kind in ("turn", "window")]
+
+
+def test_a_message_is_one_point_for_every_list_when_the_keyword_store_searches_the_vector_stores_windows(tmp_path):
+    """With ``windows``, the keyword store writes no point of its own: the vector store's window points hold the
+    terms of the window and of its turn, and both lists find what a keyword store of its own finds, with the same
+    unit ids and scores."""
     own = EdgeBM25Store(tmp_path / "own")
-    own.upsert(WINDOWS)
+    own.upsert(MESSAGES)
     pair = EdgeWindowsPair(tmp_path / "pair")
-    pair.upsert(WINDOWS)
+    pair.upsert(MESSAGES)
     flt = SearchFilter("t1", "bob")
     for store in (own, pair):
         store.refresh()
-    expected = [(h.unit_id, round(h.score, 5)) for h in own.search("glacier hike", "window", flt, 10)]
-    assert len(expected) == 2
-    assert [(h.unit_id, round(h.score, 5)) for h in pair.search("glacier hike", "window", flt, 10)] == expected
-    assert not (tmp_path / "pair" / "k" / "window").exists() and pair.keywords.count() == 1
-    pair.vectors.delete([WINDOWS[0].unit_id])
-    assert [h.unit_id for h in pair.search("glacier hike", "window", flt, 10)] == [WINDOWS[1].unit_id]
+    expected = _both_lists(own, flt)
+    assert [len(found) for found in expected] == [1, 2]
+    assert _both_lists(pair, flt) == expected
+    assert not any((tmp_path / "pair" / "k" / kind).exists() for kind in ("turn", "window"))
+    assert pair.vectors.count() == 3 and pair.keywords.count() == 3 and pair.keywords.count("t2") == 0
+    pair.delete([u.unit_id for u in MESSAGES[:2]])
+    assert [[unit_id for unit_id, _ in found] for found in _both_lists(pair, flt)] == [[], [MESSAGES[3].unit_id]]
     own.close()
     pair.close()
 
 
+def test_turn_terms_need_their_window_point(tmp_path):
+    """The ingestor writes a fragment's windows before its turns' terms; a turn whose window is not there would be
+    in no list, so it is an error rather than a loss."""
+    pair = EdgeWindowsPair(tmp_path)
+    with pytest.raises(ValueError, match="window points"):
+        pair.keywords.upsert(MESSAGES[:1])
+    pair.close()
+
+
 @pytest.mark.parametrize("optimize_every", [10**9, 1], ids=["appendable", "optimized"])
-def test_a_data_dir_with_the_keyword_stores_own_windows_gives_their_terms_to_the_vector_store(tmp_path,
-                                                                                            optimize_every):
-    """A data dir written before windows held their terms: reopened, the vector store's window shard takes the
-    BM25 vector and the keyword store's window terms, then the keyword store's window shard goes; searches find
-    what they found, with the same scores."""
+def test_a_data_dir_with_the_keyword_stores_own_shards_gives_their_terms_to_the_vector_store(tmp_path,
+                                                                                           optimize_every):
+    """A data dir written before window points held the keyword lists' terms: reopened, the vector store's window
+    shard takes the two sparse vectors and the keyword store's window and turn terms, then the keyword store's
+    shards go; searches find what they found, with the same unit ids and scores."""
     vectors = EdgeVectorStore(tmp_path / "e", dim=DIM, optimize_every=optimize_every)
     keywords = EdgeBM25Store(tmp_path / "k", optimize_every=optimize_every)
-    vectors.upsert(vector_units(WINDOWS))
-    keywords.upsert(WINDOWS)
+    vectors.upsert(vector_units(MESSAGES))
+    keywords.upsert(MESSAGES)
     keywords.refresh()
     flt = SearchFilter("t1", "ann")
-    before = [(h.unit_id, round(h.score, 5)) for h in keywords.search("glacier hike", "window", flt, 10)]
-    assert len(before) == 3
+    before = _both_lists(keywords, flt)
+    assert [len(found) for found in before] == [2, 3]
     keywords.close()
     vectors.close()
     pair = EdgeWindowsPair(tmp_path, optimize_every=optimize_every)
-    assert not (tmp_path / "k" / "window").exists()
-    assert [(h.unit_id, round(h.score, 5)) for h in pair.search("glacier hike", "window", flt, 10)] == before
-    assert [h.payload["message_ids"] for h in pair.search("hike", "turn", flt, 10)] == [["ta"]]
+    assert not any((tmp_path / "k" / kind).exists() for kind in ("turn", "window"))
+    assert _both_lists(pair, flt) == before
     pair.close()
     reopened = EdgeWindowsPair(tmp_path, optimize_every=optimize_every)
-    assert [(h.unit_id, round(h.score, 5)) for h in reopened.search("glacier hike", "window", flt, 10)] == before
+    assert _both_lists(reopened, flt) == before and reopened.keywords.count() == 3
+    reopened.close()
+
+
+def test_a_data_dir_whose_windows_hold_their_own_terms_only_takes_the_turns_terms(tmp_path):
+    """The layout between: window points with the window's terms, turns in the keyword store's own shard."""
+    from qdrant_edge import EdgeShard, UpdateOperation
+
+    pair = EdgeWindowsPair(tmp_path)
+    pair.upsert(MESSAGES)
+    pair.refresh()
+    flt = SearchFilter("t1", "ann")
+    before = _both_lists(pair, flt)
+    pair.close()
+    window = tmp_path / "e" / "window"
+    shard = EdgeShard.load(str(window))
+    shard.update(UpdateOperation.delete_vector_name(TURN_BM25_VECTOR))
+    shard.flush()
+    shard.close()
+    keywords = EdgeBM25Store(tmp_path / "k")
+    keywords.upsert([u for u in MESSAGES if u.kind == "turn"])
+    keywords.close()
+    assert TURN_BM25_VECTOR not in json.loads((window / "edge_config.json").read_text())["sparse_vectors"]
+    reopened = EdgeWindowsPair(tmp_path)
+    assert not (tmp_path / "k" / "turn").exists() and _both_lists(reopened, flt) == before
     reopened.close()
 
 
@@ -695,7 +752,7 @@ def test_a_window_shard_given_bm25_terms_opens_for_another_keyword_store(tmp_pat
     """Windows written with their terms, then a keyword store of another kind (FTS5, Elasticsearch): the window
     shard keeps its BM25 vector, opens, and its windows are written and found by their dense vectors."""
     pair = EdgeWindowsPair(tmp_path)
-    pair.upsert(WINDOWS)
+    pair.upsert(MESSAGES)
     pair.close()
     vectors = EdgeVectorStore(tmp_path / "e", dim=DIM)
     vectors.upsert([unit("wd", "glacier at noon", 3, kind="window")])

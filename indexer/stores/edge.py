@@ -2,9 +2,10 @@
 
 One shard per unit kind under ``path`` (``turn``, ``window``; ``fragment`` in data dirs written before
 fragments stopped being units), so a search touches only the points of its kind; with the keyword store on the
-same engine, the vector store's window shard also holds the windows' BM25 terms (``window_bm25``), one point a
-window for both lists. The configuration follows what was measured on this machine (issue 17:
-random 384-d vectors, a tenant AND participant filter, top 30) and what the data looks like:
+same engine, the vector store's window points also hold the BM25 terms of the window and of its turn
+(``window_bm25``): a turn and its window share a payload, so a message is one point for the three lists. The
+configuration follows what was measured on this machine (issue 17: random 384-d vectors, a tenant AND participant
+filter, top 30) and what the data looks like:
 
 * Every search carries a selective filter (tenant, then the user's conversations), so the points
   to score are found through payload indexes (keyword indexes on the scope word, the tenant,
@@ -70,11 +71,13 @@ from typing import Sequence
 import numpy as np
 from qdrant_edge import (
     Bm25, Bm25Config, CountRequest, Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard, EdgeSparseVectorParams,
-    EdgeVectorParams, FieldCondition, Filter, FloatIndexParams, HnswIndexConfig, IdfParams, KeywordIndexParams,
-    MatchAny, MatchValue, Memory, Modifier, Point, PointVectors, QuantizationSearchParams, Query, QueryRequest,
-    RangeFloat, ScalarQuantizationConfig, ScalarType, ScrollRequest, SearchParams, UpdateOperation,
+    EdgeVectorParams, FieldCondition, Filter, FloatIndexParams, HasVectorCondition, HnswIndexConfig, IdfParams,
+    KeywordIndexParams, MatchAny, MatchValue, Memory, Modifier, Point, PointVectors, QuantizationSearchParams, Query,
+    QueryRequest, RangeFloat, ScalarQuantizationConfig, ScalarType, ScrollRequest, SearchParams, SparseVector,
+    UpdateOperation,
 )
 
+from indexer import ids
 from indexer.model import EVERYONE, INGESTED_KINDS, UNIT_KINDS, Hit, SearchFilter, Unit
 from indexer.stores.base import check_vectors
 from indexer.text import chat_text
@@ -219,6 +222,22 @@ class PointHit(Hit):
     @property
     def unit_id(self) -> str:
         return str(self._point.id)
+
+
+class TurnHit(PointHit):
+    """A hit of the turn list searched on window points (``TURN_BM25_VECTOR``): the turn's unit id, not its window's.
+    """
+
+    __slots__ = ("_tenant_id",)
+
+    def __init__(self, point, tenant_id: str):
+        super().__init__(point)
+        object.__setattr__(self, "_tenant_id", tenant_id)
+
+    @property
+    def unit_id(self) -> str:
+        hit = self.payload
+        return ids.turn_unit_id(self._tenant_id, hit["conversation_id"], hit["message_ids"][0], "turn")
 
 
 #: Marks a store directory whose shards are all in today's layout (``LAYOUT``); earlier ones are migrated on open.
@@ -526,6 +545,21 @@ def _tenant(tenant_id: str) -> Filter:
 
 #: Sparse vector of BM25 terms, in the BM25 shards and in the window shard of a vector store that holds them.
 BM25_VECTOR = "bm25"
+#: Sparse vector of the BM25 terms of a window's own turn, on the window point of a vector store that holds them:
+#: a turn and its window share one payload (``units.fragment_units``), so one point serves the turn list too.
+TURN_BM25_VECTOR = "turn_bm25"
+#: The sparse vectors of a window point that holds both lists' terms.
+WINDOW_POINT_BM25 = (BM25_VECTOR, TURN_BM25_VECTOR)
+
+
+def window_point_id(tenant_id: str, hit: dict) -> str:
+    """The window point that holds the terms of the turn whose packed hit (``unpack_hit``) is ``hit``."""
+    return ids.turn_unit_id(tenant_id, hit["conversation_id"], hit["message_ids"][0], "window")
+
+
+def _window_of(payload: dict) -> str:
+    """``window_point_id`` of a stored turn's payload (layouts before the packed hit kept its fields apart)."""
+    return window_point_id(payload["tenant_id"], unpack_hit(payload[HIT]) if HIT in payload else payload)
 
 
 def bm25_model() -> Bm25:
@@ -545,10 +579,12 @@ def _sparse_params() -> EdgeSparseVectorParams:
 class EdgeVectorStore(_Shards):
     """Qdrant's engine in the process: WAL, segments, payload indexes, int8 quantization.
 
-    ``window_bm25``: the window shard also holds each window's BM25 terms (``BM25_VECTOR``, of its chat text as
-    ``keyword_units`` gives it), so that the keyword store's window list is searched here (``EdgeBM25Store(windows=
-    ...)``): a window is then one point with one payload and one set of payload indexes, not two. At 1M fragments
-    the second copy was 1.27 GB of payload and 1.0 GB of payload indexes resident while querying, of 12.1 GB.
+    ``window_bm25``: a window point also holds the BM25 terms of the window (``BM25_VECTOR``, of its chat text as
+    ``keyword_units`` gives it) and of its own turn (``TURN_BM25_VECTOR``, put there by the keyword store,
+    ``put_turn_terms``), so that the keyword store's window and turn lists are searched here (``EdgeBM25Store(
+    windows=...)``): a message is then one point with one payload and one set of payload indexes, not three. At
+    1M fragments each other copy was about 1.3 GB of payload and 1.0 to 1.3 GB of payload indexes resident while
+    querying.
     """
 
     #: A search holds the GIL (two threads: 1.23 ms a search against 1.46 ms one after the other), so a
@@ -566,14 +602,14 @@ class EdgeVectorStore(_Shards):
                           INGESTED_KINDS if image_dim is not None else ("window",))
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS,
-                bm25: bool | None = None) -> EdgeConfig:
-        """``bm25``: whether the shard has the BM25 vector (None: whether it should, ``_with_bm25``)."""
+                sparse: Sequence[str] | None = None) -> EdgeConfig:
+        """``sparse``: the sparse vectors the shard has (None: those it should have, ``_sparse_names``)."""
         vectors = {TEXT_VECTOR: _vector_params(self.dim)}
         if self._with_image(kind):
             vectors[IMAGE_VECTOR] = _vector_params(self.image_dim)
-        bm25 = self._with_bm25(kind) if bm25 is None else bm25
+        sparse = self._sparse_names(kind) if sparse is None else sparse
         return EdgeConfig(
-            vectors=vectors, sparse_vectors={BM25_VECTOR: _sparse_params()} if bm25 else None,
+            vectors=vectors, sparse_vectors={name: _sparse_params() for name in sparse} or None,
             hnsw_config=HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=FULL_SCAN_THRESHOLD),
             quantization_config=ScalarQuantizationConfig(type=ScalarType.Int8, quantile=0.99, memory=INDEX_MEMORY),
             optimizers=optimizers, payload_memory=Memory.Cached, max_search_threads=SEARCH_THREADS,
@@ -582,8 +618,8 @@ class EdgeVectorStore(_Shards):
     def _with_image(self, kind: str) -> bool:
         return kind == "turn" and self.image_dim is not None
 
-    def _with_bm25(self, kind: str) -> bool:
-        return kind == "window" and self.bm25 is not None
+    def _sparse_names(self, kind: str) -> tuple[str, ...]:
+        return WINDOW_POINT_BM25 if kind == "window" and self.bm25 is not None else ()
 
     def _open(self, kind: str) -> EdgeShard:
         """A store written without image vectors has no turn shard, or one without the vector (before turns
@@ -597,38 +633,40 @@ class EdgeVectorStore(_Shards):
             if without_images:
                 raise ValueError(f"{self.path} was written without the {IMAGE_VECTOR!r} vector; index into a new"
                                  " data dir to turn on TESSERA_IMAGE_MODEL")
-        if self._with_bm25(kind) and (directory / "edge_config.json").exists() \
-                and BM25_VECTOR not in _vector_names(directory, "sparse_vectors"):
-            # Written before windows held their BM25 terms: the vector is added, empty, and filled by the keyword
-            # store from its own window shard (``EdgeBM25Store``) or by a reindex.
-            shard = EdgeShard.load(str(directory), self._config(kind, bm25=False))
-            shard.update(UpdateOperation.create_sparse_vector(BM25_VECTOR, modifier=Modifier.Idf))
-            shard.flush()
-            shard.close()
+        wanted = self._sparse_names(kind)
+        if wanted and (directory / "edge_config.json").exists():
+            held = _vector_names(directory, "sparse_vectors")
+            if not held.issuperset(wanted):
+                # Written before window points held these terms: the vectors are added, empty, and filled by the
+                # keyword store from its own shards (``EdgeBM25Store``, ``take_bm25``) or by a reindex.
+                shard = EdgeShard.load(str(directory), self._config(kind, sparse=[n for n in wanted if n in held]))
+                for name in wanted:
+                    if name not in held:
+                        shard.update(UpdateOperation.create_sparse_vector(name, modifier=Modifier.Idf))
+                shard.flush()
+                shard.close()
         return open_shard(directory, self._config(kind))
 
-    def take_window_bm25(self, source: Path) -> int:
-        """Copy the BM25 terms of the windows in the keyword store's own window shard at ``source`` (a data dir
-        written before windows held them) onto this store's windows; returns how many. The points this store does
-        not hold are left (a reindex writes them); the copied ones move out of their immutable segments into the
-        appendable one, so the optimizer runs as for writes (``_written``) and once more at the end. The
-        100k-fragment bench corpus (500,000 windows) took 2 minutes."""
+    def take_bm25(self, source: Path, vector: str) -> int:
+        """Copy the BM25 terms of a shard of the keyword store's own (``source``, in a data dir written before
+        window points held them) onto this store's window points as ``vector``: a window shard's terms as the
+        window's (``BM25_VECTOR``), a turn shard's as its window's turn terms (``TURN_BM25_VECTOR``, the window
+        of the same message); returns how many. Points with no window here are left (a reindex writes them); the
+        copied ones move out of their immutable segments into the appendable one, so the optimizer runs as for
+        writes (``_written``) and once more at the end. The 100k-fragment bench corpus's 500,000 windows took 2
+        minutes; its 1M corpus's 5 million, 50."""
         shard, moved, offset = EdgeShard.load(str(source)), 0, None
-        log.warning("moving the BM25 terms of %d windows from %s into %s (once, for this data dir)",
-                    shard.info().points_count, source, self.path / "window")
+        turns = vector == TURN_BM25_VECTOR
+        log.warning("moving the BM25 terms of %d points from %s into %s as %r (once, for this data dir)",
+                    shard.info().points_count, source, self.path / "window", vector)
         try:
             while True:
-                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=UPSERT_BATCH, with_payload=False,
+                records, offset = shard.scroll(ScrollRequest(offset=offset, limit=UPSERT_BATCH,
+                                                             with_payload=["tenant_id", HIT] if turns else False,
                                                              with_vector=[BM25_VECTOR]))
-                terms = {record.id: record.vector[BM25_VECTOR] for record in records
-                         if record.vector and BM25_VECTOR in record.vector}
-                held = [r.id for r in self.shards["window"].retrieve(list(terms), with_payload=False,
-                                                                     with_vector=False)] if terms else []
-                if held:
-                    self.shards["window"].update(UpdateOperation.update_vectors(
-                        [PointVectors(id=i, vector={BM25_VECTOR: terms[i]}) for i in held]))
-                    moved += len(held)
-                    self._written("window", len(held))
+                terms = {(_window_of(record.payload) if turns else str(record.id)): record.vector[BM25_VECTOR]
+                         for record in records if record.vector and BM25_VECTOR in record.vector}
+                moved += self._put_terms(vector, terms, strict=False)
                 if offset is None:
                     break
         finally:
@@ -636,6 +674,33 @@ class EdgeVectorStore(_Shards):
         if self._pending["window"]:
             self._run_optimizer("window")
         return moved
+
+    def put_turn_terms(self, terms: dict[str, SparseVector]) -> None:
+        """Put turns' BM25 terms on their window points (``window_point_id``), which a write of the windows has just
+        replaced without them (``Ingestor.write_units`` writes the vector store first). A window that is not here
+        is an error: its turn would be in no list."""
+        self._put_terms(TURN_BM25_VECTOR, terms, strict=True)
+
+    def _put_terms(self, vector: str, terms: dict[str, SparseVector], strict: bool) -> int:
+        """Update ``vector`` of the window points in ``terms`` that this store holds (``strict``: all of them);
+        returns how many. An update moves a point out of an immutable segment: after a run of the optimizer the
+        shard is marked as written, so that ``refresh`` runs it again."""
+        if not terms:
+            return 0
+        shard = self.shards["window"]
+        held = [str(r.id) for r in shard.retrieve(list(terms), with_payload=False, with_vector=False)]
+        if strict and len(held) < len(terms):
+            missing = sorted(set(terms) - set(held))
+            raise ValueError(f"window points {missing[:3]} ({len(missing)} in all) are not in {self.path}: the"
+                             " windows of a fragment are written before their turns' terms")
+        if held:
+            shard.update(UpdateOperation.update_vectors([PointVectors(id=i, vector={vector: terms[i]})
+                                                         for i in held]))
+            if strict:
+                self._pending["window"] = max(self._pending["window"], 1)
+            else:
+                self._written("window", len(held))
+        return len(held)
 
     def upsert(self, units: Sequence[Unit]) -> None:
         for unit in units:
@@ -645,7 +710,7 @@ class EdgeVectorStore(_Shards):
             named = {TEXT_VECTOR: unit.vector.astype(np.float32).tolist()}
             if unit.image_vector is not None:
                 named[IMAGE_VECTOR] = unit.image_vector.astype(np.float32).tolist()
-            if self._with_bm25(unit.kind):
+            if self._sparse_names(unit.kind):
                 named[BM25_VECTOR] = self.bm25.embed_document(chat_text(unit.text))
             return Point(id=unit.unit_id, vector=named, payload=payload_of(unit))
 
@@ -683,10 +748,11 @@ class EdgeBM25Store(_Shards):
     with the shard's own IDF. Narrowing conditions (a conversation, senders, times) stay out of the corpus: a
     word's weight does not change with the window a query looks through.
 
-    ``windows``: an ``EdgeVectorStore`` with ``window_bm25`` whose window shard holds the windows' terms: the window
-    list is searched there and window units are not written here (the vector store writes them, with their dense
-    vector). A window shard of its own, from a data dir written before, gives its terms to ``windows`` when the
-    store opens, then goes.
+    ``windows``: an ``EdgeVectorStore`` with ``window_bm25``, whose window points hold the terms of the window and of
+    its turn: both lists are searched there and nothing of either is written here (the vector store writes the
+    windows with their dense vector, this store puts the turns' terms on them). A turn's terms then go with its
+    window point: the ingestor deletes and writes the two together. Shards of its own from a data dir written
+    before give their terms to ``windows`` when the store opens, then go.
     """
 
     #: As for the vector store: searches hold the GIL.
@@ -700,11 +766,13 @@ class EdgeBM25Store(_Shards):
         self.model = bm25_model()
         self.windows = windows
         self._open_shards(lambda kind: open_shard(self.path / kind, self._config(kind)), optimize_every,
-                          max_appendable, ("turn",) if windows is not None else INGESTED_KINDS,
-                          elsewhere=("window",) if windows is not None else ())
-        if windows is not None and (self.path / "window" / "edge_config.json").exists():
-            windows.take_window_bm25(self.path / "window")
-            shutil.rmtree(self.path / "window")
+                          max_appendable, () if windows is not None else INGESTED_KINDS,
+                          elsewhere=INGESTED_KINDS if windows is not None else ())
+        if windows is not None:
+            for kind, vector in (("window", BM25_VECTOR), ("turn", TURN_BM25_VECTOR)):
+                if (self.path / kind / "edge_config.json").exists():
+                    windows.take_bm25(self.path / kind, vector)
+                    shutil.rmtree(self.path / kind)
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS) -> EdgeConfig:
         return EdgeConfig(vectors={}, sparse_vectors={BM25_VECTOR: _sparse_params()}, optimizers=optimizers,
@@ -712,18 +780,35 @@ class EdgeBM25Store(_Shards):
 
     def upsert(self, units: Sequence[Unit]) -> None:
         if self.windows is not None:
-            units = [u for u in units if u.kind != "window"]
+            self.windows.put_turn_terms({window_point_id(u.tenant_id, {"conversation_id": u.conversation_id,
+                                                                       "message_ids": u.message_ids}):
+                                         self.model.embed_document(u.text) for u in units if u.kind == "turn"})
+            units = [u for u in units if u.kind not in INGESTED_KINDS]
         self._batches(units, lambda u: Point(id=u.unit_id, vector={BM25_VECTOR: self.model.embed_document(u.text)},
                                              payload=payload_of(u)))
+
+    def count(self, tenant_id: str | None = None) -> int:
+        """With ``windows``, the turns are the window points that hold their terms."""
+        held = super().count(tenant_id)
+        if self.windows is None or "window" not in self.windows.shards:
+            return held
+        flt = Filter(must=[HasVectorCondition(TURN_BM25_VECTOR)]
+                     + ([FieldCondition(key="tenant_id", match=MatchValue(value=tenant_id))] if tenant_id else []))
+        return held + self.windows.shards["window"].count(CountRequest(exact=True, filter=flt))
 
     def search(self, text: str, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
         if kind not in UNIT_KINDS:
             raise ValueError(f"unknown kind {kind!r}")
         query = self.model.embed_query(text)
-        shards = self.windows.shards if self.windows is not None and kind == "window" else self.shards
-        if not query.indices or kind not in shards:
+        on_windows = self.windows is not None and kind in INGESTED_KINDS
+        shards = self.windows.shards if on_windows else self.shards
+        shard = shards.get("window" if on_windows else kind)
+        if not query.indices or shard is None:
             return []
-        points = shards[kind].query(QueryRequest(
-            limit=limit, query=Query.Nearest(query, using=BM25_VECTOR), filter=build_filter(flt),
+        using = TURN_BM25_VECTOR if on_windows and kind == "turn" else BM25_VECTOR
+        points = shard.query(QueryRequest(
+            limit=limit, query=Query.Nearest(query, using=using), filter=build_filter(flt),
             with_payload=[HIT], params=SearchParams(idf=IdfParams(corpus=Filter(should=_visible(flt))))))
+        if using == TURN_BM25_VECTOR:
+            return [TurnHit(p, flt.tenant_id) for p in points]
         return [PointHit(p) for p in points]

@@ -66,7 +66,8 @@ def open_engine(config: Config, embedder=None, reasoner=None, rebuild: bool = Fa
         embedder_of_images = ImageEmbedder(config.image_model) if config.image_model else None
         images = ImageIndexer(embedder_of_images, policy=config.image_policy, reader=reader)
     image_dim = images.dim if images is not None else None
-    # Both on the embedded engine: the windows' BM25 terms live with their dense vectors, one point a window.
+    # Both on the embedded engine: the BM25 terms of a window and of its turn live with the window's dense vector,
+    # one point a message.
     windows_in_one = config.vector_store == "edge" and keyword_store == "edge" and not config.es_url
     if config.vector_store == "edge":
         from indexer.stores.edge import EdgeVectorStore
