@@ -143,16 +143,15 @@ def search(store, probe_text, probe_vec, flt, kind="turn", refresh=True):
 
 def found_alike(stores, probe_text, probe_vec, flt):
     """What two edge stores of the same units find: the same ranking from keyword stores; from vector stores,
-    where one scores int8 copies, every visible point (the limit covers them all), ranked alike (rank correlation
-    0.99; near ties may swap) with scores within the quantization's error (0.09 at these 8 dimensions)."""
+    where one scores quantized copies, every visible point (the limit covers them all) with scores within the
+    quantization's error (4 bits a dimension: up to 0.18 at these 8 dimensions over repeated runs, against 0.09
+    with int8). Ranks are not compared: at 8 dimensions the codes' random rotation swaps near ties from run to
+    run."""
     if not hasattr(stores[0], "dim"):
         found = [search(s, probe_text, probe_vec, flt, refresh=False) for s in stores]
         return found[0] == found[1] and bool(found[0])
     a, b = ({h.unit_id: h.score for h in s.search(one_hot(probe_vec), "turn", flt, 1000)} for s in stores)
-    if a.keys() != b.keys() or not a or max(abs(a[k] - b[k]) for k in a) > 0.15:
-        return False
-    ranks = [np.argsort(np.argsort([found[k] for k in a])) for found in (a, b)]
-    return len(a) < 3 or float(np.corrcoef(*ranks)[0, 1]) > 0.99
+    return a.keys() == b.keys() and bool(a) and max(abs(a[k] - b[k]) for k in a) <= 0.25
 
 
 UNITS = [
@@ -407,9 +406,9 @@ def test_a_refresh_optimizes_what_a_bulk_load_left_appendable(tmp_path, make):
     plain.close()
 
 
-def test_an_optimized_edge_shard_is_searched_on_its_int8_vectors_alone(tmp_path):
+def test_an_optimized_edge_shard_is_searched_on_its_quantized_vectors_alone(tmp_path):
     """Rescoring with the original vectors read them at random for every search (under memory pressure most of a
-    dense list's time) and changed no dev-split figure: an optimized shard answers from its int8 copy, so zeroing
+    dense list's time) and changed no dev-split figure: an optimized shard answers from its quantized copy, so zeroing
     the originals' file changes no result."""
     rng = np.random.default_rng(9)
     units = [unit(f"u{i}", "glacier", 0, conv=f"c{i % 5}", visible=(EVERYONE,) if i % 3 else ("ann",))

@@ -75,7 +75,8 @@ def test_image_vector_is_searchable(image_engine, tmp_path):
         vector = image_engine.images.embed_query_image(uris[colour])
         hits = image_engine.vectors.search(vector, "turn", flt, 10, "image")
         assert hits[0].payload["message_ids"] == [message_id]
-        assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+        # The same picture: cosine 1, less the error of vectors kept at 4 bits a dimension (the edge store's).
+        assert hits[0].score == pytest.approx(1.0, abs=1e-2)
         assert {h.payload["message_ids"][0] for h in hits} == {"m001", "m003", "m004"}, "only turns with images"
     other_tenant = SearchFilter(tenant_id="t2", user_id="u1")
     assert image_engine.vectors.search(vector, "turn", other_tenant, 10, "image") == []
