@@ -759,3 +759,34 @@ def test_a_window_shard_given_bm25_terms_opens_for_another_keyword_store(tmp_pat
     found = [h.payload["message_ids"][0] for h in vectors.search(one_hot(3), "window", SearchFilter("t1", "bob"), 1)]
     assert found == ["wd"]
     vectors.close()
+
+
+def test_segments_quantized_to_int8_before_are_rebuilt_at_four_bits_by_the_next_optimizer_run(tmp_path, monkeypatch):
+    """Data dirs written when vectors were int8 codes keep working as they are, and the optimizer's next run
+    rebuilds their segments with today's quantization: the engine rebuilds segments whose configuration differs."""
+    import indexer.stores.edge as edge
+    from qdrant_edge import ScalarQuantizationConfig, ScalarType
+
+    def quantizations():
+        return {next(iter(json.loads(path.read_text())["quantization_config"]))
+                for path in (tmp_path / "e" / "window" / "segments").glob("*/vector_storage-text/quantized.config.json")}
+
+    rng = np.random.default_rng(11)
+    units = [unit(f"w{i}", "glacier", 0, conv=f"c{i % 4}", kind="window") for i in range(60)]
+    for u in units:
+        u.vector = rng.normal(size=DIM).astype(np.float32)
+    monkeypatch.setattr(edge, "QUANTIZATION", ScalarQuantizationConfig(type=ScalarType.Int8, quantile=0.99,
+                                                                      memory=edge.INDEX_MEMORY))
+    store = EdgeVectorStore(tmp_path / "e", dim=DIM)
+    store.upsert(units)
+    store.refresh()
+    store.close()
+    assert quantizations() == {"scalar"}
+    monkeypatch.undo()
+    store = EdgeVectorStore(tmp_path / "e", dim=DIM)
+    flt = SearchFilter("t1", "ann")
+    assert len(store.search(one_hot(0), "window", flt, 100)) == len(units)
+    store._run_optimizer("window")
+    assert quantizations() == {"turbo"}
+    assert len(store.search(one_hot(0), "window", flt, 100)) == len(units)
+    store.close()
