@@ -790,3 +790,35 @@ def test_segments_quantized_to_int8_before_are_rebuilt_at_four_bits_by_the_next_
     assert quantizations() == {"turbo"}
     assert len(store.search(one_hot(0), "window", flt, 100)) == len(units)
     store.close()
+
+
+def test_a_moved_shard_is_left_in_segments_searched_in_parallel(tmp_path, monkeypatch):
+    """Moving terms onto window points moves every point out of its segment, and each run of the optimizer turns
+    what moved into one segment: the move runs it after each share of the shard per search thread, so the shard is
+    not left in one segment that one search thread reads."""
+    rng = np.random.default_rng(4)
+    messages = [u for i in range(3000) for u in message(f"m{i}", f"turn {i} about glacier{i % 50}",
+                                                         f"window {i} of glacier{i % 50}", 0, conv=f"c{i % 30}")]
+    for u in messages:
+        u.vector = rng.normal(size=DIM).astype(np.float32)
+    vectors, keywords = EdgeVectorStore(tmp_path / "e", dim=DIM), EdgeBM25Store(tmp_path / "k")
+    vectors.upsert(vector_units(messages))
+    keywords.upsert(messages)
+    for store in (keywords, vectors):
+        store.refresh()
+        store.close()
+    runs = []
+    real = EdgeVectorStore._run_optimizer
+
+    def counted(self, kind):
+        runs.append(self._pending[kind])
+        real(self, kind)
+
+    monkeypatch.setattr(EdgeVectorStore, "_run_optimizer", counted)
+    pair = EdgeWindowsPair(tmp_path)
+    share = -(-3000 // SEARCH_THREADS)
+    # The windows' terms, then the turns': each a share at a time (checked a batch of 1,024 points at a time).
+    assert sum(runs) == 6000 and len(runs) >= 2 * SEARCH_THREADS and max(runs) < share + 1024
+    assert pair.vectors.shards["window"].info().points_count == 3000 and pair.keywords.count() == 3000
+    assert [h.payload["message_ids"] for h in pair.search("glacier7", "turn", SearchFilter("t1", "ann"), 3)]
+    pair.close()
