@@ -232,8 +232,7 @@ class PointHit(Hit):
 
 
 class TurnHit(PointHit):
-    """A hit of the turn list searched on window points (``TURN_BM25_VECTOR``): the turn's unit id, not its window's.
-    """
+    """A hit of the turn list searched on window points (``TURN_BM25_VECTOR``): its unit id is the turn's."""
 
     __slots__ = ("_tenant_id",)
 
