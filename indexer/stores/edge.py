@@ -560,14 +560,15 @@ TURN_BM25_VECTOR = "turn_bm25"
 WINDOW_POINT_BM25 = (BM25_VECTOR, TURN_BM25_VECTOR)
 
 
-def window_point_id(tenant_id: str, hit: dict) -> str:
-    """The window point that holds the terms of the turn whose packed hit (``unpack_hit``) is ``hit``."""
-    return ids.turn_unit_id(tenant_id, hit["conversation_id"], hit["message_ids"][0], "window")
+def window_point_id(tenant_id: str, conversation_id: str, message_ids: Sequence[str]) -> str:
+    """The window point that holds the terms of the turn of ``message_ids`` (one message, as ingest makes turns)."""
+    return ids.turn_unit_id(tenant_id, conversation_id, message_ids[0], "window")
 
 
 def _window_of(payload: dict) -> str:
     """``window_point_id`` of a stored turn's payload (layouts before the packed hit kept its fields apart)."""
-    return window_point_id(payload["tenant_id"], unpack_hit(payload[HIT]) if HIT in payload else payload)
+    hit = unpack_hit(payload[HIT]) if HIT in payload else payload
+    return window_point_id(payload["tenant_id"], hit["conversation_id"], hit["message_ids"])
 
 
 def bm25_model() -> Bm25:
@@ -800,8 +801,7 @@ class EdgeBM25Store(_Shards):
 
     def upsert(self, units: Sequence[Unit]) -> None:
         if self.windows is not None:
-            self.windows.put_turn_terms({window_point_id(u.tenant_id, {"conversation_id": u.conversation_id,
-                                                                       "message_ids": u.message_ids}):
+            self.windows.put_turn_terms({window_point_id(u.tenant_id, u.conversation_id, u.message_ids):
                                          self.model.embed_document(u.text) for u in units if u.kind == "turn"})
             units = [u for u in units if u.kind not in INGESTED_KINDS]
         self._batches(units, lambda u: Point(id=u.unit_id, vector={BM25_VECTOR: self.model.embed_document(u.text)},
@@ -812,8 +812,7 @@ class EdgeBM25Store(_Shards):
         held = super().count(tenant_id)
         if self.windows is None or "window" not in self.windows.shards:
             return held
-        flt = Filter(must=[HasVectorCondition(TURN_BM25_VECTOR)]
-                     + ([FieldCondition(key="tenant_id", match=MatchValue(value=tenant_id))] if tenant_id else []))
+        flt = Filter(must=[HasVectorCondition(TURN_BM25_VECTOR)] + ([_tenant(tenant_id)] if tenant_id else []))
         return held + self.windows.shards["window"].count(CountRequest(exact=True, filter=flt))
 
     def search(self, text: str, kind: str, flt: SearchFilter, limit: int) -> list[Hit]:
