@@ -108,3 +108,52 @@ def test_a_corpus_of_fewer_tenants_is_built_apart_and_the_table_says_what_a_user
     assert "| edge | 100,000 | 1,100,000 | 12,250 | 40.0 |" in table
     ten = dict(row, corpus=dict(row["corpus"], tenants=10))
     assert "| edge | 100,000 | 1,100,000 | 1,220 | 40.0 |" in markdown({"machine": "x", "command": "b", "scale": [ten]}, [])
+
+
+def test_the_filtered_searches_of_a_measurement_find_only_what_their_filter_names(tmp_path, embedder):
+    """``measure`` also times searches narrowed to a conversation, a sender or 91 days (``sample_filtered``), the
+    ones that read the payload indexes of those fields; each finds turns, and only turns its filter names."""
+    from datetime import datetime
+
+    from ops.bench.synthetic import FILTER_KINDS, Layout, Pool, generate, sample_filtered
+    from ops.runtime.assemble import open_engine
+    from ops.runtime.config import Config
+    from schemas import QUERY_SCHEMA, QueryJob
+
+    texts = [f"turn {i} about the glacier trip and the lake" for i in range(40)]
+    pool = Pool(["ann", "bob"] * 20, texts, embedder.encode(texts).astype(np.float32))
+    layout = Layout(400, tenants=2, users=4)
+    engine = open_engine(Config(data_dir=tmp_path / "d", vector_store="edge"), embedder=embedder)
+    generate(engine, pool, layout, progress=False)
+    asks = sample_filtered(pool, layout, 30)
+    assert [kind for _, _, _, kind, _ in asks[:3]] == list(FILTER_KINDS)
+    found = dict.fromkeys(FILTER_KINDS, 0)
+    for i, (tenant, user, text, kind, filters) in enumerate(asks):
+        result = engine.query(QueryJob.model_validate({
+            "schema": QUERY_SCHEMA, "job_id": f"f{i}", "tenant_id": tenant, "user_id": user, "query": text,
+            "top_k": 5, "reasoning": "fast", "filters": filters}))
+        assert result.status != "error", result.error
+        for fragment in result.fragments:
+            turns = engine.state.turns_by_id(tenant, fragment.conversation_id, fragment.message_ids).values()
+            found[kind] += len(turns)
+            if kind == "conversation":
+                assert fragment.conversation_id == filters["conversation_id"]
+            elif kind == "participant":
+                assert {t.sender_id for t in turns} <= set(filters["participants"])
+            else:
+                after, before = (datetime.fromisoformat(filters[k]) for k in ("sent_after", "sent_before"))
+                assert all(after <= t.sent_at <= before for t in turns)
+    assert all(found.values()), found
+    engine.close()
+
+
+def test_the_report_gives_the_filtered_searches_by_kind():
+    pcts = {"p50": 20.0, "p95": 30.0, "p99": 40.0, "mean": 22.0}
+    row = {"store": "edge", "fragments": 100_000, "queries": 500, "latency_ms": pcts, "index_mb": 0,
+           "peak_rss_mb": 3466, "index_load_s": 0.7, "corpus": {"units": 1_100_000, "build_s": 791},
+           "stages_ms": {s: pcts for s in ("rewrite", "embed", "recall", "fusion", "reasoning")},
+           "rss_over_time_mb": [(0, 3436.0), (650, 3438.0)],
+           "filtered_ms": {"conversation": pcts, "participant": dict(pcts, p50=12.5), "time": pcts}}
+    text = markdown({"machine": "x", "command": "tessera bench", "scale": [row]}, [])
+    assert "| store | fragments | conversation | participant | time |" in text
+    assert "| edge | 100,000 | 20.0 / 40.0 | 12.5 / 40.0 | 20.0 / 40.0 |" in text

@@ -529,6 +529,32 @@ def test_edge_shards_written_with_earlier_optimizer_settings_take_todays(tmp_pat
 
 @pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
                          ids=["vectors", "bm25"])
+def test_edge_tenant_index_stays_on_disk_and_shards_indexed_before_take_it(tmp_path, make):
+    """No filter of a search names the tenant (scope words do), so its index is not kept in memory: a shard whose
+    tenant index was cached (data dirs written before) has it made again on disk when opened, and counts by
+    tenant, which read it, stay right."""
+    from qdrant_edge import KeywordIndexParams, Memory, UpdateOperation
+
+    def tenant_memory(store):
+        return {str(shard.info().payload_schema["tenant_id"].params.memory) for shard in store.shards.values()}
+
+    store = make(tmp_path / "s")
+    assert tenant_memory(store) == {str(Memory.Cold)}
+    store.upsert(UNITS)
+    for shard in store.shards.values():
+        shard.update(UpdateOperation.create_field_index("tenant_id", KeywordIndexParams(is_tenant=True,
+                                                                                        memory=Memory.Cached)))
+    assert tenant_memory(store) == {str(Memory.Cached)}
+    store.close()
+    store = make(tmp_path / "s")
+    assert tenant_memory(store) == {str(Memory.Cold)}
+    assert store.count("t1") == 3 and store.count("t2") == 1
+    assert set(search(store, "glacier", 1, SearchFilter("t1", "ann"))) == {"a", "b", "d"}
+    store.close()
+
+
+@pytest.mark.parametrize("make", [lambda p: EdgeVectorStore(p, dim=DIM), lambda p: EdgeBM25Store(p)],
+                         ids=["vectors", "bm25"])
 def test_edge_shards_of_the_earlier_layout_are_migrated(tmp_path, make):
     """Earlier layouts kept ``HIT_FIELDS`` as five payload fields and their payload indexes in RAM; a data dir of
     theirs is rewritten when opened, and searches find what they found."""
@@ -538,7 +564,7 @@ def test_edge_shards_of_the_earlier_layout_are_migrated(tmp_path, make):
 
     def index_memory(store):
         return {(kind, key): info.params and str(info.params.memory) for kind, shard in store.shards.items()
-                for key, info in shard.info().payload_schema.items()}
+                for key, info in shard.info().payload_schema.items() if key != "tenant_id"}
 
     store = make(tmp_path)
     assert set(index_memory(store).values()) == {str(INDEX_MEMORY)}

@@ -113,6 +113,8 @@ _FLOATS = ("start_ts", "end_ts")
 #: Keyword indexes marked ``is_tenant``: the optimizer lays the points of a segment out in the order of these
 #: fields' values, so the points of one conversation sit together in every file a search reads.
 _CLUSTERED = ("tenant_id", "conversation_id")
+#: Payload indexes no search reads: the tenant's serves counts and the segment layout (``_CLUSTERED``).
+_UNSEARCHED = ("tenant_id",)
 
 
 #: Joins tenant and principal in a scope keyword; identifiers cannot hold it (``schemas.ID_PATTERN``).
@@ -273,7 +275,7 @@ def open_shard(directory: Path, config: EdgeConfig) -> EdgeShard:
             _pack_hits(shard)
             _index_payload(shard)
             shard = optimized(shard, directory)
-        elif not _clustered(shard):
+        elif not _indexed_as_today(shard):
             _index_payload(shard)
         return shard
     shard = EdgeShard.create(str(directory), config)
@@ -348,21 +350,31 @@ def turn_log_over(shard: EdgeShard, directory: Path) -> int:
     return written
 
 
+def _index_memory(key: str) -> Memory:
+    """Where a payload index lives: mapped and cached (``INDEX_MEMORY``) when filters read it, on disk when only
+    counts do (``_UNSEARCHED``). 1M-fragment corpus, 500 searches and 150 filtered ones: RSS 5,062 against 5,226
+    MiB with the tenant index cached, as fast. The indexes only filtered searches read (conversation, senders,
+    times) on disk too: RSS 4,700 MiB, but a search by sender took p50 71 / 73 against 43 / 45 ms, p99 up to 1.6 s."""
+    return Memory.Cold if key in _UNSEARCHED else INDEX_MEMORY
+
+
 def _index_payload(shard: EdgeShard) -> None:
     """The payload indexes every filter uses; an index of the same field with other parameters is replaced."""
     for key in ("tenant_id", *_KEYWORDS):
         shard.update(UpdateOperation.create_field_index(key, KeywordIndexParams(is_tenant=key in _CLUSTERED,
-                                                                                memory=INDEX_MEMORY)))
+                                                                                memory=_index_memory(key))))
     for key in _FLOATS:
-        shard.update(UpdateOperation.create_field_index(key, FloatIndexParams(memory=INDEX_MEMORY)))
+        shard.update(UpdateOperation.create_field_index(key, FloatIndexParams(memory=_index_memory(key))))
 
 
-def _clustered(shard: EdgeShard) -> bool:
-    """Whether the shard's indexes order its segments by ``_CLUSTERED``: shards created before the conversation
-    was among them get their indexes made again when opened, and the segments the optimizer builds from then on
-    (every one after ``tessera reindex``) take the layout."""
+def _indexed_as_today(shard: EdgeShard) -> bool:
+    """Whether the shard's payload indexes have today's parameters: shards created before the conversation was
+    among ``_CLUSTERED`` or before the tenant index stayed on disk get their indexes made again when opened, and
+    the segments the optimizer builds from then on (every one after ``tessera reindex``) take the layout."""
     schema = shard.info().payload_schema
-    return all(key in schema and getattr(schema[key].params, "is_tenant", False) for key in _CLUSTERED)
+    return all(key in schema and bool(getattr(schema[key].params, "is_tenant", False)) == (key in _CLUSTERED)
+               and str(schema[key].params.memory) == str(_index_memory(key))
+               for key in ("tenant_id", *_KEYWORDS, *_FLOATS))
 
 
 def _layout_is_current(store: Path) -> bool:

@@ -220,15 +220,21 @@ def _brute_force(vectors_path: Path, dim: int):
     return search, matrix.nbytes
 
 
+#: Filtered searches a measurement runs after the unfiltered ones, a third of each kind (``synthetic.FILTER_KINDS``).
+FILTERED_QUERIES = 150
+
+
 def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, pool_dir: str | None,
-            cache: Path, brute: bool) -> dict:
-    """Query latency and memory of one corpus, in this (fresh) process."""
+            cache: Path, brute: bool, filtered: int = FILTERED_QUERIES) -> dict:
+    """Query latency and memory of one corpus, in this (fresh) process: ``queries`` searches of everything a user
+    sees, then ``filtered`` ones narrowed by conversation, sender or time (``synthetic.sample_filtered``), which
+    read the payload indexes the others do not; the memory figures are taken after both."""
     from tqdm import tqdm
 
     from indexer.encoders.text import open_embedder
     from ops.runtime.config import Config
     from ops.runtime.assemble import open_engine
-    from ops.bench.synthetic import load_pool, sample_queries
+    from ops.bench.synthetic import load_pool, sample_filtered, sample_queries
     from schemas import QUERY_SCHEMA, QueryJob
 
     embedder = open_embedder(encoder)
@@ -255,8 +261,20 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
             stages.setdefault(stage, []).append(ms)
         if i % 50 == 0:
             rss.append((i, _rss_mb()))
+    narrowed: dict[str, list[float]] = {}
+    for i, (tenant, user, text, kind, filters) in enumerate(tqdm(sample_filtered(pool, layout, filtered),
+                                                                 desc=f"filtered {store} {fragments}", file=sys.stderr)):
+        job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"f{i}", "tenant_id": tenant,
+                                       "user_id": user, "query": text, "top_k": 5, "reasoning": "fast",
+                                       "filters": filters})
+        t = time.perf_counter()
+        engine.query(job)
+        narrowed.setdefault(kind, []).append((time.perf_counter() - t) * 1000)
+    if narrowed:
+        rss.append((len(totals) + filtered, _rss_mb()))
     out = {"store": store, "fragments": fragments, "queries": len(totals), "encoder": encoder,
            "latency_ms": _pcts(totals), "stages_ms": {s: _pcts(v) for s, v in stages.items()},
+           "filtered_ms": {kind: _pcts(v) for kind, v in narrowed.items()},
            "index_load_s": load_s, "rss_start_mb": rss_start, "rss_loaded_mb": rss_loaded, "rss_over_time_mb": rss,
            "index_mb": getattr(engine.vectors.inner, "memory_bytes", 0) / 2**20, "rss_file_mb": _file_rss_mb()}
     engine.close()
@@ -284,7 +302,8 @@ def _measure_in_child(root: Path, store: str, fragments: int, queries: int, enco
         subprocess.run(cmd + (["--pool", pool_dir] if pool_dir else []), check=True)
     out = root / f"measure-{store}-{fragments}.json"
     cmd = [sys.executable, "-m", "ops.bench.report", "measure", str(data), "--store", store, "--fragments", str(fragments),
-           "--queries", str(queries), "--encoder", encoder, "--cache", str(root / "cache"), "--out", str(out)]
+           "--queries", str(queries), "--filtered", str(min(queries, FILTERED_QUERIES)), "--encoder", encoder,
+           "--cache", str(root / "cache"), "--out", str(out)]
     if pool_dir:
         cmd += ["--pool", pool_dir]
     subprocess.run(cmd, check=True)
@@ -413,6 +432,16 @@ def _plots(report: dict, out: Path) -> list[str]:
         plt.close(fig)
         made.append("memory_vs_size.png")
 
+        narrowed = [r for r in scale if r.get("filtered_ms")]
+        if narrowed:
+            kinds = list(narrowed[0]["filtered_ms"])
+            lines += ["", "Filtered searches, narrowed to one of the user's conversations, to what one person sent, or to"
+                      " 91 days, p50 / p99 ms:", "", "| store | fragments | " + " | ".join(kinds) + " |",
+                      "|---|---|" + "---|" * len(kinds)]
+            for r in sorted(narrowed, key=lambda r: (r["store"], r["fragments"])):
+                lines.append(f"| {r['store']} | {r['fragments']:,} | " + " | ".join(
+                    f"{r['filtered_ms'][k]['p50']:.1f} / {r['filtered_ms'][k]['p99']:.1f}" if k in r["filtered_ms"]
+                    else "-" for k in kinds) + " |")
         largest = max(scale, key=lambda r: (r["fragments"], r["store"] == "sqlite"))
         fig, ax = plt.subplots(figsize=(7, 3.5))
         xs, ys = zip(*largest["rss_over_time_mb"])
@@ -508,6 +537,16 @@ def markdown(report: dict, plots: list[str]) -> str:
             st = r["stages_ms"]
             lines.append(f"| {r['store']} | {r['fragments']:,} | " + " | ".join(
                 f"{st[s]['p50']:.2f}" for s in ("rewrite", "embed", "recall", "fusion", "reasoning")) + " |")
+        narrowed = [r for r in scale if r.get("filtered_ms")]
+        if narrowed:
+            kinds = list(narrowed[0]["filtered_ms"])
+            lines += ["", "Filtered searches, narrowed to one of the user's conversations, to what one person sent, or to"
+                      " 91 days, p50 / p99 ms:", "", "| store | fragments | " + " | ".join(kinds) + " |",
+                      "|---|---|" + "---|" * len(kinds)]
+            for r in sorted(narrowed, key=lambda r: (r["store"], r["fragments"])):
+                lines.append(f"| {r['store']} | {r['fragments']:,} | " + " | ".join(
+                    f"{r['filtered_ms'][k]['p50']:.1f} / {r['filtered_ms'][k]['p99']:.1f}" if k in r["filtered_ms"]
+                    else "-" for k in kinds) + " |")
         largest = max(scale, key=lambda r: (r["fragments"], r["store"] == "sqlite"))
         rss = [v for _, v in largest["rss_over_time_mb"]]
         half = len(rss) // 2
@@ -603,6 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--cache", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--no-brute", action="store_true")
+    m.add_argument("--filtered", type=int, default=FILTERED_QUERIES)
     b = sub.add_parser("build", help="(internal) build one synthetic corpus in this process")
     b.add_argument("root")
     b.add_argument("--store", required=True)
@@ -623,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "measure":
         result = measure(Path(args.data), args.store, args.fragments, args.queries, args.encoder, args.pool,
-                         Path(args.cache), not args.no_brute)
+                         Path(args.cache), not args.no_brute, args.filtered)
         Path(args.out).write_text(json.dumps(result, indent=2))
         return
     run(args)

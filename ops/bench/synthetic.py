@@ -130,7 +130,7 @@ def generate(engine, pool: Pool, layout: Layout, batch_conversations: int = 100,
 
 
 def _conversation(engine, pool: Pool, layout: Layout, c: int, rng: np.random.Generator) -> list:
-    tenant, conversation = layout.tenant(c), f"conv-{c:07d}"
+    tenant, conversation = layout.tenant(c), conversation_id(c)
     participants = layout.participants(c)
     people = participants or [f"user-{u:03d}" for u in rng.choice(layout.users, 2, replace=False)]
     engine.state.set_participants(tenant, conversation, participants, (0.0, "synthetic") if participants else None)
@@ -161,6 +161,33 @@ def _conversation(engine, pool: Pool, layout: Layout, c: int, rng: np.random.Gen
 
 def sample_queries(pool: Pool, layout: Layout, count: int, seed: int = 11) -> list[tuple[str, str, str]]:
     """(tenant, user, query) triples: a user of a conversation asks with words of one of its turns."""
+    return [(tenant, user, text) for tenant, user, text, _ in _asks(pool, layout, count, seed)]
+
+
+#: What a filtered query (``sample_filtered``) narrows to, in turn: one of the user's conversations, what one
+#: person of it sent, or a quarter of the corpus's two years.
+FILTER_KINDS = ("conversation", "participant", "time")
+
+
+def sample_filtered(pool: Pool, layout: Layout, count: int, seed: int = 13) -> list[tuple[str, str, str, str, dict]]:
+    """(tenant, user, query, filter kind, ``QueryFilters`` fields): the searches that read the payload indexes
+    of conversations, senders and times, which unfiltered searches never touch."""
+    rnd = random.Random(seed)
+    out = []
+    for i, (tenant, user, text, c) in enumerate(_asks(pool, layout, count, seed)):
+        kind = FILTER_KINDS[i % len(FILTER_KINDS)]
+        if kind == "conversation":
+            filters = {"conversation_id": conversation_id(c)}
+        elif kind == "participant":
+            filters = {"participants": [rnd.choice(layout.participants(c) or [user])]}
+        else:
+            after = START + timedelta(days=rnd.randrange(2 * 365 - 91))
+            filters = {"sent_after": after.isoformat(), "sent_before": (after + timedelta(days=91)).isoformat()}
+        out.append((tenant, user, text, kind, filters))
+    return out
+
+
+def _asks(pool: Pool, layout: Layout, count: int, seed: int) -> list[tuple[str, str, str, int]]:
     rnd = random.Random(seed)
     out = []
     while len(out) < count:
@@ -170,6 +197,10 @@ def sample_queries(pool: Pool, layout: Layout, count: int, seed: int = 11) -> li
         if len(words) < 4:
             continue
         take = words[:rnd.randint(4, 10)]
-        out.append((layout.tenant(c), rnd.choice(participants), " ".join(take)))
+        out.append((layout.tenant(c), rnd.choice(participants), " ".join(take), c))
     return out
+
+
+def conversation_id(c: int) -> str:
+    return f"conv-{c:07d}"
 
