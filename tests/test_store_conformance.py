@@ -818,6 +818,50 @@ def test_segments_quantized_to_int8_before_are_rebuilt_at_four_bits_by_the_next_
     store.close()
 
 
+def test_bm25_indexes_held_in_memory_before_are_rebuilt_on_disk_by_the_next_optimizer_run(tmp_path, monkeypatch):
+    """Searches score the sparse vectors of the points their filter selects and read the inverted index only for
+    its document frequencies, so the index stays on disk; segments of data dirs that kept it on the process's heap
+    are searched as they are, then rebuilt on disk by the optimizer's next run, with the same hits and scores."""
+    import indexer.stores.edge as edge
+    from qdrant_edge import EdgeSparseVectorParams, Modifier
+
+    def placements():  # of the immutable segments: the appendable one keeps its index in memory
+        return {(name, params["index"]["index_type"])
+                for path in (tmp_path / "e" / "window" / "segments").glob("*/segment.json")
+                for name, params in json.loads(path.read_text())["config"]["sparse_vector_data"].items()
+                if params["index"]["index_type"] != "MutableRam"}
+
+    def found(store):
+        flt = SearchFilter("t1", "ann")
+        return {kind: sorted((h.unit_id, round(h.score, 4)) for h in keywords.search("glacier trip", kind, flt, 100))
+                for kind in ("turn", "window")}
+
+    units = [unit(f"m{i}", ("glacier trip" if i % 3 else "lake") + f" day {i}", i % DIM, conv=f"c{i % 4}",
+                  kind="window") for i in range(60)]
+    monkeypatch.setattr(edge, "_sparse_params", lambda: EdgeSparseVectorParams(
+        modifier=Modifier.Idf, full_scan_threshold=edge.FULL_SCAN_THRESHOLD))
+    store = EdgeVectorStore(tmp_path / "e", dim=DIM, window_bm25=True)
+    keywords = EdgeBM25Store(tmp_path / "k", windows=store)
+    store.upsert(units)
+    keywords.upsert([dataclasses.replace(u, kind="turn", unit_id=ids.turn_unit_id("t1", u.conversation_id,
+                                                                                  u.message_ids[0], "turn"))
+                     for u in units])
+    store.refresh()
+    before = found(keywords)
+    keywords.close()
+    store.close()
+    assert placements() == {("bm25", "ImmutableRam"), ("turn_bm25", "ImmutableRam")}
+    monkeypatch.undo()
+    store = EdgeVectorStore(tmp_path / "e", dim=DIM, window_bm25=True)
+    keywords = EdgeBM25Store(tmp_path / "k", windows=store)
+    assert found(keywords) == before
+    store._run_optimizer("window")
+    assert placements() == {("bm25", "Mmap"), ("turn_bm25", "Mmap")}
+    assert found(keywords) == before and all(before.values())
+    keywords.close()
+    store.close()
+
+
 def test_a_moved_shard_is_left_in_segments_searched_in_parallel(tmp_path, monkeypatch):
     """Moving terms onto window points moves every point out of its segment, and each run of the optimizer turns
     what moved into one segment: the move runs it after each share of the shard per search thread, so the shard is

@@ -593,8 +593,12 @@ def bm25_model() -> Bm25:
 def _sparse_params() -> EdgeSparseVectorParams:
     """As for dense vectors: score the points the filter selects rather than walk the inverted index of the whole
     shard (a common word's postings span every tenant): the turn list at 100k fragments took 19 ms the other way,
-    6.6 ms this way."""
-    return EdgeSparseVectorParams(modifier=Modifier.Idf, full_scan_threshold=FULL_SCAN_THRESHOLD)
+    6.6 ms this way. The inverted index is then read for its document frequencies only (``Modifier.Idf``), so it
+    stays on disk (``Memory.Cold``) rather than on the process's heap: at 1M fragments RSS querying 4,365 against
+    5,062 MiB (searches read about 400 MiB of its 1.1 GB), p50 33.0 / 32.2 / 28.3 against 31.2 / 34.4 ms (runs in
+    alternation). Segments that kept it on the heap (data dirs written before) are rebuilt by the optimizer's
+    next run."""
+    return EdgeSparseVectorParams(modifier=Modifier.Idf, full_scan_threshold=FULL_SCAN_THRESHOLD, memory=Memory.Cold)
 
 
 class EdgeVectorStore(_Shards):
