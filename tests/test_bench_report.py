@@ -4,7 +4,9 @@ import json
 
 import numpy as np
 
-from ops.bench.report import AnonPeak, MEMORY_SHARE, corpus_dir, markdown, projected_build_peak_mb, too_big
+from ops.bench.report import (
+    AnonPeak, MEMORY_SHARE, _plots, corpus_dir, markdown, projected_build_peak_mb, too_big,
+)
 
 
 def _built(root, fragments, peak_mb, store="edge", encoder="onnx-int8", anon_mb=None):
@@ -147,13 +149,16 @@ def test_the_filtered_searches_of_a_measurement_find_only_what_their_filter_name
     engine.close()
 
 
-def test_the_report_gives_the_filtered_searches_by_kind():
+def test_the_report_gives_the_filtered_searches_by_kind(tmp_path):
     pcts = {"p50": 20.0, "p95": 30.0, "p99": 40.0, "mean": 22.0}
     row = {"store": "edge", "fragments": 100_000, "queries": 500, "latency_ms": pcts, "index_mb": 0,
            "peak_rss_mb": 3466, "index_load_s": 0.7, "corpus": {"units": 1_100_000, "build_s": 791},
            "stages_ms": {s: pcts for s in ("rewrite", "embed", "recall", "fusion", "reasoning")},
            "rss_over_time_mb": [(0, 3436.0), (650, 3438.0)],
            "filtered_ms": {"conversation": pcts, "participant": dict(pcts, p50=12.5), "time": pcts}}
-    text = markdown({"machine": "x", "command": "tessera bench", "scale": [row]}, [])
+    report = {"machine": "x", "command": "tessera bench", "scale": [row]}
+    plots = _plots(report, tmp_path)
+    assert plots and all((tmp_path / plot).exists() for plot in plots)
+    text = markdown(report, plots)
     assert "| store | fragments | conversation | participant | time |" in text
     assert "| edge | 100,000 | 20.0 / 40.0 | 12.5 / 40.0 | 20.0 / 40.0 |" in text

@@ -432,16 +432,6 @@ def _plots(report: dict, out: Path) -> list[str]:
         plt.close(fig)
         made.append("memory_vs_size.png")
 
-        narrowed = [r for r in scale if r.get("filtered_ms")]
-        if narrowed:
-            kinds = list(narrowed[0]["filtered_ms"])
-            lines += ["", "Filtered searches, narrowed to one of the user's conversations, to what one person sent, or to"
-                      " 91 days, p50 / p99 ms:", "", "| store | fragments | " + " | ".join(kinds) + " |",
-                      "|---|---|" + "---|" * len(kinds)]
-            for r in sorted(narrowed, key=lambda r: (r["store"], r["fragments"])):
-                lines.append(f"| {r['store']} | {r['fragments']:,} | " + " | ".join(
-                    f"{r['filtered_ms'][k]['p50']:.1f} / {r['filtered_ms'][k]['p99']:.1f}" if k in r["filtered_ms"]
-                    else "-" for k in kinds) + " |")
         largest = max(scale, key=lambda r: (r["fragments"], r["store"] == "sqlite"))
         fig, ax = plt.subplots(figsize=(7, 3.5))
         xs, ys = zip(*largest["rss_over_time_mb"])
