@@ -261,7 +261,7 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
             stages.setdefault(stage, []).append(ms)
         if i % 50 == 0:
             rss.append((i, _rss_mb()))
-    narrowed: dict[str, list[float]] = {}
+    by_kind: dict[str, list[float]] = {}
     for i, (tenant, user, text, kind, filters) in enumerate(tqdm(sample_filtered(pool, layout, filtered),
                                                                  desc=f"filtered {store} {fragments}", file=sys.stderr)):
         job = QueryJob.model_validate({"schema": QUERY_SCHEMA, "job_id": f"f{i}", "tenant_id": tenant,
@@ -269,12 +269,12 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
                                        "filters": filters})
         t = time.perf_counter()
         engine.query(job)
-        narrowed.setdefault(kind, []).append((time.perf_counter() - t) * 1000)
-    if narrowed:
+        by_kind.setdefault(kind, []).append((time.perf_counter() - t) * 1000)
+    if by_kind:
         rss.append((len(totals) + filtered, _rss_mb()))
     out = {"store": store, "fragments": fragments, "queries": len(totals), "encoder": encoder,
            "latency_ms": _pcts(totals), "stages_ms": {s: _pcts(v) for s, v in stages.items()},
-           "filtered_ms": {kind: _pcts(v) for kind, v in narrowed.items()},
+           "filtered_ms": {kind: _pcts(v) for kind, v in by_kind.items()},
            "index_load_s": load_s, "rss_start_mb": rss_start, "rss_loaded_mb": rss_loaded, "rss_over_time_mb": rss,
            "index_mb": getattr(engine.vectors.inner, "memory_bytes", 0) / 2**20, "rss_file_mb": _file_rss_mb()}
     engine.close()
@@ -527,13 +527,13 @@ def markdown(report: dict, plots: list[str]) -> str:
             st = r["stages_ms"]
             lines.append(f"| {r['store']} | {r['fragments']:,} | " + " | ".join(
                 f"{st[s]['p50']:.2f}" for s in ("rewrite", "embed", "recall", "fusion", "reasoning")) + " |")
-        narrowed = [r for r in scale if r.get("filtered_ms")]
-        if narrowed:
-            kinds = list(narrowed[0]["filtered_ms"])
+        filtered = [r for r in scale if r.get("filtered_ms")]
+        if filtered:
+            kinds = list(filtered[0]["filtered_ms"])
             lines += ["", "Filtered searches, narrowed to one of the user's conversations, to what one person sent, or to"
                       " 91 days, p50 / p99 ms:", "", "| store | fragments | " + " | ".join(kinds) + " |",
                       "|---|---|" + "---|" * len(kinds)]
-            for r in sorted(narrowed, key=lambda r: (r["store"], r["fragments"])):
+            for r in sorted(filtered, key=lambda r: (r["store"], r["fragments"])):
                 lines.append(f"| {r['store']} | {r['fragments']:,} | " + " | ".join(
                     f"{r['filtered_ms'][k]['p50']:.1f} / {r['filtered_ms'][k]['p99']:.1f}" if k in r["filtered_ms"]
                     else "-" for k in kinds) + " |")
