@@ -74,6 +74,9 @@ class Tessera:
     def refresh(self) -> None:
         return self.ingestor.refresh()
 
+    def optimize(self, progress=None) -> list[str]:
+        return self.ingestor.optimize(progress)
+
     def replay_parked(self, tenant_id: str, conversation_id: str) -> bool:
         return self.ingestor.replay_parked(tenant_id, conversation_id)
 

@@ -155,3 +155,38 @@ def test_an_ingested_file_leaves_no_point_appendable(tmp_path, embedder):
     assert window.points_count and window.indexed_vectors_count == 3 * window.points_count
     assert not any(store._pending[kind] for store in (keywords, vectors) for kind in store.shards)
     engine.close()
+
+
+def test_optimize_rebuilds_segments_an_earlier_version_built_and_answers_the_same(tmp_path, embedder, monkeypatch):
+    """A data dir whose BM25 indexes an earlier version kept on the heap is searched as it is; only the optimizer
+    rebuilds those segments, and a store that is only read never runs it: ``tessera optimize`` does."""
+    import indexer.stores.edge as edge
+    from qdrant_edge import EdgeSparseVectorParams, Modifier
+
+    from ops.runtime.assemble import open_engine
+    from ops.runtime.config import Config
+    from ops.runtime.jsonl import ingest_file
+
+    def placements():
+        return {params["index"]["index_type"]
+                for path in (tmp_path / "data").rglob("segments/*/segment.json")
+                for params in json.loads(path.read_text())["config"].get("sparse_vector_data", {}).values()} - {"MutableRam"}
+
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(e.model_dump_json(by_alias=True) for e in dialogue()) + "\n")
+    monkeypatch.setattr(edge, "_sparse_params", lambda: EdgeSparseVectorParams(
+        modifier=Modifier.Idf, full_scan_threshold=edge.FULL_SCAN_THRESHOLD))
+    engine = open_engine(Config(data_dir=tmp_path / "data", vector_store="edge"), embedder=embedder)
+    assert ingest_file(engine, str(events), progress=False) == (len(dialogue()), 0)
+    engine.close()
+    monkeypatch.undo()
+    assert placements() == {"ImmutableRam"}
+    query = ("query", "--tenant", "t1", "--user", "ann", "--json", "glacier")
+    before = run(tmp_path, *query)
+    assert before.returncode == 0 and json.loads(before.stdout)["fragments"], before.stderr
+    proc = run(tmp_path, "optimize", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "optimized vectors:window" in proc.stderr
+    assert placements() == {"Mmap"}
+    after = run(tmp_path, *query)
+    assert json.loads(after.stdout)["fragments"] == json.loads(before.stdout)["fragments"]

@@ -358,3 +358,12 @@ class Ingestor:
         """The end of a bulk load: both stores' ``refresh`` (every write visible, nothing left appendable)."""
         self.vectors.refresh()
         self.keywords.refresh()
+
+    def optimize(self, progress=None) -> list[str]:
+        """Both stores' ``optimize`` where they have one (the embedded engine's); returns what each optimized."""
+        done = []
+        for name, store in (("vectors", self.vectors), ("keywords", self.keywords)):
+            optimize = getattr(store, "optimize", None)
+            if optimize is not None:
+                done += [f"{name}:{kind}" for kind in optimize(progress)]
+        return done
