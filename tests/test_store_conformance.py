@@ -892,3 +892,21 @@ def test_a_moved_shard_is_left_in_segments_searched_in_parallel(tmp_path, monkey
     assert pair.vectors.shards["window"].info().points_count == 3000 and pair.keywords.count() == 3000
     assert [h.payload["message_ids"] for h in pair.search("glacier7", "turn", SearchFilter("t1", "ann"), 3)]
     pair.close()
+
+
+def test_an_index_made_from_a_schema_type_is_made_again_with_todays_parameters(tmp_path):
+    """An index created from a bare schema type carries no parameters: the shard is indexed anew when opened
+    rather than failing to open."""
+    from qdrant_edge import PayloadSchemaType, UpdateOperation
+
+    from indexer.stores.edge import INDEX_MEMORY
+
+    store = EdgeVectorStore(tmp_path / "s", dim=DIM)
+    store.upsert(UNITS)
+    store.shards["turn"].update(UpdateOperation.create_field_index("sender_ids", PayloadSchemaType.Keyword))
+    store.close()
+    store = EdgeVectorStore(tmp_path / "s", dim=DIM)
+    params = store.shards["turn"].info().payload_schema["sender_ids"].params
+    assert params is not None and str(params.memory) == str(INDEX_MEMORY)
+    assert search(store, "glacier", 1, SearchFilter("t1", "bob", sender_ids=("s2",))) == ["d"]
+    store.close()

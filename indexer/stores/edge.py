@@ -372,9 +372,13 @@ def _indexed_as_today(shard: EdgeShard) -> bool:
     among ``_CLUSTERED`` or before the tenant index stayed on disk get their indexes made again when opened, and
     the segments the optimizer builds from then on (every one after ``tessera reindex``) take the layout."""
     schema = shard.info().payload_schema
-    return all(key in schema and bool(getattr(schema[key].params, "is_tenant", False)) == (key in _CLUSTERED)
-               and str(schema[key].params.memory) == str(_index_memory(key))
-               for key in ("tenant_id", *_KEYWORDS, *_FLOATS))
+
+    def as_today(key: str) -> bool:
+        params = schema[key].params if key in schema else None  # an index made from a schema type has none
+        return (params is not None and bool(getattr(params, "is_tenant", False)) == (key in _CLUSTERED)
+                and str(getattr(params, "memory", None)) == str(_index_memory(key)))
+
+    return all(as_today(key) for key in ("tenant_id", *_KEYWORDS, *_FLOATS))
 
 
 def _layout_is_current(store: Path) -> bool:
