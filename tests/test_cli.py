@@ -174,13 +174,15 @@ def test_optimize_rebuilds_segments_an_earlier_version_built_and_answers_the_sam
 
     events = tmp_path / "events.jsonl"
     events.write_text("\n".join(e.model_dump_json(by_alias=True) for e in dialogue()) + "\n")
-    monkeypatch.setattr(edge, "_sparse_params", lambda: EdgeSparseVectorParams(
-        modifier=Modifier.Idf, full_scan_threshold=edge.FULL_SCAN_THRESHOLD))
-    engine = open_engine(Config(data_dir=tmp_path / "data", vector_store="edge"), embedder=embedder)
-    assert ingest_file(engine, str(events), progress=False) == (len(dialogue()), 0)
-    engine.close()
-    monkeypatch.undo()
+    with monkeypatch.context() as earlier:
+        earlier.setattr(edge, "_sparse_params", lambda: EdgeSparseVectorParams(
+            modifier=Modifier.Idf, full_scan_threshold=edge.FULL_SCAN_THRESHOLD))
+        engine = open_engine(Config(data_dir=tmp_path / "data", vector_store="edge"), embedder=embedder)
+        assert ingest_file(engine, str(events), progress=False) == (len(dialogue()), 0)
+        engine.close()
     assert placements() == {"ImmutableRam"}
+    monkeypatch.setenv("TESSERA_VECTOR_STORE", "edge")  # the commands below open the data dir as written
+    monkeypatch.delenv("TESSERA_QDRANT_URL", raising=False)
     query = ("query", "--tenant", "t1", "--user", "ann", "--json", "glacier")
     before = run(tmp_path, *query)
     assert before.returncode == 0 and json.loads(before.stdout)["fragments"], before.stderr
