@@ -172,6 +172,8 @@ def test_optimize_rebuilds_segments_an_earlier_version_built_and_answers_the_sam
                 for path in (tmp_path / "data").rglob("segments/*/segment.json")
                 for params in json.loads(path.read_text())["config"].get("sparse_vector_data", {}).values()} - {"MutableRam"}
 
+    for name in [name for name in os.environ if name.startswith("TESSERA_")]:
+        monkeypatch.delenv(name)  # the defaults, whatever stack the suite started before exported
     events = tmp_path / "events.jsonl"
     events.write_text("\n".join(e.model_dump_json(by_alias=True) for e in dialogue()) + "\n")
     with monkeypatch.context() as earlier:
@@ -181,8 +183,6 @@ def test_optimize_rebuilds_segments_an_earlier_version_built_and_answers_the_sam
         assert ingest_file(engine, str(events), progress=False) == (len(dialogue()), 0)
         engine.close()
     assert placements() == {"ImmutableRam"}
-    monkeypatch.setenv("TESSERA_VECTOR_STORE", "edge")  # the commands below open the data dir as written
-    monkeypatch.delenv("TESSERA_QDRANT_URL", raising=False)
     query = ("query", "--tenant", "t1", "--user", "ann", "--json", "glacier")
     before = run(tmp_path, *query)
     assert before.returncode == 0 and json.loads(before.stdout)["fragments"], before.stderr
