@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,6 +16,15 @@ import pytest  # noqa: E402
 from schemas import MESSAGE_SCHEMA, QUERY_SCHEMA, MessageEvent, QueryJob  # noqa: E402
 
 T0 = datetime(2026, 5, 1, 10, 0, tzinfo=timezone.utc)
+
+
+def sparse_index_types(root) -> set[tuple[str, str]]:
+    """(sparse vector, index type) of every immutable segment of the edge shards under ``root``, as their
+    ``segment.json`` records them; the appendable segment keeps its index in memory whatever the configuration."""
+    return {(name, params["index"]["index_type"])
+            for path in Path(root).rglob("segments/*/segment.json")
+            for name, params in json.loads(path.read_text())["config"].get("sparse_vector_data", {}).items()
+            if params["index"]["index_type"] != "MutableRam"}
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import dialogue
+from tests.conftest import dialogue, sparse_index_types
 
 
 def run(tmp_path, *args, stdin=None):
@@ -168,9 +168,7 @@ def test_optimize_rebuilds_segments_an_earlier_version_built_and_answers_the_sam
     from ops.runtime.jsonl import ingest_file
 
     def placements():
-        return {params["index"]["index_type"]
-                for path in (tmp_path / "data").rglob("segments/*/segment.json")
-                for params in json.loads(path.read_text())["config"].get("sparse_vector_data", {}).values()} - {"MutableRam"}
+        return {index_type for _, index_type in sparse_index_types(tmp_path / "data")}
 
     for name in [name for name in os.environ if name.startswith("TESSERA_")]:
         monkeypatch.delenv(name)  # the defaults, whatever stack the suite started before exported

@@ -17,6 +17,7 @@ from indexer.stores.edge import (
     OPTIMIZE_EVERY, SEARCH_THREADS, SEGMENTS, TURN_BM25_VECTOR, EdgeBM25Store, EdgeVectorStore,
 )
 from indexer.stores.qdrant import QdrantVectorStore
+from tests.conftest import sparse_index_types
 
 DIM = 8
 
@@ -558,16 +559,20 @@ def test_edge_tenant_index_stays_on_disk_and_shards_indexed_before_take_it(tmp_p
 def test_edge_shards_of_the_earlier_layout_are_migrated(tmp_path, make):
     """Earlier layouts kept ``HIT_FIELDS`` as five payload fields and their payload indexes in RAM; a data dir of
     theirs is rewritten when opened, and searches find what they found."""
-    from qdrant_edge import PayloadSchemaType, ScrollRequest, UpdateOperation
+    from qdrant_edge import Memory, PayloadSchemaType, ScrollRequest, UpdateOperation
 
     from indexer.stores.edge import HIT, INDEX_MEMORY, LAYOUT_MARKER
 
     def index_memory(store):
         return {(kind, key): info.params and str(info.params.memory) for kind, shard in store.shards.items()
-                for key, info in shard.info().payload_schema.items() if key != "tenant_id"}
+                for key, info in shard.info().payload_schema.items()}
+
+    def todays(store):  # every index where it lives today: the tenant's on disk, the others mapped and cached
+        return {(kind, key): str(Memory.Cold if key == "tenant_id" else INDEX_MEMORY)
+                for kind, key in index_memory(store)}
 
     store = make(tmp_path)
-    assert set(index_memory(store).values()) == {str(INDEX_MEMORY)}
+    assert index_memory(store) == todays(store)
     store.upsert(UNITS)
     turns = store.shards["turn"]
     for u in UNITS:  # back to the earlier layout: the fields, no packed hit, indexes with default parameters
@@ -576,7 +581,7 @@ def test_edge_shards_of_the_earlier_layout_are_migrated(tmp_path, make):
         turns.update(UpdateOperation.delete_payload([u.unit_id], [HIT]))
     for key in ("scope", "conversation_id", "sender_ids"):
         turns.update(UpdateOperation.create_field_index(key, PayloadSchemaType.Keyword))
-    assert set(index_memory(store).values()) == {str(INDEX_MEMORY), None}
+    assert set(index_memory(store).values()) == {str(INDEX_MEMORY), str(Memory.Cold), None}
     store.close()
     (tmp_path / LAYOUT_MARKER).unlink()
     store = make(tmp_path)
@@ -585,7 +590,7 @@ def test_edge_shards_of_the_earlier_layout_are_migrated(tmp_path, make):
     records, _ = store.shards["turn"].scroll(ScrollRequest(limit=10, with_payload=True))
     assert len(records) == 4 and all(set(r.payload) == {"tenant_id", "conversation_id", "sender_ids", "start_ts",
                                                          "end_ts", "scope", HIT} for r in records)
-    assert set(index_memory(store).values()) == {str(INDEX_MEMORY)}
+    assert index_memory(store) == todays(store)
     assert (tmp_path / LAYOUT_MARKER).exists()
     store.close()
 
@@ -825,11 +830,8 @@ def test_bm25_indexes_held_in_memory_before_are_rebuilt_on_disk_by_the_next_opti
     import indexer.stores.edge as edge
     from qdrant_edge import EdgeSparseVectorParams, Modifier
 
-    def placements():  # of the immutable segments: the appendable one keeps its index in memory
-        return {(name, params["index"]["index_type"])
-                for path in (tmp_path / "e" / "window" / "segments").glob("*/segment.json")
-                for name, params in json.loads(path.read_text())["config"]["sparse_vector_data"].items()
-                if params["index"]["index_type"] != "MutableRam"}
+    def placements():
+        return sparse_index_types(tmp_path / "e" / "window")
 
     def found(store):
         flt = SearchFilter("t1", "ann")

@@ -473,11 +473,10 @@ class _Shards:
 
     def optimize(self, progress=None) -> list[str]:
         """Run the optimizer on every shard, written to or not, and return their kinds (``progress(kind)`` after
-        each): segments built with another
-        configuration than today's (int8 vectors, BM25 indexes on the heap: data dirs written before) are rebuilt,
-        which a store that is only read never gets otherwise (``refresh`` runs the shards written since their
-        optimizer last ran, the optimizer runs as writes come, ``_written``). The 1M-fragment corpus's window
-        shard took 449 s for the BM25 indexes, 500 s for the vectors."""
+        each): segments built with another configuration than today's (int8 vectors, BM25 indexes on the heap:
+        data dirs written before) are rebuilt, which a store that is only read never gets otherwise (``refresh``
+        runs the shards written since their optimizer last ran, the optimizer runs as writes come, ``_written``).
+        The 1M-fragment corpus's window shard took 449 s for the BM25 indexes, 500 s for the vectors."""
         for kind in list(self.shards):
             self._run_optimizer(kind)
             if progress is not None:
