@@ -72,6 +72,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -153,15 +154,41 @@ def unpack_hit(packed: str) -> dict:
             "sender_ids": senders.split(_ITEM) if senders else [], "start_ts": float(start_ts)}
 
 
+#: One point in this many is in the IDF sample (``in_idf_sample``).
+IDF_SAMPLE_EVERY = 16
+#: Points of the sample a user must see before IDF is counted over the sample instead of all they see.
+IDF_SAMPLE_MIN = 1000
+
+
+def in_idf_sample(unit_id: str) -> bool:
+    """Whether the point counts in a sampled IDF (``EdgeBM25Store._idf_corpus``): fixed by its id, so a point
+    written again stays in or out, and spread evenly over tenants, conversations and times."""
+    return zlib.crc32(unit_id.encode()) % IDF_SAMPLE_EVERY == 0
+
+
+def sample_word(scope_word: str) -> str:
+    """The scope word of a point in the IDF sample, kept beside the point's scope words in ``scope``: no scope
+    word ends in the separator (identifiers cannot hold it), so a filter on scope words never matches it. One
+    more word in the same index, not an index of its own: a keyword index keeps an entry for every point of a
+    segment, and a separate one took 97 MiB of RSS at 1M fragments."""
+    return scope_word + SCOPE_SEPARATOR
+
+
+def scope_words(unit_id: str, scopes: Sequence[str]) -> list[str]:
+    """A point's ``scope`` field: its scope words, and their sample words where the point is in the IDF sample."""
+    return list(scopes) + ([sample_word(w) for w in scopes] if in_idf_sample(unit_id) else [])
+
+
 def payload_of(unit: Unit) -> dict:
     """What filters read (``build_filter``, the tenant), with visibility as scope keywords, and the packed hit.
 
     Nothing more: each string of a payload cost the binding 5 to 8 µs to take in (a unit's full payload 91 µs,
     five times its vector), and the kind (one shard per kind) and ``visible_to`` (its scope words) say nothing new.
+    Points of the IDF sample have their sample words among the scope words (``scope_words``).
     """
     return {"tenant_id": unit.tenant_id, "conversation_id": unit.conversation_id, "sender_ids": unit.sender_ids,
             "start_ts": unit.start_ts, "end_ts": unit.end_ts,
-            "scope": [scope(unit.tenant_id, p) for p in unit.visible_to],
+            "scope": scope_words(unit.unit_id, [scope(unit.tenant_id, p) for p in unit.visible_to]),
             HIT: pack_hit(unit.conversation_id, unit.fragment_id, unit.message_ids, unit.sender_ids, unit.start_ts)}
 
 
@@ -185,10 +212,11 @@ def build_filter(flt: SearchFilter) -> Filter:
     return Filter(must=must or None, should=_visible(flt))
 
 
-def _visible(flt: SearchFilter) -> list[FieldCondition]:
-    """What the user may see: their scope word or the tenant's everyone word (``should``: at least one)."""
-    return [FieldCondition(key="scope", match=MatchValue(value=scope(flt.tenant_id, principal)))
-            for principal in (flt.user_id, EVERYONE)]
+def _visible(flt: SearchFilter, sample: bool = False) -> list[FieldCondition]:
+    """What the user may see: their scope word or the tenant's everyone word (``should``: at least one);
+    ``sample``: what of it is in the IDF sample (their sample words)."""
+    words = [scope(flt.tenant_id, principal) for principal in (flt.user_id, EVERYONE)]
+    return [FieldCondition(key="scope", match=MatchValue(value=sample_word(w) if sample else w)) for w in words]
 
 
 #: Threads a search of one shard runs on, one per immutable segment: the segments of a shard are searched in
@@ -250,8 +278,9 @@ class TurnHit(PointHit):
 
 #: Marks a store directory whose shards are all in today's layout (``LAYOUT``); earlier ones are migrated on open.
 LAYOUT_MARKER = "layout"
-#: 2: the packed hit (``HIT``) and memory-mapped payload indexes and int8 vectors (``INDEX_MEMORY``).
-LAYOUT = "2"
+#: 2: the packed hit (``HIT``) and memory-mapped payload indexes and int8 vectors (``INDEX_MEMORY``);
+#: 3: the IDF sample (``sample_word``).
+LAYOUT = "3"
 #: Where immutable segments keep their payload indexes and quantized vectors: mapped files the kernel caches.
 INDEX_MEMORY = Memory.Cached
 #: How immutable segments keep their dense vectors for searches: 4 bits a dimension.
@@ -265,14 +294,14 @@ def open_shard(directory: Path, config: EdgeConfig) -> EdgeShard:
 
     A loaded shard takes ``config`` too (the engine checks that its vectors match): a data dir written with
     earlier tunables (the optimizer's) runs on today's. A shard of an earlier layout is migrated unless its
-    store directory says its layout is today's: hits packed (``_pack_hits``), payload indexes made again with
-    today's parameters, and every segment rebuilt by the optimizer, which rebuilds segments whose
-    configuration differs from the shard's (the int8 vectors' memory): for the 100k-fragment bench corpus, after
-    packing its hits, 2.5 minutes for both stores."""
+    store directory says its layout is today's: hits packed and the IDF sample marked (``_migrate_payloads``),
+    payload indexes made again with today's parameters, and every segment rebuilt by the optimizer, which
+    rebuilds segments whose configuration differs from the shard's (the int8 vectors' memory): for the
+    100k-fragment bench corpus, after packing its hits, 2.5 minutes for both stores."""
     if (directory / "edge_config.json").exists():
         shard = EdgeShard.load(str(directory), config)
         if not _layout_is_current(directory.parent):
-            _pack_hits(shard)
+            _migrate_payloads(shard)
             _index_payload(shard)
             shard = optimized(shard, directory)
         elif not _indexed_as_today(shard):
@@ -391,22 +420,29 @@ def _mark_layout(store: Path) -> None:
     (store / LAYOUT_MARKER).write_text(LAYOUT + "\n")
 
 
-def _pack_hits(shard: EdgeShard, batch: int = UPSERT_BATCH) -> int:
+def _migrate_payloads(shard: EdgeShard, batch: int = UPSERT_BATCH) -> int:
     """Give every point of a shard written before the packed hit its ``HIT`` field, from the fields earlier
-    layouts kept, and drop those fields; no vector is read or written. Idempotent: an interrupted migration
-    runs again on the next open. The engine moves an updated point out of its immutable segment, so the shard
-    is optimized again after (``open_shard``). The 100k-fragment bench corpus (2.2 million points in the two
-    stores) took 7 minutes, peak RSS 6.6 GB: a one-off, against a reindex from the state."""
+    layouts kept, and drop those fields; give the points of the IDF sample written before it their sample words;
+    no vector is read or written. Idempotent: an interrupted migration runs again on the next open. The engine
+    moves an updated point out of its immutable segment, so the shard is optimized again after (``open_shard``).
+    The 100k-fragment bench corpus (2.2 million points in the two stores) took 7 minutes to pack, peak RSS 6.6 GB:
+    a one-off, against a reindex from the state."""
     moved, offset = 0, None
     while True:
         records, offset = shard.scroll(ScrollRequest(offset=offset, limit=batch, with_payload=True, with_vector=False))
         earlier = []
         for record in records:
             payload = record.payload or {}
+            fields = {}
             if HIT not in payload:
-                shard.update(UpdateOperation.set_payload([record.id], {HIT: pack_hit(
-                    payload["conversation_id"], payload["fragment_id"], payload["message_ids"], payload["sender_ids"],
-                    payload["start_ts"])}))
+                fields[HIT] = pack_hit(payload["conversation_id"], payload["fragment_id"], payload["message_ids"],
+                                       payload["sender_ids"], payload["start_ts"])
+            words = payload.get("scope", [])
+            wanted = scope_words(str(record.id), [w for w in words if not w.endswith(SCOPE_SEPARATOR)])
+            if words != wanted:
+                fields["scope"] = wanted
+            if fields:
+                shard.update(UpdateOperation.set_payload([record.id], fields))
                 moved += 1
             if not payload.keys().isdisjoint(_EARLIER_FIELDS):
                 earlier.append(record.id)
@@ -801,6 +837,12 @@ class EdgeBM25Store(_Shards):
     with the shard's own IDF. Narrowing conditions (a conversation, senders, times) stay out of the corpus: a
     word's weight does not change with the window a query looks through.
 
+    The count is per visible point, so a user who sees much pays for it on every list: at 1M fragments (61,000
+    visible points) 3 of a list's 7 to 11 ms. Once a user sees ``idf_sample_min`` points of the IDF sample (one
+    point in ``IDF_SAMPLE_EVERY``, chosen by id: ``sample_word``), IDF is counted over those instead: a subset of
+    what the user sees, so the scores still tell nothing of what they do not, and weights from thousands of
+    points.
+
     ``windows``: an ``EdgeVectorStore`` with ``window_bm25``, whose window points hold the terms of the window and of
     its turn: both lists are searched there and nothing of either is written here (the vector store writes the
     windows with their dense vector, this store puts the turns' terms on them). A turn's terms then go with its
@@ -812,7 +854,8 @@ class EdgeBM25Store(_Shards):
     concurrent_search = False
 
     def __init__(self, path: str | Path, optimize_every: int = OPTIMIZE_EVERY, max_appendable: int = MAX_APPENDABLE,
-                 windows: EdgeVectorStore | None = None):
+                 windows: EdgeVectorStore | None = None, idf_sample_min: int = IDF_SAMPLE_MIN):
+        self.idf_sample_min = idf_sample_min
         if windows is not None and windows.bm25 is None:
             raise ValueError("windows: the vector store must hold the windows' BM25 terms (window_bm25=True)")
         self.path = Path(path)
@@ -839,6 +882,14 @@ class EdgeBM25Store(_Shards):
         self._batches(units, lambda u: Point(id=u.unit_id, vector={BM25_VECTOR: self.model.embed_document(u.text)},
                                              payload=payload_of(u)))
 
+    def _idf_corpus(self, shard: EdgeShard, flt: SearchFilter) -> Filter:
+        """The points IDF is counted over: the user's visible points in the IDF sample (``sample_word``) once those
+        are ``idf_sample_min`` or more (the engine's estimate from the index), else all the user's visible points."""
+        sample = Filter(should=_visible(flt, sample=True))
+        if shard.count(CountRequest(exact=False, filter=sample)) >= self.idf_sample_min:
+            return sample
+        return Filter(should=_visible(flt))
+
     def count(self, tenant_id: str | None = None) -> int:
         """With ``windows``, the turns are the window points that hold their terms."""
         held = super().count(tenant_id)
@@ -859,7 +910,7 @@ class EdgeBM25Store(_Shards):
         using = TURN_BM25_VECTOR if on_windows and kind == "turn" else BM25_VECTOR
         points = shard.query(QueryRequest(
             limit=limit, query=Query.Nearest(query, using=using), filter=build_filter(flt),
-            with_payload=[HIT], params=SearchParams(idf=IdfParams(corpus=Filter(should=_visible(flt))))))
+            with_payload=[HIT], params=SearchParams(idf=IdfParams(corpus=self._idf_corpus(shard, flt)))))
         if using == TURN_BM25_VECTOR:
             return [TurnHit(p, flt.tenant_id) for p in points]
         return [PointHit(p) for p in points]
