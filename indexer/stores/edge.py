@@ -156,7 +156,8 @@ def unpack_hit(packed: str) -> dict:
 
 #: One point in this many is in the IDF sample (``in_idf_sample``).
 IDF_SAMPLE_EVERY = 16
-#: Points of the sample a user must see before IDF is counted over the sample instead of all they see.
+#: Points of the sample a user must see before IDF is counted over the sample instead of all they see: from
+#: about 16,000 visible points, a quarter of what a user of the 1M-fragment bench corpus sees.
 IDF_SAMPLE_MIN = 1000
 
 
@@ -837,11 +838,14 @@ class EdgeBM25Store(_Shards):
     with the shard's own IDF. Narrowing conditions (a conversation, senders, times) stay out of the corpus: a
     word's weight does not change with the window a query looks through.
 
-    The count is per visible point, so a user who sees much pays for it on every list: at 1M fragments (61,000
-    visible points) 3 of a list's 7 to 11 ms. Once a user sees ``idf_sample_min`` points of the IDF sample (one
-    point in ``IDF_SAMPLE_EVERY``, chosen by id: ``sample_word``), IDF is counted over those instead: a subset of
-    what the user sees, so the scores still tell nothing of what they do not, and weights from thousands of
-    points.
+    The count is per visible point, so a user who sees much pays for it on every list. Once a user sees
+    ``idf_sample_min`` points of the IDF sample (one point in ``IDF_SAMPLE_EVERY``, chosen by id:
+    ``sample_word``), IDF is counted over those instead: a subset of what the user sees, so the scores still
+    tell nothing of what they do not. At 1M fragments (a user sees 61,000 points, 3,800 of them sampled) the
+    turn list took 3.8 against 6.5 ms, the window list 4.9 against 7.3 ms, and a whole query p50 19.3 against
+    22.4 ms (500 queries, each run both ways, paired). Weights from a sample are close enough well below that
+    size: on the dev split (1,451 points) IDF over one point in 4 gave recall@10 / MRR 0.812 / 0.645, one in 16
+    (90 points) 0.807 / 0.642, against 0.812 / 0.642 over all.
 
     ``windows``: an ``EdgeVectorStore`` with ``window_bm25``, whose window points hold the terms of the window and of
     its turn: both lists are searched there and nothing of either is written here (the vector store writes the
