@@ -128,3 +128,48 @@ def test_a_fragment_weighs_as_much_as_its_best_two_turns_in_each_list():
     assert score["d1"] < score["a1"]
     one = HybridSearcher(None, None, SearchConfig(fragment_turns=1)).fuse(lists, set())
     assert one["c1\x1fb1"].score == pytest.approx(one["c1\x1fa1"].score), "with one turn, only the best counts"
+
+
+def test_the_answer_to_a_question_in_the_chat_gains_a_share_of_the_questions_score():
+    """People ask the way someone asked in the chat; the answer is what the other person sends next, in a row.
+    The asker's own follow-up, the turns after the reply run and a turn after a statement gain nothing."""
+    from indexer.query.hybrid import Candidate, SearchConfig
+
+    order = ("m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7")
+    senders = {"m0": "ann", "m1": "ann", "m2": "bob", "m3": "bob", "m4": "ann", "m5": "bob", "m6": "ann", "m7": "bob"}
+    texts = {"m0": "Ann: have you read anything good lately?", "m1": "Ann: for the flight I mean",
+             "m2": "Bob: Charlotte's Web, again", "m3": "Bob: still my favourite", "m4": "Ann: nice",
+             "m5": "Bob: I read it on the plane.", "m6": "Ann: cool", "m7": "Bob: what about you?"}
+    scores = {"m0": 1.0, "m1": 0.5, "m2": 0.2, "m3": 0.1, "m4": 0.3, "m5": 0.9, "m6": 0.05, "m7": 0.6}
+
+    def candidates(**config):
+        cands = {m: Candidate(m, "c1", "f1", [senders[m]], score) for m, score in scores.items()}
+        HybridSearcher(None, None, SearchConfig(**config)).replies(
+            cands, {("c1", m): t for m, t in texts.items()}, lambda fragment_id: order)
+        return {m: c.score for m, c in cands.items()}
+
+    lifted = candidates(reply_weight=0.15, reply_turns=3)
+    assert lifted["m2"] == pytest.approx(0.2 + 0.15 * 1.0) and lifted["m3"] == pytest.approx(0.1 + 0.15 * 1.0)
+    assert lifted["m1"] == scores["m1"], "the asker's own next message is not the answer"
+    assert lifted["m4"] == scores["m4"], "the reply run ends where the sender changes"
+    assert lifted["m6"] == scores["m6"], "a turn after a statement gains nothing"
+    assert lifted["m0"] == scores["m0"] and lifted["m7"] == scores["m7"], "the last question has no reply"
+    assert candidates(reply_weight=0.15, reply_turns=1)["m3"] == scores["m3"], "one turn of the run at most"
+    assert candidates(reply_weight=0.0) == scores
+
+
+def test_a_reply_rises_over_the_question_it_answers_in_real_stores(searcher, embedder):
+    """Recalled from the edge stores: asked as Ann asked, Bob's "yes!! 4 hours" gains from Ann's question,
+    and only the questions of the fragment lift anything."""
+    from indexer.query.hybrid import SearchConfig
+
+    query = "did you run the Boston marathon in the end"
+    lists = searcher.recall(query, embedder.encode([query])[0], SearchFilter("t1", "ann"))
+    texts = {("c1", f"m{i}"): f"{sender.title()}: {text}" for i, (sender, text) in enumerate(TEXTS)}
+    order = tuple(f"m{i}" for i in range(len(TEXTS)))
+    before = {c.message_id: c.score for c in searcher.fuse(lists, set()).values()}
+    candidates = searcher.fuse(lists, set())
+    searcher.replies(candidates, texts, lambda fragment_id: order)
+    after = {c.message_id: c.score for c in candidates.values()}
+    assert after["m1"] == pytest.approx(before["m1"] + SearchConfig().reply_weight * before["m0"])
+    assert {m: after[m] for m in ("m0", "m2", "m3")} == {m: before[m] for m in ("m0", "m2", "m3")}

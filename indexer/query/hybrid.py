@@ -75,6 +75,13 @@ class SearchConfig:
     feedback_turns: int = 3
     feedback_depth: int = 30
     feedback_weight: float = 0.2
+    #: Replies (``replies``): the turns answering a question among the best ``feedback_depth`` gain ``reply_weight``
+    #: of its score, the ``reply_turns`` the next other sender sends in a row (a reply is one turn as written, a few
+    #: messages as chat). Dev split recall@10 / MRR / span F1 0.816 / 0.660 / 0.508 against 0.815 / 0.639 / 0.487
+    #: without; long chat 0.812 / 0.661 / 0.511 against 0.816 / 0.639 / 0.488; messy chat MRR 0.627 against 0.625
+    #: (the question's answer there is often a reaction first); 0.1 and 0.2 gave 0.656 and 0.660 on the dev split.
+    reply_weight: float = 0.15
+    reply_turns: int = 3
 
 
 @dataclass
@@ -196,6 +203,11 @@ class HybridSearcher:
         return {fragment_id: Hit(fragment_id, sum(heapq.nlargest(n, scores)), {})
                 for fragment_id, scores in by_fragment.items()}
 
+    def leading(self, candidates: dict[str, Candidate]) -> list[Candidate]:
+        """The best ``feedback_depth`` candidates, best first: the turns feedback and replies read the text of."""
+        return heapq.nsmallest(self.config.feedback_depth, candidates.values(),
+                               key=lambda x: (-x.score, x.conversation_id, x.message_id))
+
     def feedback(self, candidates: dict[str, Candidate],
                  texts_of: Callable[[Sequence[Candidate]], dict[tuple[str, str], str]]) -> None:
         """Pseudo-relevance feedback within the candidates: each of the best ``feedback_depth`` gains up to
@@ -209,8 +221,7 @@ class HybridSearcher:
         c = self.config
         if not c.feedback_turns:
             return
-        ranked = heapq.nsmallest(c.feedback_depth, candidates.values(),
-                                 key=lambda x: (-x.score, x.conversation_id, x.message_id))
+        ranked = self.leading(candidates)
         texts = texts_of(ranked)
         held = [set(keywords(texts.get((x.conversation_id, x.message_id), ""))) for x in ranked]
         holding = Counter(w for words in held for w in words)
@@ -223,6 +234,41 @@ class HybridSearcher:
             return
         for cand, words in zip(ranked, held):
             cand.score += c.feedback_weight * sum(weight[w] for w in words) / total
+
+    def replies(self, candidates: dict[str, Candidate], texts: dict[tuple[str, str], str],
+                turns_of: Callable[[str], Sequence[str] | None]) -> None:
+        """The answer to a question asked in the chat gains ``reply_weight`` of the question's score. People ask the
+        way someone asked in the chat ("what's a favourite book from your childhood?"), and what they are after is
+        the answer: the turns the next other sender sends in a row, up to ``reply_turns``. Questions are the
+        candidates whose rendered text ``texts`` holds (the leading ones, ``leading``) with a question mark;
+        ``turns_of`` gives a fragment's message ids in order, and replies are looked for within the question's
+        fragment, among the candidates. Gains come from the scores before any is added."""
+        c = self.config
+        if not c.reply_weight:
+            return
+        by_message = {(cand.conversation_id, cand.message_id): cand for cand in candidates.values()}
+        gains: dict[tuple[str, str], float] = defaultdict(float)
+        for key, text in texts.items():
+            cand = by_message.get(key)
+            if cand is None or "?" not in text:
+                continue
+            order = turns_of(cand.fragment_id)
+            if not order or cand.message_id not in order:
+                continue
+            replier, run = None, 0
+            for message_id in order[order.index(cand.message_id) + 1:]:
+                other = by_message.get((cand.conversation_id, message_id))
+                if other is None:
+                    break
+                if replier is None and set(other.sender_ids).isdisjoint(cand.sender_ids):
+                    replier = set(other.sender_ids)
+                if replier is not None:
+                    if set(other.sender_ids) != replier or run == c.reply_turns:
+                        break
+                    gains[(other.conversation_id, other.message_id)] += c.reply_weight * cand.score
+                    run += 1
+        for key, gain in gains.items():
+            by_message[key].score += gain
 
     def spans(self, candidates: dict[str, Candidate], turns_of: Callable[[str], Sequence[str] | None],
               top_k: int) -> list[Span]:

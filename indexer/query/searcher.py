@@ -130,13 +130,16 @@ class Searcher:
         t3 = time.perf_counter()
         named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(search_text))))
         candidates = self.hybrid.fuse(lists, named)
-        self.hybrid.feedback(candidates, lambda ranked: self._texts(job.tenant_id, ranked))
-        timings["fusion"] = (time.perf_counter() - t3) * 1000
-        t4 = time.perf_counter()
+        # Feedback and replies read the text of the same leading candidates: one read of the state for both.
+        texts = self._texts(job.tenant_id, self.hybrid.leading(candidates))
+        self.hybrid.feedback(candidates, lambda ranked: texts)
         reason = vlm_available and job.reasoning != "fast"
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
         records = FragmentsOnDemand(self.state, [c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)],
                                     chunk=2 * depth)
+        self.hybrid.replies(candidates, texts, records.message_ids)
+        timings["fusion"] = (time.perf_counter() - t3) * 1000
+        t4 = time.perf_counter()
         spans = self.hybrid.spans(candidates, records.message_ids, depth)
         # Whole fragments are read only for what needs their context (the clarifying check, the VLM);
         # a result fragment needs the turns of its span, or reuses the whole fragment already read.

@@ -38,6 +38,8 @@ GRID: dict[str, tuple] = {
     "feedback_turns": (0, 4),
     "feedback_weight": (0.1, 0.3),
     "feedback_depth": (20, 50),
+    "reply_weight": (0.0, 0.1, 0.2),
+    "reply_turns": (1, 2),
 }
 
 
