@@ -231,6 +231,12 @@ def test_spans_read_only_the_fragments_they_need_and_stay_the_same(make_engine):
         assert all(lazy[s.fragment_id].fragment_id == s.fragment_id for s in expected)
         if chunk == 1:
             assert len(lazy.records) < len(everything)
+    prefetched = FragmentsOnDemand(engine.state, ranked, 1)
+    last = list(dict.fromkeys(ranked))[-1]
+    prefetched.prefetch([last, last])
+    assert prefetched.message_ids(last) == everything[last].message_ids and prefetched.read == 0, \
+        "a fragment read ahead is not read again, nor are the chunks before it"
+    assert searcher.hybrid.spans(candidates, prefetched.message_ids, 2) == expected
 
 
 def _fragment_units_as_written_before(engine, conversation_id: str):

@@ -6,6 +6,7 @@ import dataclasses
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
+from typing import Sequence
 
 import numpy as np
 
@@ -137,6 +138,7 @@ class Searcher:
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
         records = FragmentsOnDemand(self.state, [c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)],
                                     chunk=2 * depth)
+        records.prefetch([c.fragment_id for c in self.hybrid.questions(candidates, texts)])
         self.hybrid.replies(candidates, texts, records.message_ids)
         timings["fusion"] = (time.perf_counter() - t3) * 1000
         t4 = time.perf_counter()
@@ -232,7 +234,15 @@ class FragmentsOnDemand:
         record = self.get(fragment_id)
         return record.message_ids if record is not None else None
 
+    def prefetch(self, fragment_ids: Sequence[str]) -> None:
+        """Read these fragments in one go (replies look at a few fragments further down the candidates)."""
+        missing = [fid for fid in dict.fromkeys(fragment_ids) if fid not in self.records]
+        if missing:
+            self.records.update(self.state.fragments_by_id(missing))
+
     def get(self, fragment_id: str) -> FragmentRecord | None:
+        if fragment_id in self.records:
+            return self.records[fragment_id]
         wanted = self.position.get(fragment_id)
         while wanted is not None and self.read <= wanted:
             batch = self.order[self.read:self.read + self.chunk]
