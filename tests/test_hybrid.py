@@ -91,16 +91,14 @@ def test_feedback_lifts_the_candidates_that_share_the_best_turns_words():
     def candidates():
         return {m: Candidate(m, "c1", "f1", ["mel"], score) for m, score in scores.items()}
 
-    def texts_of(ranked):
-        return {(c.conversation_id, c.message_id): texts[c.message_id] for c in ranked}
-
+    by_key = {("c1", m): text for m, text in texts.items()}
     lifted = candidates()
-    HybridSearcher(None, None).feedback(lifted, texts_of)
+    HybridSearcher(None, None).feedback(lifted, by_key)
     order = sorted(lifted, key=lambda m: -lifted[m].score)
     assert order[0] == "m0" and order.index("m4") < order.index("m3") and order.index("m4") < order.index("m5")
     assert lifted["m5"].score == scores["m5"], "a turn sharing no word of the best turns gains nothing"
     unchanged = candidates()
-    HybridSearcher(None, None, SearchConfig(feedback_turns=0)).feedback(unchanged, texts_of)
+    HybridSearcher(None, None, SearchConfig(feedback_turns=0)).feedback(unchanged, by_key)
     assert {m: c.score for m, c in unchanged.items()} == scores
 
 

@@ -209,21 +209,19 @@ class HybridSearcher:
         return heapq.nsmallest(self.config.feedback_depth, candidates.values(),
                                key=lambda x: (-x.score, x.conversation_id, x.message_id))
 
-    def feedback(self, candidates: dict[str, Candidate],
-                 texts_of: Callable[[Sequence[Candidate]], dict[tuple[str, str], str]]) -> None:
+    def feedback(self, candidates: dict[str, Candidate], texts: dict[tuple[str, str], str]) -> None:
         """Pseudo-relevance feedback within the candidates: each of the best ``feedback_depth`` gains up to
         ``feedback_weight`` for the content words it shares with the best ``feedback_turns``, a word weighing
-        more the fewer of those candidates hold it (``texts_of`` gives their rendered text, keyed by (conversation,
-        message)). People ask in other words than they chatted in; the best turns bring the chat's own words
-        (names, places, what they called the thing), and the turns that share them rise. Searching the turn list
-        again with those words gained as much on the dev split (MRR 0.637) but cost a search of every visible
-        turn with 40 terms (10 ms at 12,000 visible fragments); capped at 6 to 16 words it gained less
-        (0.626 to 0.629)."""
+        more the fewer of those candidates hold it (``texts``: the rendered text of the ``leading`` ones, keyed
+        by (conversation, message)). People ask in other words than they chatted in; the best turns bring the
+        chat's own words (names, places, what they called the thing), and the turns that share them rise.
+        Searching the turn list again with those words gained as much on the dev split (MRR 0.637) but cost a
+        search of every visible turn with 40 terms (10 ms at 12,000 visible fragments); capped at 6 to 16 words
+        it gained less (0.626 to 0.629)."""
         c = self.config
         if not c.feedback_turns:
             return
         ranked = self.leading(candidates)
-        texts = texts_of(ranked)
         held = [set(keywords(texts.get((x.conversation_id, x.message_id), ""))) for x in ranked]
         holding = Counter(w for words in held for w in words)
         weight: Counter = Counter()
@@ -237,8 +235,8 @@ class HybridSearcher:
             cand.score += c.feedback_weight * sum(weight[w] for w in words) / total
 
     def questions(self, candidates: dict[str, Candidate], texts: dict[tuple[str, str], str]) -> list[Candidate]:
-        """The candidates whose rendered text ``texts`` holds a question mark: those ``replies`` lifts the answers
-        of (none when replies are off)."""
+        """The candidates whose rendered text in ``texts`` (the ``leading`` ones) holds a question mark: those
+        ``replies`` lifts the answers of; none when replies are off."""
         if not self.config.reply_weight:
             return []
         asked = {key for key, text in texts.items() if "?" in text}
@@ -248,10 +246,9 @@ class HybridSearcher:
                 turns_of: Callable[[str], Sequence[str] | None]) -> None:
         """The answer to a question asked in the chat gains ``reply_weight`` of the question's score. People ask the
         way someone asked in the chat ("what's a favourite book from your childhood?"), and what they are after is
-        the answer: the turns the next other sender sends in a row, up to ``reply_turns``. Questions are the
-        candidates whose rendered text ``texts`` holds (the leading ones, ``leading``) with a question mark;
-        ``turns_of`` gives a fragment's message ids in order, and replies are looked for within the question's
-        fragment, among the candidates. Gains come from the scores before any is added."""
+        the answer: the turns the next other sender sends in a row, up to ``reply_turns``, within the question's
+        fragment (``turns_of`` gives its message ids in order) and among the candidates. The questions are
+        ``questions``; gains come from the scores before any is added."""
         c = self.config
         if not c.reply_weight:
             return

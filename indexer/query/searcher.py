@@ -133,7 +133,7 @@ class Searcher:
         candidates = self.hybrid.fuse(lists, named)
         # Feedback and replies read the text of the same leading candidates: one read of the state for both.
         texts = self._texts(job.tenant_id, self.hybrid.leading(candidates))
-        self.hybrid.feedback(candidates, lambda ranked: texts)
+        self.hybrid.feedback(candidates, texts)
         reason = vlm_available and job.reasoning != "fast"
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
         records = FragmentsOnDemand(self.state, [c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)],
