@@ -78,8 +78,8 @@ class SearchConfig:
     #: Replies (``replies``): the turns answering a question among the best ``feedback_depth`` gain ``reply_weight``
     #: of its score, the ``reply_turns`` the next other sender sends in a row (a reply is one turn as written, a few
     #: messages as chat). Dev split recall@10 / MRR / span F1 0.816 / 0.660 / 0.508 against 0.815 / 0.639 / 0.487
-    #: without; long chat 0.812 / 0.661 / 0.511 against 0.816 / 0.639 / 0.488; messy chat MRR 0.627 against 0.625
-    #: (the question's answer there is often a reaction first); 0.1 and 0.2 gave 0.656 and 0.660 on the dev split.
+    #: without (``make eval``); long chat 0.812 / 0.661 / 0.511 against 0.816 / 0.640 / 0.491; messy chat MRR 0.628
+    #: against 0.627 (there 15 questions gain and 16 lose); 0.1 and 0.2 gave MRR 0.656 and 0.660 on the dev split.
     #: 0.2 ms a query at 100k and 1M fragments (paired).
     reply_weight: float = 0.15
     reply_turns: int = 3
