@@ -142,8 +142,9 @@ def test_the_answer_to_a_question_in_the_chat_gains_a_share_of_the_questions_sco
 
     def candidates(**config):
         cands = {m: Candidate(m, "c1", "f1", [senders[m]], score) for m, score in scores.items()}
-        HybridSearcher(None, None, SearchConfig(**config)).replies(
-            cands, {("c1", m): t for m, t in texts.items()}, lambda fragment_id: order)
+        hybrid = HybridSearcher(None, None, SearchConfig(**config))
+        asked = hybrid.questions(cands, {("c1", m): t for m, t in texts.items()})
+        hybrid.replies(cands, asked, lambda fragment_id: order)
         return {m: c.score for m, c in cands.items()}
 
     lifted = candidates(reply_weight=0.15, reply_turns=3)
@@ -165,9 +166,9 @@ def test_a_reply_rises_over_the_question_it_answers_in_real_stores(searcher, emb
     lists = searcher.recall(query, embedder.encode([query])[0], SearchFilter("t1", "ann"))
     texts = {("c1", f"m{i}"): f"{sender.title()}: {text}" for i, (sender, text) in enumerate(TEXTS)}
     order = tuple(f"m{i}" for i in range(len(TEXTS)))
-    before = {c.message_id: c.score for c in searcher.fuse(lists, set()).values()}
     candidates = searcher.fuse(lists, set())
-    searcher.replies(candidates, texts, lambda fragment_id: order)
+    before = {c.message_id: c.score for c in candidates.values()}
+    searcher.replies(candidates, searcher.questions(candidates, texts), lambda fragment_id: order)
     after = {c.message_id: c.score for c in candidates.values()}
     assert after["m1"] == pytest.approx(before["m1"] + SearchConfig().reply_weight * before["m0"])
     assert {m: after[m] for m in ("m0", "m2", "m3")} == {m: before[m] for m in ("m0", "m2", "m3")}

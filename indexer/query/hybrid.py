@@ -242,19 +242,20 @@ class HybridSearcher:
         asked = {key for key, text in texts.items() if "?" in text}
         return [cand for cand in candidates.values() if (cand.conversation_id, cand.message_id) in asked]
 
-    def replies(self, candidates: dict[str, Candidate], texts: dict[tuple[str, str], str],
+    def replies(self, candidates: dict[str, Candidate], questions: Sequence[Candidate],
                 turns_of: Callable[[str], Sequence[str] | None]) -> None:
         """The answer to a question asked in the chat gains ``reply_weight`` of the question's score. People ask the
         way someone asked in the chat ("what's a favourite book from your childhood?"), and what they are after is
         the answer: the turns the next other sender sends in a row, up to ``reply_turns``, within the question's
-        fragment (``turns_of`` gives its message ids in order) and among the candidates. The questions are
-        ``questions``; gains come from the scores before any is added."""
+        fragment (``turns_of`` gives its message ids in order) and among the candidates. ``questions`` are what
+        ``questions`` found (the caller reads their fragments meanwhile); gains come from the scores before any is
+        added."""
         c = self.config
-        if not c.reply_weight:
+        if not c.reply_weight or not questions:
             return
         by_message = {(cand.conversation_id, cand.message_id): cand for cand in candidates.values()}
         gains: dict[tuple[str, str], float] = defaultdict(float)
-        for cand in self.questions(candidates, texts):
+        for cand in questions:
             order = turns_of(cand.fragment_id)
             if not order or cand.message_id not in order:
                 continue

@@ -138,8 +138,9 @@ class Searcher:
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
         records = FragmentsOnDemand(self.state, [c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)],
                                     chunk=2 * depth)
-        records.prefetch([c.fragment_id for c in self.hybrid.questions(candidates, texts)])
-        self.hybrid.replies(candidates, texts, records.message_ids)
+        questions = self.hybrid.questions(candidates, texts)
+        records.prefetch([c.fragment_id for c in questions])
+        self.hybrid.replies(candidates, questions, records.message_ids)
         timings["fusion"] = (time.perf_counter() - t3) * 1000
         t4 = time.perf_counter()
         spans = self.hybrid.spans(candidates, records.message_ids, depth)
