@@ -11,13 +11,28 @@ from schemas.routing import QUEUES, TASKS
 #: Read once, when the worker (or a process that publishes tasks) imports the app.
 CONFIG = Config.from_env()
 
-#: Seconds an unacknowledged task stays invisible before Redis hands it to another worker: how long a
-#: dead worker's tasks wait. Every task is bounded well below it (an embed batch takes seconds, a VLM
+#: Seconds an unacknowledged task stays invisible before Redis hands it to another worker: about how
+#: long a dead worker's tasks wait (``broker_transport_options``). Every task is bounded well below it (an embed batch takes seconds, a VLM
 #: rerank well under a minute): the soft limit fails it, the hard limit kills it, so a task that is
 #: still running is never handed to a second worker.
 VISIBILITY_TIMEOUT_S = CONFIG.visibility_timeout_s
 TASK_TIME_LIMIT_S = max(1, VISIBILITY_TIMEOUT_S - max(1, VISIBILITY_TIMEOUT_S // 10))
 TASK_SOFT_TIME_LIMIT_S = max(1, TASK_TIME_LIMIT_S - max(1, VISIBILITY_TIMEOUT_S // 10))
+
+
+def broker_transport_options(visibility_timeout_s: int) -> dict:
+    """How Redis hands a dead worker's unacknowledged tasks back: within about 1.1 visibility timeouts.
+
+    Every worker looks for tasks past the timeout every tenth of it (kombu's default: every 100 s),
+    under a Redis lock that a worker killed while holding it leaves behind until it expires: a tenth
+    of the timeout too, not kombu's default five minutes, which stalled a fleet's recovery. The hand-back
+    itself is a transaction per task, so two workers that overlap after an expiry hand nothing back twice.
+    """
+    sweep_s = max(1, visibility_timeout_s // 10)
+    return {"visibility_timeout": visibility_timeout_s, "unacked_mutex_key": "unacked_mutex",
+            "unacked_mutex_expire": max(5, sweep_s), "unacked_restore_interval": sweep_s,
+            "unacked_restore_throttle": 1}
+
 
 #: Publishing a task waits out a Redis restart instead of failing: a lost publish would lose events.
 PUBLISH_RETRY = {"max_retries": None, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
@@ -26,7 +41,7 @@ app = Celery("tessera", include=["workers.tasks"])
 app.conf.update(
     broker_url=CONFIG.redis_url,
     result_backend=CONFIG.redis_url,
-    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+    broker_transport_options=broker_transport_options(VISIBILITY_TIMEOUT_S),
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     broker_connection_retry_on_startup=True,
     task_time_limit=TASK_TIME_LIMIT_S,

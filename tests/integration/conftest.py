@@ -26,14 +26,26 @@ from ops.stack.local import Stack
 TEST_VISIBILITY_TIMEOUT = os.environ.get("TESSERA_TEST_VISIBILITY_TIMEOUT", "30")
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5, report=None):
+    """``report``: a callable whose text joins the timeout's message (what CI shows of a stack's logs)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{report()}" if report else ""))
+
+
+def stack_report(stack: Stack, state_url: str | None = None, lines: int = 25) -> str:
+    """Index progress, which processes live, and the end of each worker's and the consumer's log."""
+    parts = [f"index progress: {index_progress(stack.data_dir, state_url)}",
+             f"processes: {stack.status().get('processes')}"]
+    for log in sorted((stack.dir / "logs").glob("*.log")):
+        if log.name.startswith(("worker", "consumer")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {log.name} (last {len(tail)} lines)\n" + "\n".join(line[:300] for line in tail))
+    return "\n".join(parts)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from consumer.produce import ensure_topics
 from schemas.routing import MESSAGES
 from tests.integration.conftest import (
     TEST_VISIBILITY_TIMEOUT, committed, copies, index_progress, indexed, open_stack_engine, produce, reference_engine,
-    snapshot, wait_until,
+    snapshot, stack_report, wait_until,
 )
 
 #: Indexing on a busy machine, plus the wait for a killed worker's tasks to become visible again.
@@ -26,7 +26,8 @@ def _under_way(stack) -> dict:
 
 
 def _same_as_one_process(stack, events, embedder, tmp_path) -> None:
-    wait_until(lambda: indexed(stack.data_dir, len(events)), INDEX_TIMEOUT, "recovery")
+    wait_until(lambda: indexed(stack.data_dir, len(events)), INDEX_TIMEOUT, "recovery",
+               report=lambda: stack_report(stack))
     reference = reference_engine(tmp_path, events, embedder)
     distributed = open_stack_engine(stack, embedder)
     try:
@@ -113,7 +114,8 @@ def test_a_fleet_with_shared_state_and_a_worker_wiped_mid_ingest(stack, demo_eve
     assert indexed(stack.data_dir, len(events), state_url) is None
     shutil.rmtree(stack.worker_data_dir(1), ignore_errors=True)
     stack.start_worker(1)
-    wait_until(lambda: indexed(stack.data_dir, len(events), state_url), INDEX_TIMEOUT, "recovery")
+    wait_until(lambda: indexed(stack.data_dir, len(events), state_url), INDEX_TIMEOUT, "recovery",
+               report=lambda: stack_report(stack, state_url))
     assert not (stack.data_dir / "state.sqlite").exists(), "no process kept state in a local file"
     reference = reference_engine(tmp_path, events, embedder)
     fleet = open_stack_engine(stack, embedder, state_url)
@@ -122,6 +124,49 @@ def test_a_fleet_with_shared_state_and_a_worker_wiped_mid_ingest(stack, demo_eve
     finally:
         fleet.close()
         reference.close()
+
+
+def _tasks_in_hand(client) -> list[str]:
+    """Names of the tasks workers hold unacknowledged (kombu keeps them in the Redis hash ``unacked``)."""
+    import json
+
+    return [json.loads(raw)[0]["headers"]["task"] for raw in client.hvals("unacked")]
+
+
+def test_a_worker_killed_while_it_hands_back_tasks_holds_no_redelivery_up(stack, demo_events, embedder, tmp_path):
+    """kombu hands a dead worker's unacknowledged tasks back under a Redis lock (``unacked_mutex``) that
+    every worker takes in turn; one killed while holding it leaves the lock to expire on its own. An
+    ingest task the dead worker held must come back within the visibility timeout plus that lifetime,
+    not after kombu's default five minutes."""
+    import sqlite3
+
+    import redis
+
+    from workers.app import broker_transport_options
+
+    stack.start()
+    state = stack.data_dir / "state.sqlite"
+    wait_until(state.exists, 120, "the worker's state")
+    # Hold the state's write lock: the worker's ingest task waits for it, in hand and unacknowledged.
+    blocker = sqlite3.connect(state, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    events = copies(demo_events, 4)
+    produce(events)
+    client = redis.Redis.from_url(stack.env()["TESSERA_REDIS_URL"])
+    wait_until(lambda: "tessera.ingest" in _tasks_in_hand(client), 60, "an ingest task in the worker's hand")
+    options = broker_transport_options(int(TEST_VISIBILITY_TIMEOUT))
+    # The lock as the worker takes it (redis-py ``Lock``: SET NX with the expiry), then the worker dies.
+    wait_until(lambda: client.set(options["unacked_mutex_key"], "held-by-the-killed-worker", nx=True,
+                                  ex=options["unacked_mutex_expire"]), 30, "the hand-back lock free to take")
+    stack.kill("worker-0", signal.SIGKILL)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert indexed(stack.data_dir, len(events)) is None
+    stack.start_worker(0)
+    # Less than kombu's default lifetime of the lock (300 s), still ample for a busy machine.
+    wait_until(lambda: indexed(stack.data_dir, len(events)), 240 + int(TEST_VISIBILITY_TIMEOUT), "recovery",
+               report=lambda: stack_report(stack))
+    _same_as_one_process(stack, events, embedder, tmp_path)
 
 
 def test_the_consumer_rides_out_a_redis_outage_and_health_tells_what_is_down(stack, demo_events, monkeypatch):
