@@ -59,8 +59,9 @@ class Tessera:
         return self.ingestor.apply(events)
 
     def index_pending(self, vectors: dict[str, np.ndarray] | None = None, max_conversations: int | None = None,
-                      images: ImageBatch | None = None, only: Sequence[ConversationKey] | None = None) -> IngestReport:
-        return self.ingestor.index_pending(vectors, max_conversations, images, only)
+                      images: ImageBatch | None = None, only: Sequence[ConversationKey] | None = None,
+                      max_texts: int | None = None) -> IngestReport:
+        return self.ingestor.index_pending(vectors, max_conversations, images, only, max_texts)
 
     def delete_conversation(self, tenant_id: str, conversation_id: str) -> IngestReport:
         return self.ingestor.delete_conversation(tenant_id, conversation_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from indexer.ingest.ingestor import MAX_INDEX_ATTEMPTS
-from tests.conftest import dialogue, message
+from tests.conftest import DIALOGUE, dialogue, message
 from tests.test_elasticsearch_adapter import VersionedClient, _engine_on
 
 
@@ -76,3 +76,51 @@ def test_a_transient_store_error_fails_the_task_instead_of_parking(tmp_path, emb
     with pytest.raises(ConnectionError):
         engine.ingest(dialogue("c1"))
     assert engine.state.parked() == [] and [p[1] for p in engine.state.pending()] == ["c1"]
+
+
+class CountingEmbedder:
+    """The real encoder, counting the texts each call hands it."""
+
+    def __init__(self, embedder):
+        self.embedder, self.calls = embedder, []
+        self.dim = embedder.dim
+
+    def encode(self, texts):
+        self.calls.append(len(texts))
+        return self.embedder.encode(texts)
+
+
+def test_an_embed_call_encodes_a_bounded_slice_and_a_huge_backlog_still_advances(make_engine, embedder):
+    """An embed task must end inside its time limit whatever the backlog: a conversation imported with
+    more waiting turns than one call may encode keeps the vectors it got and stays pending, so every
+    call makes progress and the index ends as if built in one go (before, the call encoded all of it,
+    failed on the limit, and the next took the same oldest conversation again)."""
+    budget = 12
+    long_chat = [message("big", i + 1, "ann" if i % 2 else "bob", f"{t} (part {i // len(DIALOGUE)})")
+                 for i, (_, t) in enumerate(DIALOGUE * 3)]
+    events = long_chat + dialogue("c1") + dialogue("c2")
+    reference = make_engine("reference")
+    reference.ingest(events)
+
+    engine = make_engine("sliced")
+    counting = CountingEmbedder(engine.ingestor.embedder)
+    engine.ingestor.embedder = counting
+    engine.apply(events)
+    first = engine.ingestor.pending_texts(64, max_texts=budget)
+    assert len(first) == budget, "the oldest conversation alone fills the budget"
+    report = engine.index_pending(None, 64, max_texts=budget)
+    assert sum(counting.calls) == budget and report.encoded == budget
+    assert [k[1] for k in engine.state.pending()][0] == "big", "a slice encoded, the rest still pending"
+    assert len(engine.state.turns_without_vector("t1", "big")) == len(long_chat) - budget
+    assert engine.state.fragments("t1", "big") == [], "indexed only once every turn has its vector"
+    calls = 1
+    while engine.state.pending():
+        counting.calls.clear()
+        texts = engine.ingestor.pending_texts(64, max_texts=budget)
+        assert 0 < len(texts) <= budget
+        engine.index_pending(engine.ingestor.encode_texts(texts), 64, max_texts=budget)
+        assert sum(counting.calls) <= budget
+        calls += 1
+        assert calls < 10
+    assert engine.state.all_fragments() == reference.state.all_fragments()
+    assert (engine.vectors.count(), engine.keywords.count()) == (reference.vectors.count(), reference.keywords.count())

@@ -22,7 +22,7 @@ from indexer.ingest.aliases import fragment_aliases
 from indexer.ingest.changes import PendingChange, fold_conversation
 from indexer.ingest.segmenter import SegmenterConfig, segment
 from indexer.ingest.units import fragment_units, keyword_units, turn_of_event, vector_units
-from indexer.model import EVERYONE, FragmentRecord, IngestReport, SortKey, Unit
+from indexer.model import EVERYONE, FragmentRecord, IngestReport, SortKey, Turn, Unit
 from indexer.state import ConversationState
 from indexer.stores.base import KeywordStore, VectorStore
 from indexer.text import render_turn
@@ -86,49 +86,66 @@ class Ingestor:
                     self.state.merge_pending(*conv, change.to_dict(), PendingChange.merge)
         return report
 
-    def pending_texts(self, max_conversations: int | None = None) -> list[str]:
-        """Texts of turns waiting for a vector, for encoding outside the write lock."""
-        texts = []
-        for tenant_id, conversation_id, _ in self.state.pending(max_conversations):
-            texts += [render_turn(t) for t in self.state.turns_without_vector(tenant_id, conversation_id)]
-        return list(dict.fromkeys(texts))
+    def pending_texts(self, max_conversations: int | None = None, max_texts: int | None = None) -> list[str]:
+        """Texts of turns waiting for a vector, for encoding outside the write lock (as ``index_pending`` takes them)."""
+        return list(dict.fromkeys(render_turn(t) for _, _, t in self._pending_turns(max_conversations, max_texts)))
 
-    def pending_image_uris(self, max_conversations: int | None = None) -> list[str]:
+    def pending_image_uris(self, max_conversations: int | None = None, max_texts: int | None = None) -> list[str]:
         """Image URIs of turns waiting for a vector, to fetch and embed outside the write lock."""
         if self.images is None:
             return []
-        uris = []
+        turns = self._pending_turns(max_conversations, max_texts)
+        return list(dict.fromkeys(i.uri for _, _, t in turns for i in t.images))
+
+    def _pending_turns(self, max_conversations: int | None, max_texts: int | None) -> list[tuple[str, str, Turn]]:
+        waiting: list[tuple[str, str, Turn]] = []
         for tenant_id, conversation_id, _ in self.state.pending(max_conversations):
-            uris += [i.uri for t in self.state.turns_without_vector(tenant_id, conversation_id) for i in t.images]
-        return list(dict.fromkeys(uris))
+            turns = self.state.turns_without_vector(tenant_id, conversation_id)
+            if not _fits(len(waiting), len(turns), max_texts):
+                break
+            waiting += [(tenant_id, conversation_id, t) for t in turns[:max_texts]]
+        return waiting
 
     def embed_images(self, uris: Sequence[str]) -> ImageBatch:
         return self.images.embed_uris(uris) if self.images is not None and uris else ImageBatch()
 
     def index_pending(self, vectors: dict[str, np.ndarray] | None = None,
                       max_conversations: int | None = None, images: ImageBatch | None = None,
-                      only: Sequence[tuple[str, str]] | None = None) -> IngestReport:
+                      only: Sequence[tuple[str, str]] | None = None, max_texts: int | None = None) -> IngestReport:
         """Encode, re-segment and index the conversations marked by ``apply`` (``only``: of these).
 
         One transaction on the state, holding each conversation it indexes: a conversation another
         worker is indexing (or applying events to) is skipped, its mark left for the next task.
         ``images`` may carry image vectors from ``embed_images``; images still missing are fetched here.
+        ``max_texts`` bounds the turns one call encodes, so that an embed task ends inside its time limit
+        whatever the backlog: conversations are taken, oldest mark first, while their waiting turns fit,
+        and a first one with more keeps the vectors of its first ``max_texts`` and stays marked, so that
+        every call makes progress.
         """
         report = IngestReport()
         known = vectors or {}
         images = images or ImageBatch()
         with self.state.transaction():
             candidates = self.state.pending(max_conversations * 4 if max_conversations else None, only)
-            taken: list[tuple[str, str]] = []
+            pending: list[tuple[str, str, dict]] = []
+            waiting: list[tuple[str, str, Turn]] = []
+            sliced = None
             for tenant_id, conversation_id, _ in candidates:
-                if max_conversations and len(taken) >= max_conversations:
+                if max_conversations and len(pending) >= max_conversations:
                     break
-                if self.state.try_lock_conversation(tenant_id, conversation_id):
-                    taken.append((tenant_id, conversation_id))
-            # Read again under the locks: a worker that finished meanwhile has cleared its marks.
-            pending = self.state.pending(only=taken)
-            waiting = [(tenant_id, conversation_id, turn) for tenant_id, conversation_id, _ in pending
-                       for turn in self.state.turns_without_vector(tenant_id, conversation_id)]
+                if not self.state.try_lock_conversation(tenant_id, conversation_id):
+                    continue
+                # Read again under the lock: a worker that finished meanwhile has cleared the mark.
+                mark = self.state.pending(only=[(tenant_id, conversation_id)])
+                if not mark:
+                    continue
+                turns = self.state.turns_without_vector(tenant_id, conversation_id)
+                if not _fits(len(waiting), len(turns), max_texts):
+                    break
+                if max_texts is not None and len(turns) > max_texts:
+                    turns, sliced = turns[:max_texts], (tenant_id, conversation_id)
+                pending += mark
+                waiting += [(tenant_id, conversation_id, t) for t in turns]
             if self.images is not None:
                 uris = list(dict.fromkeys(i.uri for _, _, t in waiting for i in t.images))
                 todo = [u for u in uris if u not in images.vectors and u not in images.failures]
@@ -153,6 +170,8 @@ class Ingestor:
                 self.state.set_vectors(*conv, rows)
             report.encoded += len(missing)
             for tenant_id, conversation_id, change in pending:
+                if (tenant_id, conversation_id) == sliced:
+                    continue  # re-segmented once every turn has its vector
                 try:
                     with self.state.savepoint():
                         report.add(self._resegment(tenant_id, conversation_id, PendingChange.from_dict(change)))
@@ -367,3 +386,8 @@ class Ingestor:
             if optimize is not None:
                 done += [f"{name}:{kind}" for kind in optimize(progress)]
         return done
+
+
+def _fits(taken: int, more: int, max_texts: int | None) -> bool:
+    """Whether a conversation with ``more`` waiting turns joins ``taken`` ones; the first always does."""
+    return max_texts is None or taken == 0 or taken + more <= max_texts
