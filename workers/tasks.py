@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from ops.runtime.telemetry import record_ingest, record_result
-from workers.app import PUBLISH_RETRY, app
+from workers.app import CONFIG, PUBLISH_RETRY, app
 from workers.runtime import AnsweringTask, TesseraTask, engine, log, reasoner, reasoner_alive
 
 #: Conversations one embed task takes at most: bounds the transaction, keeps the encoder batch full.
 EMBED_MAX_CONVERSATIONS = 64
-#: Turns one embed task encodes at most (a few seconds on two cores), far inside its time limit even on a
-#: busy machine: a backlog of long conversations is indexed a slice per task instead of failing every task.
-EMBED_MAX_TEXTS = 1024
 
 
 @app.task(name="tessera.ingest", base=TesseraTask)
@@ -33,13 +30,16 @@ def embed() -> dict:
     full batches; embed tasks that find nothing pending return at once.
     """
     e = engine()
-    texts = e.ingestor.pending_texts(EMBED_MAX_CONVERSATIONS, EMBED_MAX_TEXTS)
+    # Turns a task encodes at most (``TESSERA_EMBED_MAX_TEXTS``; 1,024 take a few seconds on two cores): far
+    # inside the time limit even on a busy machine, so a backlog of long conversations goes a slice per task.
+    max_texts = CONFIG.embed_max_texts
+    texts = e.ingestor.pending_texts(EMBED_MAX_CONVERSATIONS, max_texts)
     vectors = e.ingestor.encode_texts(texts) if texts else None
     # Images are fetched (short timeouts, concurrently) before the write lock is taken.
-    images = e.ingestor.embed_images(e.ingestor.pending_image_uris(EMBED_MAX_CONVERSATIONS, EMBED_MAX_TEXTS))
-    report = e.index_pending(vectors, EMBED_MAX_CONVERSATIONS, images, max_texts=EMBED_MAX_TEXTS)
+    images = e.ingestor.embed_images(e.ingestor.pending_image_uris(EMBED_MAX_CONVERSATIONS, max_texts))
+    report = e.index_pending(vectors, EMBED_MAX_CONVERSATIONS, images, max_texts=max_texts)
     record_ingest(report)
-    if (report.encoded or report.fragments_written or report.fragments_deleted) and e.state.pending(1):
+    if (report.indexed or report.sliced) and e.state.pending(1):
         # Work left behind (a slice of a long backlog, more marks than one task takes): the next task
         # starts now, not at the next sweep; a task that found nothing to do queues none.
         embed.apply_async(retry=True, retry_policy=PUBLISH_RETRY)

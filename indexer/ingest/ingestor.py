@@ -171,11 +171,13 @@ class Ingestor:
             report.encoded += len(missing)
             for tenant_id, conversation_id, change in pending:
                 if (tenant_id, conversation_id) == sliced:
-                    continue  # re-segmented once every turn has its vector
+                    report.sliced += 1  # re-segmented once every turn has its vector
+                    continue
                 try:
                     with self.state.savepoint():
                         report.add(self._resegment(tenant_id, conversation_id, PendingChange.from_dict(change)))
                         self.state.clear_pending(tenant_id, conversation_id)
+                        report.indexed += 1
                 except Exception as exc:
                     if is_transient(exc):
                         raise

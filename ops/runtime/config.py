@@ -71,6 +71,8 @@ ENVIRONMENT = {
     "TESSERA_CONSUMER_REJOIN_S": "seconds a consumer may poll without a group heartbeat before it drops its Kafka client"
                                  " and joins again with a new one (default 60)",
     "TESSERA_SWEEP_S": "seconds between an embed worker's looks for pending marks no queued task covers (default 30)",
+    "TESSERA_EMBED_MAX_TEXTS": "turns one embed task encodes at most (default 1024): a longer backlog is indexed a"
+    " slice per task, each far inside the task's time limit",
     "TESSERA_MAX_DELIVERIES": "deliveries after which a task that keeps killing workers is dead-lettered (default 3)",
     "TESSERA_API_RATE": "requests per second each API key may make to tessera serve (default 20; 429 above)",
     "TESSERA_API_BURST": "requests an API key may make at once before its rate applies (default 40)",
@@ -136,6 +138,7 @@ class Config:
     health_stall_s: float = 60.0
     consumer_rejoin_s: float = 60.0
     sweep_s: float = 30.0
+    embed_max_texts: int = 1024
     max_deliveries: int = 3
     api_rate: float = 20.0
     api_burst: int = 40
@@ -188,6 +191,7 @@ class Config:
             health_stall_s=get.number("TESSERA_HEALTH_STALL_S", float, 60.0, minimum=0.1),
             consumer_rejoin_s=get.number("TESSERA_CONSUMER_REJOIN_S", float, 60.0, minimum=1.0),
             sweep_s=get.number("TESSERA_SWEEP_S", float, 30.0, minimum=0.1),
+            embed_max_texts=get.number("TESSERA_EMBED_MAX_TEXTS", int, 1024, minimum=1),
             max_deliveries=get.number("TESSERA_MAX_DELIVERIES", int, 3, minimum=1),
             api_rate=get.number("TESSERA_API_RATE", float, 20.0, minimum=0.01),
             api_burst=get.number("TESSERA_API_BURST", int, 40, minimum=1),

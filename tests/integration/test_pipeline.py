@@ -14,7 +14,7 @@ from ops.demo.topics import EXAMPLE_QUERIES
 from schemas import QUERY_SCHEMA, QueryJob
 from tests.integration.conftest import (
     committed, copies, index_progress, indexed, open_stack_engine, produce, produce_queries, reference_engine,
-    send_task, snapshot, wait_until,
+    send_task, snapshot, stack_report, wait_until,
 )
 
 INDEX_TIMEOUT = 240
@@ -249,6 +249,28 @@ def test_a_pending_mark_that_no_task_covers_is_swept(stack, embedder):
         engine.close()
     assert index_progress(stack.data_dir)["pending"] == 1
     wait_until(lambda: indexed(stack.data_dir, len(dialogue("orphan"))), 120, "the orphaned mark indexed")
+
+
+def test_a_backlog_larger_than_one_task_takes_is_indexed_a_slice_per_task(stack, monkeypatch, demo_events, embedder,
+                                                                          tmp_path):
+    """Each embed task encodes at most ``TESSERA_EMBED_MAX_TEXTS`` turns and queues the next while work is
+    left: the tasks alone index the whole backlog (the sweep, which would also find the marks, waits ten
+    minutes here), long conversations a slice at a time, and the index equals the one-process index."""
+    monkeypatch.setenv("TESSERA_SWEEP_S", "600")
+    monkeypatch.setenv("TESSERA_EMBED_MAX_TEXTS", "16")
+    stack.start()
+    produce(demo_events)
+    wait_until(lambda: indexed(stack.data_dir, len(demo_events)), INDEX_TIMEOUT, "the backlog indexed",
+               report=lambda: stack_report(stack))
+    log = (stack.dir / "logs" / "worker-0.log").read_text()
+    assert "'sliced': 1" in log, "a conversation with more waiting turns than the budget went a slice at a time"
+    reference = reference_engine(tmp_path, demo_events, embedder)
+    distributed = open_stack_engine(stack, embedder)
+    try:
+        assert snapshot(distributed) == snapshot(reference)
+    finally:
+        distributed.close()
+        reference.close()
 
 
 def test_every_query_job_gets_exactly_one_result(stack):
