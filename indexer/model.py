@@ -167,10 +167,9 @@ class IngestReport:
     images_embedded: int = 0
     #: Images whose words were read and indexed with their turn (``TESSERA_OCR``).
     images_read: int = 0
-    #: Conversations re-segmented and indexed, their marks cleared ...
-    indexed: int = 0
-    #: ... and those that got the vectors of a slice of their waiting turns and stay marked (``max_texts``).
-    sliced: int = 0
+    #: Marks a bounded call (``max_conversations``, ``max_texts``) left for the next: a conversation that got the
+    #: vectors of a slice of its waiting turns, and the first one the call did not take.
+    deferred: int = 0
     #: Conversations whose indexing failed for a reason of their own (retried by later tasks) ...
     index_failures: int = 0
     #: ... and those of them set aside after MAX_INDEX_ATTEMPTS (``tessera dead-letters``).

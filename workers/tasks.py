@@ -39,9 +39,9 @@ def embed() -> dict:
     images = e.ingestor.embed_images(e.ingestor.pending_image_uris(EMBED_MAX_CONVERSATIONS, max_texts))
     report = e.index_pending(vectors, EMBED_MAX_CONVERSATIONS, images, max_texts=max_texts)
     record_ingest(report)
-    if (report.indexed or report.sliced) and e.state.pending(1):
-        # Work left behind (a slice of a long backlog, more marks than one task takes): the next task
-        # starts now, not at the next sweep; a task that found nothing to do queues none.
+    if report.deferred:
+        # Work this task had no budget for (the rest of a long backlog): the next task starts now, not at
+        # the next sweep. Marks set meanwhile have embed tasks of their own, queued by their ingest tasks.
         embed.apply_async(retry=True, retry_policy=PUBLISH_RETRY)
     return report.__dict__
 

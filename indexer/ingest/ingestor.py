@@ -132,6 +132,7 @@ class Ingestor:
             sliced = None
             for tenant_id, conversation_id, _ in candidates:
                 if max_conversations and len(pending) >= max_conversations:
+                    report.deferred += 1
                     break
                 if not self.state.try_lock_conversation(tenant_id, conversation_id):
                     continue
@@ -141,6 +142,7 @@ class Ingestor:
                     continue
                 turns = self.state.turns_without_vector(tenant_id, conversation_id)
                 if not _fits(len(waiting), len(turns), max_texts):
+                    report.deferred += 1
                     break
                 if max_texts is not None and len(turns) > max_texts:
                     turns, sliced = turns[:max_texts], (tenant_id, conversation_id)
@@ -171,13 +173,12 @@ class Ingestor:
             report.encoded += len(missing)
             for tenant_id, conversation_id, change in pending:
                 if (tenant_id, conversation_id) == sliced:
-                    report.sliced += 1  # re-segmented once every turn has its vector
+                    report.deferred += 1  # re-segmented once every turn has its vector
                     continue
                 try:
                     with self.state.savepoint():
                         report.add(self._resegment(tenant_id, conversation_id, PendingChange.from_dict(change)))
                         self.state.clear_pending(tenant_id, conversation_id)
-                        report.indexed += 1
                 except Exception as exc:
                     if is_transient(exc):
                         raise
