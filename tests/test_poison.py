@@ -106,7 +106,7 @@ def test_an_embed_call_encodes_a_bounded_slice_and_a_huge_backlog_still_advances
     counting = CountingEmbedder(engine.ingestor.embedder)
     engine.ingestor.embedder = counting
     engine.apply(events)
-    first = engine.ingestor.pending_texts(64, max_texts=budget)
+    first, _ = engine.ingestor.pending_work(64, max_texts=budget)
     assert len(first) == budget, "the oldest conversation alone fills the budget"
     report = engine.index_pending(None, 64, max_texts=budget)
     assert sum(counting.calls) == budget and report.encoded == budget
@@ -117,7 +117,7 @@ def test_an_embed_call_encodes_a_bounded_slice_and_a_huge_backlog_still_advances
     calls = 1
     while engine.state.pending():
         counting.calls.clear()
-        texts = engine.ingestor.pending_texts(64, max_texts=budget)
+        texts, _ = engine.ingestor.pending_work(64, max_texts=budget)
         assert 0 < len(texts) <= budget
         report = engine.index_pending(engine.ingestor.encode_texts(texts), 64, max_texts=budget)
         assert sum(counting.calls) <= budget

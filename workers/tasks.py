@@ -33,10 +33,10 @@ def embed() -> dict:
     # Turns a task encodes at most (``TESSERA_EMBED_MAX_TEXTS``; 1,024 take a few seconds on two cores): far
     # inside the time limit even on a busy machine, so a backlog of long conversations goes a slice per task.
     max_texts = CONFIG.embed_max_texts
-    texts = e.ingestor.pending_texts(EMBED_MAX_CONVERSATIONS, max_texts)
+    texts, uris = e.ingestor.pending_work(EMBED_MAX_CONVERSATIONS, max_texts)
     vectors = e.ingestor.encode_texts(texts) if texts else None
     # Images are fetched (short timeouts, concurrently) before the write lock is taken.
-    images = e.ingestor.embed_images(e.ingestor.pending_image_uris(EMBED_MAX_CONVERSATIONS, max_texts))
+    images = e.ingestor.embed_images(uris)
     report = e.index_pending(vectors, EMBED_MAX_CONVERSATIONS, images, max_texts=max_texts)
     record_ingest(report)
     if report.deferred:

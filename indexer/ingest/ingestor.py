@@ -86,25 +86,19 @@ class Ingestor:
                     self.state.merge_pending(*conv, change.to_dict(), PendingChange.merge)
         return report
 
-    def pending_texts(self, max_conversations: int | None = None, max_texts: int | None = None) -> list[str]:
-        """Texts of turns waiting for a vector, for encoding outside the write lock (as ``index_pending`` takes them)."""
-        return list(dict.fromkeys(render_turn(t) for _, _, t in self._pending_turns(max_conversations, max_texts)))
-
-    def pending_image_uris(self, max_conversations: int | None = None, max_texts: int | None = None) -> list[str]:
-        """Image URIs of turns waiting for a vector, to fetch and embed outside the write lock."""
-        if self.images is None:
-            return []
-        turns = self._pending_turns(max_conversations, max_texts)
-        return list(dict.fromkeys(i.uri for _, _, t in turns for i in t.images))
-
-    def _pending_turns(self, max_conversations: int | None, max_texts: int | None) -> list[tuple[str, str, Turn]]:
-        waiting: list[tuple[str, str, Turn]] = []
+    def pending_work(self, max_conversations: int | None = None,
+                     max_texts: int | None = None) -> tuple[list[str], list[str]]:
+        """Texts and image URIs of the turns waiting for a vector, read once as ``index_pending`` takes them, for
+        encoding and fetching outside the write lock."""
+        waiting: list[Turn] = []
         for tenant_id, conversation_id, _ in self.state.pending(max_conversations):
             turns = self.state.turns_without_vector(tenant_id, conversation_id)
             if not _fits(len(waiting), len(turns), max_texts):
                 break
-            waiting += [(tenant_id, conversation_id, t) for t in turns[:max_texts]]
-        return waiting
+            waiting += turns[:max_texts]
+        texts = list(dict.fromkeys(render_turn(t) for t in waiting))
+        uris = list(dict.fromkeys(i.uri for t in waiting for i in t.images)) if self.images is not None else []
+        return texts, uris
 
     def embed_images(self, uris: Sequence[str]) -> ImageBatch:
         return self.images.embed_uris(uris) if self.images is not None and uris else ImageBatch()
