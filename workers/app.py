@@ -12,9 +12,9 @@ from schemas.routing import QUEUES, TASKS
 CONFIG = Config.from_env()
 
 #: Seconds an unacknowledged task stays invisible before Redis hands it to another worker: about how
-#: long a dead worker's tasks wait (``broker_transport_options``). Every task is bounded well below it (an embed batch takes seconds, a VLM
-#: rerank well under a minute): the soft limit fails it, the hard limit kills it, so a task that is
-#: still running is never handed to a second worker.
+#: long a dead worker's tasks wait (``broker_transport_options``). Every task is bounded well below it
+#: (an embed batch takes seconds, a VLM rerank well under a minute): the soft limit fails it, the hard
+#: limit kills it, so a task that is still running is never handed to a second worker.
 VISIBILITY_TIMEOUT_S = CONFIG.visibility_timeout_s
 TASK_TIME_LIMIT_S = max(1, VISIBILITY_TIMEOUT_S - max(1, VISIBILITY_TIMEOUT_S // 10))
 TASK_SOFT_TIME_LIMIT_S = max(1, TASK_TIME_LIMIT_S - max(1, VISIBILITY_TIMEOUT_S // 10))
