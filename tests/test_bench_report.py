@@ -162,3 +162,51 @@ def test_the_report_gives_the_filtered_searches_by_kind(tmp_path):
     text = markdown(report, plots)
     assert "| store | fragments | conversation | participant | time |" in text
     assert "| edge | 100,000 | 20.0 / 40.0 | 12.5 / 40.0 | 20.0 / 40.0 |" in text
+
+
+def test_the_report_gives_the_run_held_to_a_memory_budget_and_the_capped_build():
+    pcts = {"p50": 20.0, "p95": 30.0, "p99": 40.0, "mean": 22.0}
+    measured = {"latency_ms": pcts, "peak_rss_mb": 3466, "rss_over_time_mb": [(0, 3436.0), (650, 3438.0)],
+                "rss_file_mb": 2315.0, "filtered_ms": {"conversation": dict(pcts, p50=11.0)}}
+    row = {"store": "edge", "fragments": 1_000_000, "queries": 500, "index_mb": 0, "index_load_s": 0.7,
+           "corpus": {"units": 10_000_000, "build_s": 2600, "build_peak_rss_mb": 8100, "build_peak_anon_mb": 1500,
+                      "build_memory_cap_mb": 8192},
+           "stages_ms": {s: pcts for s in ("rewrite", "embed", "recall", "fusion", "reasoning")},
+           "capped": measured | {"latency_ms": dict(pcts, p50=24.5), "memory_cap_mb": 3072, "cgroup_peak_mb": 3071.5,
+                                 "rss_over_time_mb": [(0, 2900.0), (650, 2950.0)], "rss_file_mb": 2700.0,
+                                 "peak_rss_mb": 2990.0}} | measured
+    text = markdown({"machine": "x", "command": "tessera bench", "scale": [row]}, [])
+    assert "| 8100 (1500), held to 8,192 |" in text
+    assert ("| edge | 1,000,000 | 3,072 | 24.5 / 30.0 / 40.0 | conversation 11.0 / 40.0 | 2950 (2700) | 2990 |"
+            " 3072 |") in text
+
+
+def test_a_child_held_to_a_memory_budget_keeps_its_rss_within_it(tmp_path):
+    """The bench's memory budget is a real cgroup: a child that reads a mapped file twice its budget runs to
+    the end with its RSS held to the budget (the kernel drops the pages it read first), and the group is gone
+    after."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from ops.bench.memcap import MemoryCap, MemoryCapUnavailable, evict
+
+    data = tmp_path / "store.bin"
+    data.write_bytes(np.random.default_rng(0).bytes(256 << 20))
+    child = ("import mmap, sys\n"
+             "f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+             "total = sum(m[i] for i in range(0, len(m), 4096))\n"
+             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n")
+    try:
+        cap = MemoryCap(96)
+    except MemoryCapUnavailable as e:
+        pytest.skip(str(e))
+    with cap:
+        assert evict(tmp_path) == 1
+        done = cap.run([sys.executable, "-c", child, str(data)], check=True, capture_output=True, text=True)
+        assert cap.peak_mb() is not None and cap.peak_mb() <= 96
+    assert not cap.path.exists()
+    held_mb = int(done.stdout) / 1024
+    free = subprocess.run([sys.executable, "-c", child, str(data)], check=True, capture_output=True, text=True)
+    assert held_mb < 120 < int(free.stdout) / 1024, (held_mb, int(free.stdout) / 1024)

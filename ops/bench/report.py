@@ -173,7 +173,9 @@ def too_big(root: Path, store: str, fragments: int, encoder: str, total_mb: floa
 def _build_peak(corpus: dict) -> str:
     """The build's peak RSS, and in parentheses the process's own part of it where recorded (``AnonPeak``)."""
     own = corpus.get("build_peak_anon_mb")
-    return f"{corpus.get('build_peak_rss_mb', 0):.0f}" + (f" ({own:.0f})" if own else "")
+    cap = corpus.get("build_memory_cap_mb")
+    return (f"{corpus.get('build_peak_rss_mb', 0):.0f}" + (f" ({own:.0f})" if own else "")
+            + (f", held to {cap:,}" if cap else ""))
 
 
 def _layout(corpus: dict):
@@ -293,21 +295,45 @@ def measure(data: Path, store: str, fragments: int, queries: int, encoder: str, 
 
 
 def _measure_in_child(root: Path, store: str, fragments: int, queries: int, encoder: str,
-                      pool_dir: str | None, tenants: int = DEFAULT_TENANTS) -> dict:
-    """Build the corpus (once) and measure it, each in a fresh process so each peak RSS is its own."""
+                      pool_dir: str | None, tenants: int = DEFAULT_TENANTS, build_cap_mb: int | None = None,
+                      query_cap_mb: int | None = None) -> dict:
+    """Build the corpus (once) and measure it, each in a fresh process so each peak RSS is its own; with
+    ``build_cap_mb`` the build runs held to that memory (``MemoryCap``), with ``query_cap_mb`` the corpus is
+    measured a second time held to that memory (``capped`` in the result)."""
+    from ops.bench.memcap import MemoryCap, evict
+
     data = corpus_dir(root, store, fragments, encoder, tenants)
     if not (data / "corpus.json").exists():
         cmd = [sys.executable, "-m", "ops.bench.report", "build", str(root), "--store", store, "--fragments", str(fragments),
-               "--encoder", encoder, "--tenants", str(tenants)]
-        subprocess.run(cmd + (["--pool", pool_dir] if pool_dir else []), check=True)
-    out = root / f"measure-{store}-{fragments}.json"
-    cmd = [sys.executable, "-m", "ops.bench.report", "measure", str(data), "--store", store, "--fragments", str(fragments),
-           "--queries", str(queries), "--filtered", str(min(queries, FILTERED_QUERIES)), "--encoder", encoder,
-           "--cache", str(root / "cache"), "--out", str(out)]
-    if pool_dir:
-        cmd += ["--pool", pool_dir]
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text()) | {"corpus": json.loads((data / "corpus.json").read_text())}
+               "--encoder", encoder, "--tenants", str(tenants)] + (["--pool", pool_dir] if pool_dir else [])
+        if build_cap_mb:
+            with MemoryCap(build_cap_mb) as cap:
+                cap.run(cmd, check=True)
+                built = json.loads((data / "corpus.json").read_text())
+                built |= {"build_memory_cap_mb": build_cap_mb, "build_cgroup_peak_mb": cap.peak_mb()}
+                (data / "corpus.json").write_text(json.dumps(built))
+        else:
+            subprocess.run(cmd, check=True)
+
+    def measured(name: str, cap: MemoryCap | None = None) -> dict:
+        out = root / name
+        cmd = [sys.executable, "-m", "ops.bench.report", "measure", str(data), "--store", store, "--fragments",
+               str(fragments), "--queries", str(queries), "--filtered", str(min(queries, FILTERED_QUERIES)),
+               "--encoder", encoder, "--cache", str(root / "cache"), "--out", str(out)]
+        if pool_dir:
+            cmd += ["--pool", pool_dir]
+        if cap is None:
+            subprocess.run(cmd, check=True)
+            return json.loads(out.read_text())
+        evict(data)
+        cap.run(cmd + ["--no-brute"], check=True)
+        return json.loads(out.read_text()) | {"memory_cap_mb": cap.limit_mb, "cgroup_peak_mb": cap.peak_mb()}
+
+    result = measured(f"measure-{store}-{fragments}.json")
+    if query_cap_mb:
+        with MemoryCap(query_cap_mb) as cap:
+            result["capped"] = measured(f"measure-{store}-{fragments}-capped.json", cap)
+    return result | {"corpus": json.loads((data / "corpus.json").read_text())}
 
 
 # ---------------------------------------------------------------- ingest and encoders
@@ -545,6 +571,21 @@ def markdown(report: dict, plots: list[str]) -> str:
                   f" {rss[-1]:.0f} MiB at the end ({largest['queries']} queries)"
                   + (f", of which {largest['rss_file_mb']:.0f} MiB pages of mapped store files, which the kernel can"
                      " drop" if "rss_file_mb" in largest else "") + ".", ""]
+    capped = [r for r in scale or [] if r.get("capped")]
+    if capped:
+        lines += ["Held to a memory budget (a memory cgroup, page cache included; the corpus's files dropped from"
+                  " the page cache first, so every page the searches read is charged to them):", "",
+                  "| store | fragments | budget MiB | p50 / p95 / p99 ms | filtered p50 / p99 ms | RSS at the end MiB"
+                  " (file pages) | peak RSS MiB | cgroup peak MiB |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(capped, key=lambda r: (r["store"], r["fragments"])):
+            c, lat = r["capped"], r["capped"]["latency_ms"]
+            narrowed = ", ".join(f"{k} {v['p50']:.1f} / {v['p99']:.1f}" for k, v in c.get("filtered_ms", {}).items())
+            peak = c.get("cgroup_peak_mb")
+            lines.append(f"| {r['store']} | {r['fragments']:,} | {c['memory_cap_mb']:,} | {lat['p50']:.1f} /"
+                         f" {lat['p95']:.1f} / {lat['p99']:.1f} | {narrowed or '-'} |"
+                         f" {c['rss_over_time_mb'][-1][1]:.0f} ({c.get('rss_file_mb', 0):.0f}) | {c['peak_rss_mb']:.0f} |"
+                         f" {f'{peak:.0f}' if peak else '-'} |")
+        lines.append("")
     for skipped in report.get("scale_not_run", []):
         lines += [f"Not run: {skipped['store']} at {skipped['fragments']:,} fragments: {skipped['reason']}.", ""]
     if report.get("state"):
@@ -586,7 +627,8 @@ def run(args) -> dict:
                 print(f"not run: {store} at {n:,} fragments: {reason}", file=sys.stderr)
                 report.setdefault("scale_not_run", []).append({"store": store, "fragments": n, "reason": reason})
                 continue
-            report["scale"].append(_measure_in_child(out, store, n, queries, args.scale_encoder, args.locomo, args.tenants))
+            report["scale"].append(_measure_in_child(out, store, n, queries, args.scale_encoder, args.locomo, args.tenants,
+                                                     args.build_memory_mb, args.query_memory_mb))
             (out / "report.json").write_text(json.dumps(report, indent=2))
     plots = _plots(report, out)
     (out / "report.md").write_text(markdown(report, plots))
@@ -614,6 +656,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-turns", type=int, default=300)
     parser.add_argument("--stack", action="store_true", help="also run the Kafka + Celery pipeline")
     parser.add_argument("--skip-ingest", action="store_true")
+    parser.add_argument("--build-memory-mb", type=int,
+                        help="build the scale corpora held to this memory, page cache included (a memory cgroup)")
+    parser.add_argument("--query-memory-mb", type=int,
+                        help="measure each scale corpus a second time held to this memory, page cache included")
     parser.add_argument("--state-fragments", type=int, default=100_000,
                         help="corpus size of the PostgreSQL-vs-SQLite state comparison (0: skip it)")
 
