@@ -49,6 +49,15 @@ def test_a_build_that_recorded_its_own_memory_is_judged_by_it(tmp_path):
     assert reason and "of its own memory 30,000 MiB" in reason
 
 
+def test_a_build_held_to_a_memory_budget_is_not_run_where_its_own_memory_would_not_fit_the_budget(tmp_path):
+    _built(tmp_path, 100_000, 3_460, anon_mb=820)
+    assert too_big(tmp_path, "edge", 1_000_000, "onnx-int8", 24_000, cap_mb=9_000) is None, "8,200 MiB of its own"
+    reason = too_big(tmp_path, "edge", 1_000_000, "onnx-int8", 24_000, cap_mb=6_144)
+    assert reason and "of its own memory 8,200 MiB" in reason and "the build's memory budget of 6,144 MiB" in reason
+    assert too_big(tmp_path, "edge", 1_000_000, "onnx-int8", 8_000, cap_mb=30_000).endswith(
+        "more than 90% of this machine's 8,000 MiB")
+
+
 def test_the_anonymous_peak_is_what_the_block_allocated():
     with AnonPeak(every=60) as peak:
         before = peak.peak_mb

@@ -42,8 +42,8 @@ def _hierarchy() -> tuple[Path, str]:
 
 
 def evict(directory: Path) -> int:
-    """Drop the clean cached pages of every file under ``directory`` from the page cache; returns the files
-    advised. Pages another process has mapped or dirtied stay."""
+    """Drop the cached pages of every file under ``directory`` from the page cache, written back first (a dirty
+    page cannot be dropped); returns the files advised. Pages another process has mapped stay."""
     advised = 0
     for path in directory.rglob("*"):
         if not path.is_file() or path.is_symlink():
@@ -53,6 +53,7 @@ def evict(directory: Path) -> int:
         except OSError:
             continue
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             advised += 1
         finally:

@@ -153,8 +153,9 @@ def _memory_total_mb() -> float:
 
 
 def too_big(root: Path, store: str, fragments: int, encoder: str, total_mb: float,
-            tenants: int = DEFAULT_TENANTS) -> str | None:
-    """Why a corpus is not built on this machine (a build that runs out of memory takes the machine with it).
+            tenants: int = DEFAULT_TENANTS, cap_mb: int | None = None) -> str | None:
+    """Why a corpus is not built on this machine (a build that runs out of memory takes the machine with it), or
+    within the build's memory budget ``cap_mb`` (its cgroup would kill it).
 
     Judged by the process's own memory where the smaller build recorded it (``AnonPeak``): pages of mapped
     store files count in the RSS too, but the kernel writes them back and drops them under pressure."""
@@ -164,10 +165,15 @@ def too_big(root: Path, store: str, fragments: int, encoder: str, total_mb: floa
     what = "of its own memory"
     if projected is None:
         projected, what = projected_build_peak_mb(root, store, fragments, encoder), "RSS"
-    if projected is None or projected[0] <= MEMORY_SHARE * total_mb:
+    if projected is None:
+        return None
+    limit, of = MEMORY_SHARE * total_mb, f"{MEMORY_SHARE:.0%} of this machine's {total_mb:,.0f} MiB"
+    if cap_mb is not None and cap_mb < limit:
+        limit, of = cap_mb, f"the build's memory budget of {cap_mb:,} MiB"
+    if projected[0] <= limit:
         return None
     return (f"projected build peak {what} {projected[0]:,.0f} MiB (from the {projected[1]:,}-fragment build) is"
-            f" more than {MEMORY_SHARE:.0%} of this machine's {total_mb:,.0f} MiB")
+            f" more than {of}")
 
 
 def _build_peak(corpus: dict) -> str:
@@ -622,7 +628,7 @@ def run(args) -> dict:
             queries = args.qdrant_queries if store == "qdrant" else args.queries
             if store == "sqlite" and n > args.sqlite_max:
                 continue
-            reason = too_big(out, store, n, args.scale_encoder, _memory_total_mb(), args.tenants)
+            reason = too_big(out, store, n, args.scale_encoder, _memory_total_mb(), args.tenants, args.build_memory_mb)
             if reason:
                 print(f"not run: {store} at {n:,} fragments: {reason}", file=sys.stderr)
                 report.setdefault("scale_not_run", []).append({"store": store, "fragments": n, "reason": reason})
