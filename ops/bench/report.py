@@ -305,7 +305,10 @@ def _measure_in_child(root: Path, store: str, fragments: int, queries: int, enco
                       query_cap_mb: int | None = None) -> dict:
     """Build the corpus (once) and measure it, each in a fresh process so each peak RSS is its own; with
     ``build_cap_mb`` the build runs held to that memory (``MemoryCap``), with ``query_cap_mb`` the corpus is
-    measured a second time held to that memory (``capped`` in the result)."""
+    measured a second time held to that memory (``capped`` in the result). Every measurement starts with the
+    corpus's files out of the page cache, as after a reboot: the RSS of a process that maps files depends on what
+    is cached (the kernel maps cached neighbours of a page read), and the same 1M corpus gave 5,071 MiB right after
+    its build against 4,426 and 4,483 MiB from a cold start."""
     from ops.bench.memcap import MemoryCap, evict
 
     data = corpus_dir(root, store, fragments, encoder, tenants)
@@ -328,10 +331,10 @@ def _measure_in_child(root: Path, store: str, fragments: int, queries: int, enco
                "--encoder", encoder, "--cache", str(root / "cache"), "--out", str(out)]
         if pool_dir:
             cmd += ["--pool", pool_dir]
+        evict(data)
         if cap is None:
             subprocess.run(cmd, check=True)
             return json.loads(out.read_text())
-        evict(data)
         cap.run(cmd + ["--no-brute"], check=True)
         return json.loads(out.read_text()) | {"memory_cap_mb": cap.limit_mb, "cgroup_peak_mb": cap.peak_mb()}
 
