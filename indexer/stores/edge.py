@@ -226,8 +226,8 @@ SEARCH_THREADS = max(1, min(os.cpu_count() or 1, 8))
 #: Immutable segments the optimizer merges a shard down to, one per search thread, plus the appendable one; it
 #: merges no segment past its largest size (about 500,000 points here), so the window shard of the 1M-fragment
 #: bench corpus keeps 11. Merged into two (``max_segment_size`` raised, 7.5 minutes), that corpus answered slower
-#: from a cold start: p50 24.8 and 31.0 against 21.3 and 23.4 ms in alternation, RSS 4,289 against 4,426 to 4,483
-#: MiB.
+#: from a cold start (500 queries from the demo chats, in alternation): p50 24.8 and 31.0 against 21.3 and 23.4 ms,
+#: RSS 4,289 against 4,426 and 4,483 MiB.
 SEGMENTS = SEARCH_THREADS + 1
 _OPTIMIZERS = EdgeOptimizersConfig(deleted_threshold=0.2, vacuum_min_vector_number=1000,
                                    indexing_threshold=INDEXING_THRESHOLD_KB, default_segment_number=SEGMENTS)

@@ -306,9 +306,8 @@ def _measure_in_child(root: Path, store: str, fragments: int, queries: int, enco
     """Build the corpus (once) and measure it, each in a fresh process so each peak RSS is its own; with
     ``build_cap_mb`` the build runs held to that memory (``MemoryCap``), with ``query_cap_mb`` the corpus is
     measured a second time held to that memory (``capped`` in the result). Every measurement starts with the
-    corpus's files out of the page cache, as after a reboot: the RSS of a process that maps files depends on what
-    is cached (the kernel maps cached neighbours of a page read), and the same 1M corpus gave 5,071 MiB right after
-    its build against 4,426 and 4,483 MiB from a cold start."""
+    corpus's files out of the page cache, as after a reboot, so that each starts alike whatever ran before it (a
+    build, another measurement): its store files are read from disk as it loads and searches."""
     from ops.bench.memcap import MemoryCap, evict
 
     data = corpus_dir(root, store, fragments, encoder, tenants)
