@@ -173,7 +173,7 @@ def test_the_report_gives_the_filtered_searches_by_kind(tmp_path):
     assert "| edge | 100,000 | 20.0 / 40.0 | 12.5 / 40.0 | 20.0 / 40.0 |" in text
 
 
-def test_the_report_gives_the_run_held_to_a_memory_budget_and_the_capped_build():
+def test_the_report_gives_the_run_held_to_a_memory_budget_and_the_capped_build(tmp_path):
     pcts = {"p50": 20.0, "p95": 30.0, "p99": 40.0, "mean": 22.0}
     measured = {"latency_ms": pcts, "peak_rss_mb": 3466, "rss_over_time_mb": [(0, 3436.0), (650, 3438.0)],
                 "rss_file_mb": 2315.0, "filtered_ms": {"conversation": dict(pcts, p50=11.0)}}
@@ -184,6 +184,8 @@ def test_the_report_gives_the_run_held_to_a_memory_budget_and_the_capped_build()
            "capped": measured | {"latency_ms": dict(pcts, p50=24.5), "memory_cap_mb": 3072, "cgroup_peak_mb": 3071.5,
                                  "rss_over_time_mb": [(0, 2900.0), (650, 2950.0)], "rss_file_mb": 2700.0,
                                  "peak_rss_mb": 2990.0}} | measured
+    plots = _plots({"machine": "x", "command": "tessera bench", "scale": [row]}, tmp_path)
+    assert "latency_vs_size.png" in plots and "memory_vs_size.png" in plots
     text = markdown({"machine": "x", "command": "tessera bench", "scale": [row]}, [])
     assert "| 8100 (1500), held to 8,192 |" in text
     assert ("| edge | 1,000,000 | 3,072 | 24.5 / 30.0 / 40.0 | conversation 11.0 / 40.0 | 2950 (2700) | 2990 |"

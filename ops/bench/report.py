@@ -433,6 +433,11 @@ def _plots(report: dict, out: Path) -> list[str]:
             x = [r["fragments"] for r in rows]
             for p, style in zip(PERCENTILES, ("-", "--", ":")):
                 ax.plot(x, [r["latency_ms"][f"p{p}"] for r in rows], style, marker="o", label=f"tessera {store} p{p}")
+            capped = [r for r in rows if r.get("capped")]
+            for p, style in zip((50, 99), ("-", ":")) if capped else ():
+                ax.plot([r["fragments"] for r in capped], [r["capped"]["latency_ms"][f"p{p}"] for r in capped], style,
+                        marker="^", color="tab:purple",
+                        label=f"tessera {store} p{p}, held to {capped[0]['capped']['memory_cap_mb']:,} MiB")
             brute = [r for r in rows if "brute_force_ms" in r]
             if brute:
                 ax.plot([r["fragments"] for r in brute], [r["brute_force_ms"]["p50"] for r in brute], "-", marker="s",
@@ -456,6 +461,11 @@ def _plots(report: dict, out: Path) -> list[str]:
         for store in sorted({r["store"] for r in scale}):
             rows = sorted((r for r in scale if r["store"] == store), key=lambda r: r["fragments"])
             ax.plot([r["fragments"] for r in rows], [r["peak_rss_mb"] for r in rows], marker="o", label=f"{store} peak RSS")
+            capped = [r for r in rows if r.get("capped")]
+            if capped:
+                ax.plot([r["fragments"] for r in capped], [r["capped"]["peak_rss_mb"] for r in capped], marker="^",
+                        color="tab:purple",
+                        label=f"{store} peak RSS, held to {capped[0]['capped']['memory_cap_mb']:,} MiB")
         ax.set_xscale("log")
         ax.set_xlabel("fragments in the index")
         ax.set_ylabel("MiB")
