@@ -172,3 +172,40 @@ def test_a_reply_rises_over_the_question_it_answers_in_real_stores(searcher, emb
     after = {c.message_id: c.score for c in candidates.values()}
     assert after["m1"] == pytest.approx(before["m1"] + SearchConfig().reply_weight * before["m0"])
     assert {m: after[m] for m in ("m0", "m2", "m3")} == {m: before[m] for m in ("m0", "m2", "m3")}
+
+
+@pytest.mark.parametrize("text, several", [
+    ("What books has Melanie read?", True),
+    ("what restaurants have we talked about", True),
+    ("What do Jon and Gina both like?", True),
+    ("How many times did she go to the beach?", True),
+    ("Which kinds of places did they visit?", True),
+    ("What did Gina design for her store?", False),
+    ("What is the name of Maria's second puppy?", False),
+    ("What has been the hardest part of the move?", False),
+    ("What address did he give?", False),
+    ("Where was the party last week?", False),
+])
+def test_a_query_asking_for_several_things_is_told_from_one_asking_for_one(text, several):
+    from indexer.query.intent import asks_for_several
+
+    assert asks_for_several(text) is several
+
+
+def test_a_query_for_several_things_is_answered_from_several_fragments():
+    """Three strong turns of one fragment and a weaker one of another: asked for one thing, the best fragment's
+    turns come first as one span; asked for several, single turns, and the other fragment before the best
+    fragment's third turn."""
+    from indexer.query.hybrid import Candidate, SearchConfig
+
+    fragments = {"f1": ["a1", "a2", "a3", "a4"], "f2": ["b1", "b2"]}
+    scores = {("f1", "a1"): 1.0, ("f1", "a2"): 0.95, ("f1", "a3"): 0.93, ("f2", "b1"): 0.8, ("f2", "b2"): 0.1}
+    candidates = {m: Candidate(m, "c1", f, ["ann"], score) for (f, m), score in scores.items()}
+    hybrid = HybridSearcher(None, None, SearchConfig(spread_penalty=0.1, several_span_turns=1))
+    one = hybrid.spans(candidates, fragments.get, 3)
+    assert [s.message_ids for s in one][:2] == [["a1", "a2", "a3"], ["b1"]]
+    several = hybrid.spans(candidates, fragments.get, 3, several=True)
+    assert [s.message_ids for s in several] == [["a1"], ["a2"], ["b1"]], "a3 drops below the other fragment's best"
+    assert [s.score for s in several] == [1.0, 0.95, 0.8], "spans keep their turns' own scores"
+    unchanged = HybridSearcher(None, None, SearchConfig(spread_penalty=0.0, several_span_turns=3))
+    assert unchanged.spans(candidates, fragments.get, 3, several=True) == one

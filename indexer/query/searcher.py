@@ -17,6 +17,7 @@ from indexer.model import FragmentRecord, SearchFilter, Span, Turn
 from indexer.query import timeparse
 from indexer.query.clarify import ASK_RATIO, CONSIDER, SpanView, answered_clarification, clarify
 from indexer.query.hybrid import HybridSearcher, SearchConfig
+from indexer.query.intent import asks_for_several
 from indexer.query.rewrite import Rewriter, RuleRewriter
 from indexer.state import ConversationState
 from indexer.stores.base import KeywordStore, VectorStore
@@ -143,7 +144,7 @@ class Searcher:
         self.hybrid.replies(candidates, questions, records.message_ids)
         timings["fusion"] = (time.perf_counter() - t3) * 1000
         t4 = time.perf_counter()
-        spans = self.hybrid.spans(candidates, records.message_ids, depth)
+        spans = self.hybrid.spans(candidates, records.message_ids, depth, several=asks_for_several(search_text))
         # Whole fragments are read only for what needs their context (the clarifying check, the VLM);
         # a result fragment needs the turns of its span, or reuses the whole fragment already read.
         whole: dict[str, dict[str, Turn]] = {}

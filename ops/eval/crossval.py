@@ -33,6 +33,8 @@ GRID: dict[str, tuple] = {
     "speaker_bonus": (0.2, 0.4),
     "span_ratio": (0.8, 0.95),
     "span_max_turns": (1, 2),
+    "spread_penalty": (0.0, 0.2),
+    "several_span_turns": (2, 3),
     "dense_depth": (100, 300),
     "keyword_depth": (50, 200),
     "feedback_turns": (0, 4),
