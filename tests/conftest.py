@@ -18,10 +18,11 @@ from schemas import MESSAGE_SCHEMA, QUERY_SCHEMA, MessageEvent, QueryJob  # noqa
 T0 = datetime(2026, 5, 1, 10, 0, tzinfo=timezone.utc)
 
 
-def sparse_index_types(root) -> set[tuple[str, str]]:
-    """(sparse vector, index type) of every immutable segment of the edge shards under ``root``, as their
-    ``segment.json`` records them; the appendable segment keeps its index in memory whatever the configuration."""
-    return {(name, params["index"]["index_type"])
+def sparse_index_types(root) -> set[tuple[str, str, str]]:
+    """(sparse vector, index type, weight type) of every immutable segment of the edge shards under ``root``, as
+    their ``segment.json`` records them; the appendable segment keeps its index in memory whatever the
+    configuration."""
+    return {(name, params["index"]["index_type"], params["index"].get("datatype", "float32"))
             for path in Path(root).rglob("segments/*/segment.json")
             for name, params in json.loads(path.read_text())["config"].get("sparse_vector_data", {}).items()
             if params["index"]["index_type"] != "MutableRam"}

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import dialogue, sparse_index_types
 
 
@@ -158,8 +160,9 @@ def test_an_ingested_file_leaves_no_point_appendable(tmp_path, embedder):
 
 
 def test_optimize_rebuilds_segments_an_earlier_version_built_and_answers_the_same(tmp_path, embedder, monkeypatch):
-    """A data dir whose BM25 indexes an earlier version kept on the heap is searched as it is; only the optimizer
-    rebuilds those segments, and a store that is only read never runs it: ``tessera optimize`` does."""
+    """A data dir whose BM25 indexes an earlier version kept on the heap with four-byte weights is searched as it
+    is; only the optimizer rebuilds those segments, and a store that is only read never runs it: ``tessera
+    optimize`` does."""
     import indexer.stores.edge as edge
     from qdrant_edge import EdgeSparseVectorParams, Modifier
 
@@ -168,7 +171,7 @@ def test_optimize_rebuilds_segments_an_earlier_version_built_and_answers_the_sam
     from ops.runtime.jsonl import ingest_file
 
     def placements():
-        return {index_type for _, index_type in sparse_index_types(tmp_path / "data")}
+        return {(index_type, weights) for _, index_type, weights in sparse_index_types(tmp_path / "data")}
 
     for name in [name for name in os.environ if name.startswith("TESSERA_")]:
         monkeypatch.delenv(name)  # the defaults, whatever stack the suite started before exported
@@ -180,13 +183,22 @@ def test_optimize_rebuilds_segments_an_earlier_version_built_and_answers_the_sam
         engine = open_engine(Config(data_dir=tmp_path / "data", vector_store="edge"), embedder=embedder)
         assert ingest_file(engine, str(events), progress=False) == (len(dialogue()), 0)
         engine.close()
-    assert placements() == {"ImmutableRam"}
+    assert placements() == {("ImmutableRam", "float32")}
     query = ("query", "--tenant", "t1", "--user", "ann", "--json", "glacier")
     before = run(tmp_path, *query)
     assert before.returncode == 0 and json.loads(before.stdout)["fragments"], before.stderr
     proc = run(tmp_path, "optimize", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "optimized vectors:window" in proc.stderr
-    assert placements() == {"Mmap"}
+    assert placements() == {("Mmap", "uint8")}
     after = run(tmp_path, *query)
-    assert json.loads(after.stdout)["fragments"] == json.loads(before.stdout)["fragments"]
+
+    def answer(proc):
+        return [(f["fragment_id"], f["message_ids"]) for f in json.loads(proc.stdout)["fragments"]]
+
+    def scores(proc):
+        return [f["score"] for f in json.loads(proc.stdout)["fragments"]]
+
+    # The rebuilt indexes keep a weight in one byte (``edge.SPARSE_WEIGHTS``): the same turns, nearly the same scores.
+    assert answer(after) == answer(before)
+    assert scores(after) == pytest.approx(scores(before), rel=0.02)
