@@ -434,10 +434,11 @@ def _plots(report: dict, out: Path) -> list[str]:
             for p, style in zip(PERCENTILES, ("-", "--", ":")):
                 ax.plot(x, [r["latency_ms"][f"p{p}"] for r in rows], style, marker="o", label=f"tessera {store} p{p}")
             capped = [r for r in rows if r.get("capped")]
-            for p, style in zip((50, 99), ("-", ":")) if capped else ():
-                ax.plot([r["fragments"] for r in capped], [r["capped"]["latency_ms"][f"p{p}"] for r in capped], style,
-                        marker="^", color="tab:purple",
-                        label=f"tessera {store} p{p}, held to {capped[0]['capped']['memory_cap_mb']:,} MiB")
+            if capped:
+                for p, style in zip((50, 99), ("-", ":")):
+                    ax.plot([r["fragments"] for r in capped], [r["capped"]["latency_ms"][f"p{p}"] for r in capped],
+                            style, marker="^", color="tab:purple",
+                            label=f"tessera {store} p{p}, held to {capped[0]['capped']['memory_cap_mb']:,} MiB")
             brute = [r for r in rows if "brute_force_ms" in r]
             if brute:
                 ax.plot([r["fragments"] for r in brute], [r["brute_force_ms"]["p50"] for r in brute], "-", marker="s",
