@@ -7,10 +7,13 @@ that the stores return as ``Hit``s under a ``SearchFilter``; the query path answ
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
+
+from indexer import ids
 
 #: Sort order of turns in a conversation: (sent_at seconds, message id).
 SortKey = tuple[float, str]
@@ -140,10 +143,28 @@ HIT_FIELDS = ("conversation_id", "fragment_id", "message_ids", "sender_ids", "st
 
 @dataclass(frozen=True)
 class Hit:
+    """A unit a search found. Fusion reads ``turn_key``, ``fragment_key`` and ``sender_keys`` of every hit and the
+    payload of the few it keeps; a store may leave the payload to be read on demand (``stores.base.describe``)."""
+
     unit_id: str
     score: float
     #: At least ``HIT_FIELDS`` of the unit's payload.
     payload: dict
+
+    #: Whether the payload is at hand; ``stores.base.describe`` reads it for hits that are not.
+    described = True
+
+    def turn_key(self, tenant_id: str) -> uuid.UUID:
+        """The same for every hit of one turn, whatever its list or store (``ids.window_key``)."""
+        return ids.window_key(tenant_id, self.payload["conversation_id"], self.payload["message_ids"][0])
+
+    @property
+    def fragment_key(self) -> int:
+        return ids.fragment_key(self.payload["fragment_id"])
+
+    @property
+    def sender_keys(self) -> tuple[int, ...]:
+        return tuple(ids.sender_key(s) for s in self.payload["sender_ids"])
 
 
 @dataclass(frozen=True)

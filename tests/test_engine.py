@@ -221,17 +221,18 @@ def test_spans_read_only_the_fragments_they_need_and_stay_the_same(make_engine):
     searcher = engine.searcher
     text = "glacier hike and the laptop battery"
     lists = searcher.hybrid.recall(text, searcher.embedder.encode([text])[0], SearchFilter("t1", "u1"))
-    candidates = searcher.hybrid.fuse(lists, set())
-    ranked = [c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)]
+    candidates = searcher.hybrid.fuse(lists, set(), "t1")
+    best_first = sorted(candidates.values(), key=lambda c: -c.score)
+    ranked = [c.fragment_id for c in best_first]
     everything = engine.state.fragments_by_id(list(dict.fromkeys(ranked)))
     expected = searcher.hybrid.spans(candidates, lambda f: everything[f].message_ids if f in everything else None, 2)
     for chunk in (1, 2, 100):
-        lazy = FragmentsOnDemand(engine.state, ranked, chunk)
+        lazy = FragmentsOnDemand(engine.state, best_first, chunk)
         assert searcher.hybrid.spans(candidates, lazy.message_ids, 2) == expected
         assert all(lazy[s.fragment_id].fragment_id == s.fragment_id for s in expected)
         if chunk == 1:
             assert len(lazy.records) < len(everything)
-    prefetched = FragmentsOnDemand(engine.state, ranked, 1)
+    prefetched = FragmentsOnDemand(engine.state, best_first, 1)
     last = list(dict.fromkeys(ranked))[-1]
     prefetched.prefetch([last, last])
     assert prefetched.message_ids(last) == everything[last].message_ids and prefetched.read == 0, \

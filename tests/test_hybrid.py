@@ -45,7 +45,7 @@ def test_dense_evidence_comes_from_windows_and_turns_are_not_vector_indexed(sear
     assert searcher.vectors.count("t1") == 4, "a window per turn, nothing for the fragment"
     assert searcher.keywords.count("t1") == 4 + 4, "a turn and a window per turn, nothing for the fragment"
     assert searcher.vectors.search(embedder.encode([query])[0], "turn", SearchFilter("t1", "ann"), 10) == []
-    candidates = searcher.fuse(lists, set())
+    candidates = searcher.fuse(lists, set(), "t1")
     assert {c.message_id for c in candidates.values()} == {"m0", "m1", "m2", "m3"}
 
 
@@ -81,7 +81,7 @@ def test_a_window_reads_the_two_turns_before_and_the_one_after_and_weighs_its_ow
 def test_feedback_lifts_the_candidates_that_share_the_best_turns_words():
     """The best turns of a question about camping name the places; a turn naming them without the question's
     words rises over one that names neither, and the best turn stays first."""
-    from indexer.query.hybrid import Candidate, SearchConfig
+    from indexer.query.hybrid import SearchConfig
 
     texts = {"m0": "Mel: we went camping at Lake Tahoe with the kids", "m1": "Mel: camping again, Tahoe in June",
              "m2": "Mel: camping is the best", "m3": "Sam: what a week at work",
@@ -89,7 +89,7 @@ def test_feedback_lifts_the_candidates_that_share_the_best_turns_words():
     scores = {"m0": 1.0, "m1": 0.9, "m2": 0.8, "m3": 0.31, "m4": 0.3, "m5": 0.29}
 
     def candidates():
-        return {m: Candidate(m, "c1", "f1", ["mel"], score) for m, score in scores.items()}
+        return {m: _candidate("f1", m, score, "mel") for m, score in scores.items()}
 
     by_key = {("c1", m): text for m, text in texts.items()}
     lifted = candidates()
@@ -102,11 +102,18 @@ def test_feedback_lifts_the_candidates_that_share_the_best_turns_words():
     assert {m: c.score for m, c in unchanged.items()} == scores
 
 
-def _hit(fragment_id: str, message_id: str, score: float):
+def _hit(fragment_id: str, message_id: str, score: float, sender: str = "ann"):
     from indexer.model import Hit
 
     return Hit(message_id, score, {"conversation_id": "c1", "fragment_id": fragment_id, "message_ids": [message_id],
-                                   "sender_ids": ["ann"], "start_ts": 0.0})
+                                   "sender_ids": [sender], "start_ts": 0.0})
+
+
+def _candidate(fragment_id: str, message_id: str, score: float, sender: str = "ann"):
+    """A candidate of tenant t1's conversation c1, as fusion makes it from a store's hit."""
+    from indexer.query.hybrid import Candidate
+
+    return Candidate.of(_hit(fragment_id, message_id, score, sender), "t1", score)
 
 
 def test_a_fragment_weighs_as_much_as_its_best_two_turns_in_each_list():
@@ -119,19 +126,20 @@ def test_a_fragment_weighs_as_much_as_its_best_two_turns_in_each_list():
                                 _hit("f4", "d1", 2.0)],
              ("dense", "window"): [_hit("f1", "a1", 0.9), _hit("f2", "b1", 0.9), _hit("f3", "c1", 0.9),
                                    _hit("f4", "d1", 0.1)]}
-    fused = HybridSearcher(None, None).fuse(lists, set())
+    fused = HybridSearcher(None, None).fuse(lists, set(), "t1")
     score = {c.message_id: c.score for c in fused.values()}
     assert score["b1"] > score["a1"], "a second turn on the topic lifts its fragment"
     assert score["c1"] == pytest.approx(score["b1"]), "a third, weaker turn does not"
     assert score["d1"] < score["a1"]
-    one = HybridSearcher(None, None, SearchConfig(fragment_turns=1)).fuse(lists, set())
-    assert one["c1\x1fb1"].score == pytest.approx(one["c1\x1fa1"].score), "with one turn, only the best counts"
+    one = HybridSearcher(None, None, SearchConfig(fragment_turns=1)).fuse(lists, set(), "t1")
+    assert one[ids.window_key("t1", "c1", "b1")].score == pytest.approx(one[ids.window_key("t1", "c1", "a1")].score), \
+        "with one turn, only the best counts"
 
 
 def test_the_answer_to_a_question_in_the_chat_gains_a_share_of_the_questions_score():
     """People ask the way someone asked in the chat; the answer is what the other person sends next, in a row.
     The asker's own follow-up, the turns after the reply run and a turn after a statement gain nothing."""
-    from indexer.query.hybrid import Candidate, SearchConfig
+    from indexer.query.hybrid import SearchConfig
 
     order = ("m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7")
     senders = {"m0": "ann", "m1": "ann", "m2": "bob", "m3": "bob", "m4": "ann", "m5": "bob", "m6": "ann", "m7": "bob"}
@@ -141,9 +149,9 @@ def test_the_answer_to_a_question_in_the_chat_gains_a_share_of_the_questions_sco
     scores = {"m0": 1.0, "m1": 0.5, "m2": 0.2, "m3": 0.1, "m4": 0.3, "m5": 0.9, "m6": 0.05, "m7": 0.6}
 
     def candidates(**config):
-        cands = {m: Candidate(m, "c1", "f1", [senders[m]], score) for m, score in scores.items()}
+        cands = {m: _candidate("f1", m, score, senders[m]) for m, score in scores.items()}
         hybrid = HybridSearcher(None, None, SearchConfig(**config))
-        asked = hybrid.questions(cands, {("c1", m): t for m, t in texts.items()})
+        asked = hybrid.questions(list(cands.values()), {("c1", m): t for m, t in texts.items()})
         hybrid.replies(cands, asked, lambda fragment_id: order)
         return {m: c.score for m, c in cands.items()}
 
@@ -166,9 +174,9 @@ def test_a_reply_rises_over_the_question_it_answers_in_real_stores(searcher, emb
     lists = searcher.recall(query, embedder.encode([query])[0], SearchFilter("t1", "ann"))
     texts = {("c1", f"m{i}"): f"{sender.title()}: {text}" for i, (sender, text) in enumerate(TEXTS)}
     order = tuple(f"m{i}" for i in range(len(TEXTS)))
-    candidates = searcher.fuse(lists, set())
+    candidates = searcher.fuse(lists, set(), "t1")
     before = {c.message_id: c.score for c in candidates.values()}
-    searcher.replies(candidates, searcher.questions(candidates, texts), lambda fragment_id: order)
+    searcher.replies(candidates, searcher.questions(searcher.leading(candidates), texts), lambda fragment_id: order)
     after = {c.message_id: c.score for c in candidates.values()}
     assert after["m1"] == pytest.approx(before["m1"] + SearchConfig().reply_weight * before["m0"])
     assert {m: after[m] for m in ("m0", "m2", "m3")} == {m: before[m] for m in ("m0", "m2", "m3")}
@@ -196,11 +204,11 @@ def test_a_query_for_several_things_is_answered_from_several_fragments():
     """Three strong turns of one fragment and a weaker one of another: asked for one thing, the best fragment's
     turns come first as one span; asked for several, single turns, and the other fragment before the best
     fragment's third turn."""
-    from indexer.query.hybrid import Candidate, SearchConfig
+    from indexer.query.hybrid import SearchConfig
 
     fragments = {"f1": ["a1", "a2", "a3", "a4"], "f2": ["b1", "b2"]}
     scores = {("f1", "a1"): 1.0, ("f1", "a2"): 0.95, ("f1", "a3"): 0.93, ("f2", "b1"): 0.8, ("f2", "b2"): 0.1}
-    candidates = {m: Candidate(m, "c1", f, ["ann"], score) for (f, m), score in scores.items()}
+    candidates = {m: _candidate(f, m, score) for (f, m), score in scores.items()}
     hybrid = HybridSearcher(None, None, SearchConfig(spread_penalty=0.1, several_span_turns=1))
     one = hybrid.spans(candidates, fragments.get, 3)
     assert [s.message_ids for s in one][:2] == [["a1", "a2", "a3"], ["b1"]]

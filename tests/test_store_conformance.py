@@ -820,6 +820,93 @@ def test_a_data_dir_whose_windows_hold_their_own_terms_only_takes_the_turns_term
     reopened.close()
 
 
+def _keyed(hits, tenant_id="t1"):
+    """What fusion reads of each hit: its turn key, fragment key and sender keys, and its score."""
+    return [(h.turn_key(tenant_id), h.fragment_key, h.sender_keys, round(h.score, 5)) for h in hits]
+
+
+@pytest.mark.parametrize("optimize_every", [10**9, 1], ids=["appendable", "optimized"])
+def test_window_hits_carry_their_keys_and_read_their_payloads_only_when_asked(tmp_path, optimize_every):
+    """A window hit of any of the three lists is scored by the keys kept beside its point, which are the keys of its
+    payload (``Hit``'s own, from the fields); the payloads of a list are read in one read when asked, and a point
+    deleted since the search reads as an empty payload."""
+    from indexer.model import Hit
+    from indexer.stores.base import describe
+
+    pair = EdgeWindowsPair(tmp_path, optimize_every=optimize_every)
+    pair.upsert(MESSAGES)
+    pair.refresh()
+    flt = SearchFilter("t1", "ann")
+    lists = [pair.keywords.search("glacier hike", kind, flt, 10) for kind in ("turn", "window")]
+    lists.append(pair.vectors.search(one_hot(0), "window", flt, 10))
+    assert all(lists) and not any(h.described for hits in lists for h in hits)
+    keys = [_keyed(hits) for hits in lists]
+    describe(h for hits in lists for h in hits)
+    assert all(h.described for hits in lists for h in hits)
+    from_payloads = [_keyed([Hit(h.unit_id, h.score, h.payload) for h in hits]) for hits in lists]
+    assert keys == from_payloads
+    assert {h.payload["message_ids"][0] for h in lists[1]} == {"wa", "wb", "wc"}
+    again = pair.vectors.search(one_hot(2), "window", flt, 10)
+    pair.vectors.delete([ids.turn_unit_id("t1", "c1", "wc", "window")])
+    describe(again)
+    assert {h.payload.get("message_ids", ["gone"])[0] for h in again} == {"wa", "wb", "gone"}
+    pair.close()
+
+
+@pytest.mark.parametrize("optimize_every", [10**9, 1], ids=["appendable", "optimized"])
+def test_window_points_written_before_they_held_keys_are_given_them(tmp_path, optimize_every):
+    """A data dir written before window points held their keys: reopened, the shard takes the vector and every
+    window point its keys, from its payload; searches find what they found, with the same keys, and the BM25
+    lists the same scores (the fill runs the optimizer, which quantizes the dense vectors of the appendable case)."""
+    from qdrant_edge import EdgeShard, UpdateOperation
+
+    pair = EdgeWindowsPair(tmp_path, optimize_every=optimize_every)
+    pair.upsert(MESSAGES)
+    pair.refresh()
+    flt = SearchFilter("t1", "ann")
+
+    def lists(store):
+        return [_keyed(store.keywords.search("glacier hike", kind, flt, 10)) for kind in ("turn", "window")] + \
+            [[keys[:3] for keys in _keyed(store.vectors.search(one_hot(1), "window", flt, 10))]]
+
+    before = lists(pair)
+    pair.close()
+    window = tmp_path / "e" / "window"
+    shard = EdgeShard.load(str(window))
+    shard.update(UpdateOperation.delete_vector_name(edge.KEYS_VECTOR))
+    shard.flush()
+    shard.close()
+    (tmp_path / "e" / edge.KEYS_MARKER).unlink()
+    assert edge.KEYS_VECTOR not in json.loads((window / "edge_config.json").read_text())["vectors"]
+    reopened = EdgeWindowsPair(tmp_path, optimize_every=optimize_every)
+    assert (tmp_path / "e" / edge.KEYS_MARKER).exists()
+    hits = reopened.vectors.search(one_hot(1), "window", flt, 10)
+    assert all(h._keys is not None for h in hits), "every point has its keys"
+    assert lists(reopened) == before
+    reopened.close()
+
+
+def test_times_are_one_index_and_the_end_index_of_data_dirs_written_before_goes(tmp_path):
+    """Every point searched is one turn's, so a time filter is one range on ``start_ts``, bounds included; a shard
+    with an ``end_ts`` index (data dirs written before) loses it when opened."""
+    from qdrant_edge import FloatIndexParams, UpdateOperation
+
+    store = EdgeVectorStore(tmp_path, dim=DIM)
+    store.upsert([unit(f"m{i}", "glacier", 0, ts=float(t)) for i, t in enumerate((100, 200, 300))])
+    store.refresh()
+    assert set(store.shards["turn" if "turn" in store.shards else "window"].info().payload_schema) >= {"start_ts"}
+    assert set(search(store, "glacier", 0, SearchFilter("t1", "ann", sent_after=200.0, sent_before=300.0))) == \
+        {"m1", "m2"}
+    assert search(store, "glacier", 0, SearchFilter("t1", "ann", sent_after=250.0, sent_before=260.0)) == []
+    for shard in store.shards.values():
+        shard.update(UpdateOperation.create_field_index("end_ts", FloatIndexParams()))
+    store.close()
+    store = EdgeVectorStore(tmp_path, dim=DIM)
+    assert all("end_ts" not in shard.info().payload_schema for shard in store.shards.values())
+    assert set(search(store, "glacier", 0, SearchFilter("t1", "ann", sent_after=150.0))) == {"m1", "m2"}
+    store.close()
+
+
 def test_a_keyword_store_can_search_windows_only_in_a_vector_store_that_holds_their_terms(tmp_path):
     with pytest.raises(ValueError, match="window_bm25"):
         EdgeBM25Store(tmp_path / "k", windows=EdgeVectorStore(tmp_path / "e", dim=DIM))

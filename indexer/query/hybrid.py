@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import heapq
 import math
+import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from indexer import ids
 from indexer.model import Hit, SearchFilter, Span
-from indexer.stores.base import KeywordStore, VectorStore
+from indexer.stores.base import KeywordStore, VectorStore, describe
 from indexer.text import chat_text, keywords
 
 
@@ -92,37 +94,80 @@ class SearchConfig:
     reply_turns: int = 3
 
 
-@dataclass
+@dataclass(eq=False)
 class Candidate:
-    message_id: str
-    conversation_id: str
-    fragment_id: str
-    sender_ids: list[str]
+    """A recalled turn: scored by the keys every hit carries; its ids come from the payload of its first hit,
+    which a store may read only when asked (``describe``): fusion keeps a few of about 400 candidates."""
+
+    #: The turn's key (``Hit.turn_key``): the same in every list.
+    key: uuid.UUID
+    hit: Hit
+    tenant_id: str
     score: float = 0.0
+
+    @classmethod
+    def of(cls, hit: Hit, tenant_id: str, score: float = 0.0) -> "Candidate":
+        return cls(hit.turn_key(tenant_id), hit, tenant_id, score)
+
+    @property
+    def fragment_key(self) -> int:
+        return self.hit.fragment_key
+
+    @property
+    def sender_keys(self) -> tuple[int, ...]:
+        return self.hit.sender_keys
+
+    @property
+    def message_id(self) -> str:
+        return self.hit.payload["message_ids"][0]
+
+    @property
+    def conversation_id(self) -> str:
+        return self.hit.payload["conversation_id"]
+
+    @property
+    def fragment_id(self) -> str:
+        return self.hit.payload["fragment_id"]
+
+    @property
+    def sender_ids(self) -> list[str]:
+        return list(self.hit.payload["sender_ids"])
+
+    @property
+    def gone(self) -> bool:
+        """Its unit was deleted between the search and the read of its payload."""
+        return not self.hit.payload
+
+    def key_of(self, message_id: str) -> uuid.UUID:
+        """The key of another turn of this candidate's conversation."""
+        return ids.window_key(self.tenant_id, self.conversation_id, message_id)
+
+
+def describe_candidates(candidates: Iterable[Candidate]) -> None:
+    describe(cand.hit for cand in candidates)
 
 
 def normalise(hits: list[Hit]) -> list[float]:
     """Min-max scale a list's scores to [0, 1], in the list's order; a single hit scores 1."""
-    if not hits:
+    return normalise_scores([h.score for h in hits])
+
+
+def normalise_scores(values: Sequence[float]) -> list[float]:
+    if not len(values):
         return []
-    scores = np.array([h.score for h in hits], dtype=np.float64)
+    scores = np.asarray(values, dtype=np.float64)
     lo, hi = float(scores.min()), float(scores.max())
     if hi - lo < 1e-12:
-        return [1.0] * len(hits)
+        return [1.0] * len(values)
     return ((scores - lo) / (hi - lo)).tolist()
 
 
-def _message_of(hit: Hit) -> str:
-    return hit.payload["message_ids"][0]
-
-
-def _candidate_of(candidates: dict[str, Candidate], hit: Hit) -> Candidate:
-    """The candidate of the hit's turn; keyed by (conversation, message) so every list meets there."""
-    key = hit.payload["conversation_id"] + "\x1f" + _message_of(hit)
+def _candidate_of(candidates: dict[uuid.UUID, Candidate], hit: Hit, tenant_id: str) -> Candidate:
+    """The candidate of the hit's turn, keyed by its turn key so that every list meets there."""
+    key = hit.turn_key(tenant_id)
     cand = candidates.get(key)
     if cand is None:
-        cand = candidates[key] = Candidate(_message_of(hit), hit.payload["conversation_id"],
-                                           hit.payload["fragment_id"], list(hit.payload["sender_ids"]))
+        cand = candidates[key] = Candidate(key, hit, tenant_id)
     return cand
 
 
@@ -167,54 +212,60 @@ class HybridSearcher:
         times: dict[tuple[str, str], float] = {}
         for hits in (self.keywords.search(chat_text(text), "turn", flt, c.keyword_depth),
                      self.vectors.search(vector, "window", flt, c.dense_depth)):
+            describe(hits)
             for hit, value in zip(hits, normalise(hits)):
-                turn = (hit.payload["conversation_id"], _message_of(hit))
+                if not hit.payload:
+                    continue
+                turn = (hit.payload["conversation_id"], hit.payload["message_ids"][0])
                 scores[turn] += value
                 times[turn] = hit.payload["start_ts"]
         if not scores:
             return None
         return times[max(scores, key=lambda t: (scores[t], t))]
 
-    def fuse(self, lists: dict[tuple[str, str], list[Hit]], named_senders: set[str]) -> dict[str, Candidate]:
-        """Score every recalled turn; keyed by (conversation, message) so turn and window hits meet."""
+    def fuse(self, lists: dict[tuple[str, str], list[Hit]], named_senders: set[str],
+             tenant_id: str) -> dict[uuid.UUID, Candidate]:
+        """Score every recalled turn from its hits' keys alone (``Hit.turn_key``, ``fragment_key``,
+        ``sender_keys``): turn and window hits meet at the turn's key."""
         c = self.config
-        fragment_score: dict[str, float] = defaultdict(float)
+        fragment_score: dict[int, float] = defaultdict(float)
         for key in (("bm25", "turn"), ("dense", "window")):
-            fragments = self.fragment_hits(lists.get(key, []))
-            for fragment_id, value in zip(fragments, normalise(list(fragments.values()))):
-                fragment_score[fragment_id] += value / 2
-        candidates: dict[str, Candidate] = {}
+            fragments = self.fragment_scores(lists.get(key, []))
+            for fragment_key, value in zip(fragments, normalise_scores(list(fragments.values()))):
+                fragment_score[fragment_key] += value / 2
+        candidates: dict[uuid.UUID, Candidate] = {}
         for key, weight in ((("bm25", "turn"), c.keyword_weight * (1 - c.window_share)),
                             (("bm25", "window"), c.keyword_weight * c.window_share),
                             (("dense", "window"), c.dense_weight)):
             hits = lists.get(key, [])
             for hit, value in zip(hits, normalise(hits)):
-                _candidate_of(candidates, hit).score += weight * value
+                _candidate_of(candidates, hit, tenant_id).score += weight * value
         for key, hits in lists.items():
             if key[0] != "image":
                 continue
             for hit, value in zip(hits, normalise(hits)):
-                _candidate_of(candidates, hit).score += c.image_weight * value
+                _candidate_of(candidates, hit, tenant_id).score += c.image_weight * value
+        named = {ids.sender_key(s) for s in named_senders}
         for cand in candidates.values():
-            cand.score += c.fragment_weight * fragment_score.get(cand.fragment_id, 0.0)
-            if named_senders and named_senders.intersection(cand.sender_ids):
+            cand.score += c.fragment_weight * fragment_score.get(cand.fragment_key, 0.0)
+            if named and named.intersection(cand.sender_keys):
                 cand.score += c.speaker_bonus
         return candidates
 
-    def fragment_hits(self, hits: list[Hit]) -> dict[str, Hit]:
-        """A fragment's relevance in one list: the sum of its best ``fragment_turns`` hits' scores, as a hit of
-        that score per fragment (any order)."""
-        by_fragment: dict[str, list[float]] = defaultdict(list)
+    def fragment_scores(self, hits: list[Hit]) -> dict[int, float]:
+        """A fragment's relevance in one list, by its key: the sum of its best ``fragment_turns`` hits' scores."""
+        by_fragment: dict[int, list[float]] = defaultdict(list)
         for hit in hits:
-            by_fragment[hit.payload["fragment_id"]].append(hit.score)
+            by_fragment[hit.fragment_key].append(hit.score)
         n = self.config.fragment_turns
-        return {fragment_id: Hit(fragment_id, sum(heapq.nlargest(n, scores)), {})
-                for fragment_id, scores in by_fragment.items()}
+        return {key: sum(heapq.nlargest(n, scores)) for key, scores in by_fragment.items()}
 
-    def leading(self, candidates: dict[str, Candidate]) -> list[Candidate]:
-        """The best ``feedback_depth`` candidates, best first: the turns feedback and replies read the text of."""
-        return heapq.nsmallest(self.config.feedback_depth, candidates.values(),
-                               key=lambda x: (-x.score, x.conversation_id, x.message_id))
+    def leading(self, candidates: dict[uuid.UUID, Candidate]) -> list[Candidate]:
+        """The best ``feedback_depth`` candidates still indexed, best first, their payloads read: the turns
+        feedback and replies read the text of."""
+        ranked = heapq.nsmallest(self.config.feedback_depth, candidates.values(), key=lambda x: (-x.score, x.key))
+        describe_candidates(ranked)
+        return [cand for cand in ranked if not cand.gone]
 
     def feedback(self, candidates: dict[str, Candidate], texts: dict[tuple[str, str], str]) -> None:
         """Pseudo-relevance feedback within the candidates: each of the best ``feedback_depth`` gains up to
@@ -241,13 +292,12 @@ class HybridSearcher:
         for cand, words in zip(ranked, held):
             cand.score += c.feedback_weight * sum(weight[w] for w in words) / total
 
-    def questions(self, candidates: dict[str, Candidate], texts: dict[tuple[str, str], str]) -> list[Candidate]:
-        """The candidates whose rendered text in ``texts`` (the ``leading`` ones) holds a question mark: those
-        ``replies`` lifts the answers of; none when replies are off."""
+    def questions(self, leading: Sequence[Candidate], texts: dict[tuple[str, str], str]) -> list[Candidate]:
+        """The ``leading`` candidates whose rendered text in ``texts`` holds a question mark: those ``replies``
+        lifts the answers of; none when replies are off."""
         if not self.config.reply_weight:
             return []
-        asked = {key for key, text in texts.items() if "?" in text}
-        return [cand for cand in candidates.values() if (cand.conversation_id, cand.message_id) in asked]
+        return [cand for cand in leading if "?" in texts.get((cand.conversation_id, cand.message_id), "")]
 
     def replies(self, candidates: dict[str, Candidate], questions: Sequence[Candidate],
                 turns_of: Callable[[str], Sequence[str] | None]) -> None:
@@ -260,26 +310,26 @@ class HybridSearcher:
         c = self.config
         if not c.reply_weight or not questions:
             return
-        by_message = {(cand.conversation_id, cand.message_id): cand for cand in candidates.values()}
-        gains: dict[tuple[str, str], float] = defaultdict(float)
+        by_key = {cand.key: cand for cand in candidates.values()}
+        gains: dict[uuid.UUID, float] = defaultdict(float)
         for cand in questions:
             order = turns_of(cand.fragment_id)
             if not order or cand.message_id not in order:
                 continue
             replier, run = None, 0
             for message_id in order[order.index(cand.message_id) + 1:]:
-                other = by_message.get((cand.conversation_id, message_id))
+                other = by_key.get(cand.key_of(message_id))
                 if other is None:
                     break
-                if replier is None and set(other.sender_ids).isdisjoint(cand.sender_ids):
-                    replier = set(other.sender_ids)
+                if replier is None and set(other.sender_keys).isdisjoint(cand.sender_keys):
+                    replier = set(other.sender_keys)
                 if replier is not None:
-                    if set(other.sender_ids) != replier or run == c.reply_turns:
+                    if set(other.sender_keys) != replier or run == c.reply_turns:
                         break
-                    gains[(other.conversation_id, other.message_id)] += c.reply_weight * cand.score
+                    gains[other.key] += c.reply_weight * cand.score
                     run += 1
         for key, gain in gains.items():
-            by_message[key].score += gain
+            by_key[key].score += gain
 
     def spans(self, candidates: dict[str, Candidate], turns_of: Callable[[str], Sequence[str] | None],
               top_k: int, several: bool = False) -> list[Span]:
@@ -290,21 +340,22 @@ class HybridSearcher:
         c = self.config
         penalty = c.spread_penalty if several else 0.0
         longest = c.several_span_turns if several else c.span_max_turns
-        by_message = {(cand.conversation_id, cand.message_id): cand for cand in candidates.values()}
+        by_key = {cand.key: cand for cand in candidates.values()}
         # Keys are unique per turn, so the heap never compares candidates.
-        queue = [(-cand.score, cand.conversation_id, cand.message_id, 0, cand) for cand in candidates.values()]
+        queue = [(-cand.score, cand.key, 0, cand) for cand in candidates.values()]
         heapq.heapify(queue)
+        # The walk reads the payloads of about the best 2 x top_k candidates: read them in one go.
+        describe_candidates(entry[-1] for entry in heapq.nsmallest(2 * top_k, queue))
         taken: Counter = Counter()
-        covered: set[tuple[str, str]] = set()
+        covered: set[uuid.UUID] = set()
         spans: list[Span] = []
         while queue and len(spans) < top_k:
-            _, conversation_id, message_id, seen, cand = heapq.heappop(queue)
-            key = (conversation_id, message_id)
-            if key in covered:
+            _, key, seen, cand = heapq.heappop(queue)
+            if key in covered or cand.gone:
                 continue
-            if penalty and taken[cand.fragment_id] != seen:
-                seen = taken[cand.fragment_id]
-                heapq.heappush(queue, (-(cand.score - penalty * seen), conversation_id, message_id, seen, cand))
+            if penalty and taken[cand.fragment_key] != seen:
+                seen = taken[cand.fragment_key]
+                heapq.heappush(queue, (-(cand.score - penalty * seen), key, seen, cand))
                 continue
             order = turns_of(cand.fragment_id)
             if not order or cand.message_id not in order:
@@ -315,8 +366,8 @@ class HybridSearcher:
                 options = []
                 for j in (lo - 1, hi + 1):
                     if 0 <= j < len(order):
-                        other = by_message.get((cand.conversation_id, order[j]))
-                        if (other is not None and (other.conversation_id, other.message_id) not in covered
+                        other = by_key.get(cand.key_of(order[j]))
+                        if (other is not None and other.key not in covered
                                 and other.score >= c.span_ratio * cand.score):
                             options.append((other.score, j))
                 if not options:
@@ -324,7 +375,7 @@ class HybridSearcher:
                 _, j = max(options)
                 lo, hi = min(lo, j), max(hi, j)
             message_ids = list(order[lo:hi + 1])
-            covered.update((cand.conversation_id, m) for m in message_ids)
-            taken[cand.fragment_id] += 1
+            covered.update(cand.key_of(m) for m in message_ids)
+            taken[cand.fragment_key] += 1
             spans.append(Span(cand.fragment_id, cand.conversation_id, message_ids, cand.score))
         return spans

@@ -16,7 +16,7 @@ from indexer.images import ImageError
 from indexer.model import FragmentRecord, SearchFilter, Span, Turn
 from indexer.query import timeparse
 from indexer.query.clarify import ASK_RATIO, CONSIDER, SpanView, answered_clarification, clarify
-from indexer.query.hybrid import HybridSearcher, SearchConfig
+from indexer.query.hybrid import Candidate, HybridSearcher, SearchConfig, describe_candidates
 from indexer.query.intent import asks_for_several
 from indexer.query.rewrite import Rewriter, RuleRewriter
 from indexer.state import ConversationState
@@ -131,15 +131,15 @@ class Searcher:
         timings["recall"] = (time.perf_counter() - t2) * 1000
         t3 = time.perf_counter()
         named = self.state.senders_named(job.tenant_id, list(dict.fromkeys(words(search_text))))
-        candidates = self.hybrid.fuse(lists, named)
+        candidates = self.hybrid.fuse(lists, named, job.tenant_id)
         # Feedback and replies read the text of the same leading candidates: one read of the state for both.
-        texts = self._texts(job.tenant_id, self.hybrid.leading(candidates))
+        leading = self.hybrid.leading(candidates)
+        texts = self._texts(job.tenant_id, leading)
         self.hybrid.feedback(candidates, texts)
         reason = vlm_available and job.reasoning != "fast"
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
-        records = FragmentsOnDemand(self.state, [c.fragment_id for c in sorted(candidates.values(), key=lambda c: -c.score)],
-                                    chunk=2 * depth)
-        questions = self.hybrid.questions(candidates, texts)
+        records = FragmentsOnDemand(self.state, sorted(candidates.values(), key=lambda c: -c.score), chunk=2 * depth)
+        questions = self.hybrid.questions(leading, texts)
         records.prefetch([c.fragment_id for c in questions])
         self.hybrid.replies(candidates, questions, records.message_ids)
         timings["fusion"] = (time.perf_counter() - t3) * 1000
@@ -221,16 +221,33 @@ class FragmentsOnDemand:
     Spans walk the candidates best-first and stop at ``top_k``: the first few fragments usually
     suffice, where reading every candidate's fragment (about 220 at 100k fragments) took 3.3 of a
     query's 46 ms. A fragment asked for out of order reads the chunks up to it, so the spans are
-    the same as with every record read up front.
+    the same as with every record read up front. The candidates' fragment ids are learnt a chunk at a
+    time too (``describe``): a store may read a hit's payload only when asked.
     """
 
-    def __init__(self, state, fragment_ids: list[str], chunk: int):
+    def __init__(self, state, ranked: Sequence[Candidate], chunk: int):
         self.state = state
-        self.order = list(dict.fromkeys(fragment_ids))
-        self.position = {fid: i for i, fid in enumerate(self.order)}
+        self.ranked = list(ranked)
+        self.learnt = 0
+        self.order: list[str] = []
+        self.position: dict[str, int] = {}
         self.chunk = max(1, chunk)
         self.read = 0
         self.records: dict[str, FragmentRecord] = {}
+
+    def _learn(self, until: str | None) -> None:
+        """Learn the fragment ids of the next candidates, ``chunk`` at a time, until ``until`` is among them (None:
+        one chunk) or every candidate is known."""
+        while self.learnt < len(self.ranked) and (until is None or until not in self.position):
+            batch = self.ranked[self.learnt:self.learnt + self.chunk]
+            describe_candidates(batch)
+            self.learnt += len(batch)
+            for cand in batch:
+                if not cand.gone and cand.fragment_id not in self.position:
+                    self.position[cand.fragment_id] = len(self.order)
+                    self.order.append(cand.fragment_id)
+            if until is None:
+                return
 
     def message_ids(self, fragment_id: str) -> tuple[str, ...] | None:
         record = self.get(fragment_id)
@@ -245,8 +262,11 @@ class FragmentsOnDemand:
     def get(self, fragment_id: str) -> FragmentRecord | None:
         if fragment_id in self.records:
             return self.records[fragment_id]
+        self._learn(fragment_id)
         wanted = self.position.get(fragment_id)
         while wanted is not None and self.read <= wanted:
+            while len(self.order) < self.read + self.chunk and self.learnt < len(self.ranked):
+                self._learn(None)
             batch = self.order[self.read:self.read + self.chunk]
             self.records.update(self.state.fragments_by_id(batch))
             self.read += len(batch)

@@ -7,10 +7,24 @@ need, so tenant and visibility filters run inside the store, never after it.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections import defaultdict
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 from indexer.model import Hit, SearchFilter, Unit
+
+
+def describe(hits: Iterable[Hit]) -> None:
+    """Read the payloads of the hits whose store left them out of the search (``Hit.described``), one read per
+    store: fusion scores every hit by its keys and needs the payloads of the few it keeps. A hit whose unit has
+    gone since the search gets an empty payload."""
+    pending: dict = defaultdict(list)
+    for hit in hits:
+        if not hit.described:
+            pending[hit.reader].append(hit)
+    for reader, waiting in pending.items():
+        reader(waiting)
+
 
 def check_vectors(unit: Unit, dim: int, image_dim: int | None) -> None:
     """The shapes every vector store requires: a text vector of ``dim``, an image vector only on turns."""

@@ -42,16 +42,17 @@ filter, top 30) and what the data looks like:
   a shard, then each time the shard has doubled (``_written``), so points leave the appendable segment for
   immutable, quantized ones and deleted points are vacuumed; without it nothing was ever quantized. A bulk
   load ends with ``refresh``, which runs it over what is still appendable.
-* Payloads are memory-mapped and cached rather than read from disk per hit: reading the payloads
-  of 200 hits was more than half of a search (3.1 ms against 1.8 ms at 10k fragments), and on the one-tenant
-  corpus ``Memory.Cold`` payloads gave p50 74 against 46 ms in memory, 62 against 55 ms held to 1.5 GB.
-  At 1M fragments (the bench corpus, 500 queries, each setting twice in alternation), cold payloads: RSS 8.3
-  against 12.1 GB, p50 36.6 and 37.2 against 30.7 and 23.4 ms; cold payload indexes: RSS 8.9 GB, p50 26.1 and
-  29.8 against 20.3 and 22.2 ms, p99 788 and 738 against 45 and 48 ms. What stays resident is the bytes of 15
-  million points, not a memory setting.
-* What a hit carries back is one packed string (``HIT``, ``pack_hit``), not five fields: the engine's
-  cost of reading a payload is per field and hit (a dense list of 200 hits at 100k fragments took 3.7 to
-  7.3 ms naming the five ``HIT_FIELDS``, 2.4 to 2.6 ms naming one, 1.3 ms naming none).
+* A search reads no payload: a window hit comes back with its point id and its keys (``KEYS_VECTOR``, 12 bytes
+  a point: the fragment's and the sender's, ``hit_keys``), which is all fusion reads of the 400 hits of a query,
+  and the payloads of the 30 to 60 candidates it keeps are read after, in one read (``WindowHit``,
+  ``read_payloads``). So window payloads stay on disk (``_payload_memory``): cached, they were read in when a
+  shard loaded, 1.4 GB of the 4.5 GB resident querying 1M fragments. At 100k fragments (500 queries and 150
+  narrowed ones, each way twice in alternation from a cold page cache) RSS querying 541 / 540 against 721 / 726
+  MiB, p50 21.5 / 17.4 against 18.5 / 18.9 ms (recall stage 6.8 / 5.7 against 7.3 / 7.5). Earlier, with every
+  hit's payload read in the search, cold payloads had cost p50 74 against 46 ms on a one-tenant corpus. A
+  payload read names one field (``HIT``, ``pack_hit``): the engine's cost of reading a payload is per field and
+  hit (a dense list of 200 hits at 100k fragments took 3.7 to 7.3 ms naming the five ``HIT_FIELDS``, 2.4 to 2.6
+  ms naming one, 1.3 ms naming none).
 * The lists of a query are searched one after the other (a search holds the GIL, so Python threads only
   queue), each on one engine thread per immutable segment (``SEARCH_THREADS``; the optimizer keeps that many,
   ``SEGMENTS``): the BM25 turn list of a 100k-fragment, one-tenant corpus took 3.8 ms on two segments and two
@@ -110,7 +111,11 @@ INDEXING_THRESHOLD_KB = 1
 #: ``fragment_id`` stays in the payload unindexed: no filter names it, and indexing it (with the ``visible_to`` the
 #: payload held then) cost 12% of the index's memory at 10k fragments (966 against 1102 MB RSS).
 _KEYWORDS = ("scope", "conversation_id", "sender_ids")
-_FLOATS = ("start_ts", "end_ts")
+#: One time index: a point searched is one turn's, sent at one time (``start_ts`` == ``end_ts``), so both bounds of a
+#: filter are a range on ``start_ts`` (``build_filter``); the ``end_ts`` index of data dirs written before goes
+#: (``_DROPPED``). At 1M fragments each time index held about 190 MiB resident.
+_FLOATS = ("start_ts",)
+_DROPPED = ("end_ts",)
 #: Keyword indexes marked ``is_tenant``: the optimizer lays the points of a segment out in the order of these
 #: fields' values, so the points of one conversation sit together in every file a search reads.
 _CLUSTERED = ("tenant_id", "conversation_id")
@@ -200,16 +205,14 @@ def build_filter(flt: SearchFilter) -> Filter:
     than one ``MatchAny`` of both words (at 100k fragments, 6,000 visible turns: a dense list 3.2 against
     4.0 ms, a BM25 list 2.1 against 2.9 ms); conditions on ``tenant_id`` and the participants beside it select
     nothing more but are checked per visible point (at 100k fragments six lists took 40 ms with them instead
-    of 27)."""
+    of 27). Times are one range on ``start_ts``: every point searched is one turn's (``_FLOATS``)."""
     must = []
     if flt.conversation_id:
         must.append(FieldCondition(key="conversation_id", match=MatchValue(value=flt.conversation_id)))
     if flt.sender_ids:
         must.append(FieldCondition(key="sender_ids", match=MatchAny(any=list(flt.sender_ids))))
-    if flt.sent_after is not None:
-        must.append(FieldCondition(key="end_ts", range=RangeFloat(gte=flt.sent_after)))
-    if flt.sent_before is not None:
-        must.append(FieldCondition(key="start_ts", range=RangeFloat(lte=flt.sent_before)))
+    if flt.sent_after is not None or flt.sent_before is not None:
+        must.append(FieldCondition(key="start_ts", range=RangeFloat(gte=flt.sent_after, lte=flt.sent_before)))
     return Filter(must=must or None, should=_visible(flt))
 
 
@@ -266,13 +269,91 @@ class PointHit(Hit):
         return str(self._point.id)
 
 
-class TurnHit(PointHit):
+#: A window point's fusion keys (``hit_keys``): what a search reads back instead of the payload.
+KEYS_VECTOR = "keys"
+#: Marks a store directory whose window points all hold ``KEYS_VECTOR`` (``EdgeVectorStore._fill_keys``).
+KEYS_MARKER = "keys"
+
+
+def hit_keys(fragment_id: str, sender_ids: Sequence[str]) -> list[float]:
+    """``ids.fragment_key`` in two 24-bit halves and ``ids.sender_key`` of the turn's sender, as floats (exact below
+    2**24). A window is one turn's, so one sender; a unit without one keys 0."""
+    fragment = ids.fragment_key(fragment_id)
+    sender = ids.sender_key(sender_ids[0]) if sender_ids else 0
+    return [float(fragment >> 24), float(fragment & 0xFFFFFF), float(sender)]
+
+
+def _payload_memory(kind: str) -> Memory:
+    """Window payloads stay on disk: searches read keys (``WindowHit``), and payloads only of the candidates fusion
+    keeps. A turn shard's hits (image lists) read theirs."""
+    return Memory.Cold if kind == "window" else Memory.Cached
+
+
+def _keys_of(packed: str) -> list[float]:
+    hit = unpack_hit(packed)
+    return hit_keys(hit["fragment_id"], hit["sender_ids"])
+
+
+def _keys_params() -> EdgeVectorParams:
+    """12 bytes a point, mapped and cached: read back with every hit. Never searched (``Euclid``: stored as
+    given, where ``Cosine`` would normalise)."""
+    return EdgeVectorParams(size=3, distance=Distance.Euclid, memory=INDEX_MEMORY)
+
+
+class WindowHit(Hit):
+    """A hit of a window point, scored by the keys kept beside it (``KEYS_VECTOR``); its payload is read only when
+    asked (``stores.base.describe``, ``reader``). Fusion keeps a few of a query's 400 hits, so the payloads stay
+    on disk (``_payload_memory``): at 1M fragments they were 1.4 GB of the 4.5 GB resident while querying.
+    A point written before it held keys is scored from its payload."""
+
+    __slots__ = ("_point", "_payload", "_keys", "reader")
+
+    def __init__(self, point, reader):
+        object.__setattr__(self, "_point", point)
+        object.__setattr__(self, "score", float(point.score))
+        object.__setattr__(self, "reader", reader)
+        object.__setattr__(self, "_payload", None)
+        vector = point.vector
+        object.__setattr__(self, "_keys", vector.get(KEYS_VECTOR) if vector else None)
+
+    @property
+    def unit_id(self) -> str:
+        return str(self._point.id)
+
+    @property
+    def described(self) -> bool:
+        return self._payload is not None
+
+    @property
+    def payload(self) -> dict:
+        if self._payload is None:
+            self.reader([self])
+        return self._payload
+
+    def turn_key(self, tenant_id: str):
+        """The point is the turn's window: its id is the key."""
+        return self._point.id
+
+    @property
+    def fragment_key(self) -> int:
+        if self._keys is None:
+            return super().fragment_key
+        return int(self._keys[0]) << 24 | int(self._keys[1])
+
+    @property
+    def sender_keys(self) -> tuple[int, ...]:
+        if self._keys is None:
+            return super().sender_keys
+        return (int(self._keys[2]),)
+
+
+class TurnHit(WindowHit):
     """A hit of the turn list searched on window points (``TURN_BM25_VECTOR``): its unit id is the turn's."""
 
     __slots__ = ("_tenant_id",)
 
-    def __init__(self, point, tenant_id: str):
-        super().__init__(point)
+    def __init__(self, point, reader, tenant_id: str):
+        super().__init__(point, reader)
         object.__setattr__(self, "_tenant_id", tenant_id)
 
     @property
@@ -401,6 +482,9 @@ def _index_payload(shard: EdgeShard) -> None:
                                                                                 memory=_index_memory(key))))
     for key in _FLOATS:
         shard.update(UpdateOperation.create_field_index(key, FloatIndexParams(memory=_index_memory(key))))
+    for key in _DROPPED:
+        if key in shard.info().payload_schema:
+            shard.update(UpdateOperation.delete_field_index(key))
 
 
 def _indexed_as_today(shard: EdgeShard) -> bool:
@@ -414,7 +498,8 @@ def _indexed_as_today(shard: EdgeShard) -> bool:
         return (params is not None and bool(getattr(params, "is_tenant", False)) == (key in _CLUSTERED)
                 and str(getattr(params, "memory", None)) == str(_index_memory(key)))
 
-    return all(as_today(key) for key in ("tenant_id", *_KEYWORDS, *_FLOATS))
+    return (all(as_today(key) for key in ("tenant_id", *_KEYWORDS, *_FLOATS))
+            and not any(key in schema for key in _DROPPED))
 
 
 def _layout_is_current(store: Path) -> bool:
@@ -692,22 +777,29 @@ class EdgeVectorStore(_Shards):
         self.dim = dim
         self.image_dim = image_dim
         self.bm25 = bm25_model() if window_bm25 else None
+        self._keys_pending = False
         # Turns are vector points only for their image vectors (``units.vector_units``).
         self._open_shards(self._open, optimize_every, max_appendable,
                           INGESTED_KINDS if image_dim is not None else ("window",))
+        if self._keys_pending:
+            self._fill_keys()
+        (self.path / KEYS_MARKER).touch()
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS,
-                sparse: Sequence[str] | None = None) -> EdgeConfig:
-        """``sparse``: the sparse vectors the shard has (None: those it should have, ``_sparse_names``)."""
+                sparse: Sequence[str] | None = None, keys: bool = True) -> EdgeConfig:
+        """``sparse``: the sparse vectors the shard has (None: those it should have, ``_sparse_names``); ``keys``:
+        whether a window shard has ``KEYS_VECTOR``."""
         vectors = {TEXT_VECTOR: _vector_params(self.dim)}
         if self._with_image(kind):
             vectors[IMAGE_VECTOR] = _vector_params(self.image_dim)
+        if kind == "window" and keys:
+            vectors[KEYS_VECTOR] = _keys_params()
         sparse = self._sparse_names(kind) if sparse is None else sparse
         return EdgeConfig(
             vectors=vectors, sparse_vectors={name: _sparse_params() for name in sparse} or None,
             hnsw_config=HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=FULL_SCAN_THRESHOLD),
             quantization_config=QUANTIZATION,
-            optimizers=optimizers, payload_memory=Memory.Cached, max_search_threads=SEARCH_THREADS,
+            optimizers=optimizers, payload_memory=_payload_memory(kind), max_search_threads=SEARCH_THREADS,
         )
 
     def _with_image(self, kind: str) -> bool:
@@ -729,18 +821,65 @@ class EdgeVectorStore(_Shards):
                 raise ValueError(f"{self.path} was written without the {IMAGE_VECTOR!r} vector; index into a new"
                                  " data dir to turn on TESSERA_IMAGE_MODEL")
         wanted = self._sparse_names(kind)
-        if wanted and (directory / "edge_config.json").exists():
+        exists = (directory / "edge_config.json").exists()
+        without_keys = kind == "window" and exists and KEYS_VECTOR not in _vector_names(directory)
+        if wanted and exists:
             held = _vector_names(directory, "sparse_vectors")
             if not held.issuperset(wanted):
                 # Written before window points held these terms: the vectors are added, empty, and filled by the
                 # keyword store from its own shards (``EdgeBM25Store``, ``take_bm25``) or by a reindex.
-                shard = EdgeShard.load(str(directory), self._config(kind, sparse=[n for n in wanted if n in held]))
+                shard = EdgeShard.load(str(directory), self._config(kind, sparse=[n for n in wanted if n in held],
+                                                                    keys=not without_keys))
                 for name in wanted:
                     if name not in held:
                         shard.update(UpdateOperation.create_sparse_vector(name, modifier=Modifier.Idf))
                 shard.flush()
                 shard.close()
+        if without_keys:
+            # Written before window points held their keys: the vector is added here, filled once every shard is
+            # open (``_fill_keys``).
+            shard = EdgeShard.load(str(directory), self._config(kind, keys=False))
+            shard.update(UpdateOperation.create_dense_vector(KEYS_VECTOR, 3, Distance.Euclid))
+            shard.flush()
+            shard.close()
+        if kind == "window" and exists and not (self.path / KEYS_MARKER).exists():
+            self._keys_pending = True
         return open_shard(directory, self._config(kind))
+
+    def _fill_keys(self) -> int:
+        """Give every window point its ``KEYS_VECTOR`` from its payload (a data dir written before); returns how
+        many. Like ``take_bm25``, the updated points move out of their immutable segments, so the optimizer runs
+        each time a share of the shard has moved; an interrupted fill runs again on the next open, since the
+        store's ``KEYS_MARKER`` is written only after it."""
+        shard, moved, offset = self.shards["window"], 0, None
+        log.warning("giving the %d window points of %s their keys (once, for this data dir)",
+                    shard.info().points_count, self.path / "window")
+        per_run = self._moved_per_run()
+        while True:
+            records, offset = self.shards["window"].scroll(ScrollRequest(offset=offset, limit=UPSERT_BATCH,
+                                                                         with_payload=[HIT], with_vector=False))
+            points = [PointVectors(id=r.id, vector={KEYS_VECTOR: _keys_of(r.payload[HIT])})
+                      for r in records if r.payload and HIT in r.payload]
+            if points:
+                self.shards["window"].update(UpdateOperation.update_vectors(points))
+                moved += len(points)
+                self._pending["window"] += len(points)
+            if self._pending["window"] >= per_run:
+                self._run_optimizer("window")
+            if offset is None:
+                break
+        if self._pending["window"]:
+            self._run_optimizer("window")
+        return moved
+
+    def read_payloads(self, hits: Sequence[WindowHit]) -> None:
+        """The ``reader`` of window hits: their payloads in one read (an empty one for a point gone since)."""
+        records = {r.id: r for r in self.shards["window"].retrieve([h._point.id for h in hits], with_payload=[HIT],
+                                                                     with_vector=False)}
+        for hit in hits:
+            record = records.get(hit._point.id)
+            payload = unpack_hit(record.payload[HIT]) if record is not None and record.payload else {}
+            object.__setattr__(hit, "_payload", payload)
 
     def take_bm25(self, source: Path, vector: str) -> int:
         """Copy the BM25 terms of a shard of the keyword store's own (``source``, in a data dir written before
@@ -819,6 +958,8 @@ class EdgeVectorStore(_Shards):
                 named[IMAGE_VECTOR] = unit.image_vector.astype(np.float32).tolist()
             if self._sparse_names(unit.kind):
                 named[BM25_VECTOR] = self.bm25.embed_document(chat_text(unit.text))
+            if unit.kind == "window":
+                named[KEYS_VECTOR] = hit_keys(unit.fragment_id, unit.sender_ids)
             return Point(id=unit.unit_id, vector=named, payload=payload_of(unit))
 
         self._batches(units, point)
@@ -828,10 +969,13 @@ class EdgeVectorStore(_Shards):
             raise ValueError(f"unknown kind {kind!r}")
         if kind not in self.shards or (using == IMAGE_VECTOR and (kind != "turn" or self.image_dim is None)):
             return []
+        windows = kind == "window"
         points = self.shards[kind].query(QueryRequest(
             limit=limit, query=Query.Nearest(vector.astype(np.float32).tolist(), using=using),
-            filter=build_filter(flt), with_payload=[HIT],
-            params=SEARCH))
+            filter=build_filter(flt), with_payload=False if windows else [HIT],
+            with_vector=[KEYS_VECTOR] if windows else False, params=SEARCH))
+        if windows:
+            return [WindowHit(p, self.read_payloads) for p in points]
         return [PointHit(p) for p in points]
 
 
@@ -931,7 +1075,11 @@ class EdgeBM25Store(_Shards):
         using = TURN_BM25_VECTOR if on_windows and kind == "turn" else BM25_VECTOR
         points = shard.query(QueryRequest(
             limit=limit, query=Query.Nearest(query, using=using), filter=build_filter(flt),
-            with_payload=[HIT], params=SearchParams(idf=IdfParams(corpus=self._idf_corpus(shard, flt)))))
+            with_payload=False if on_windows else [HIT], with_vector=[KEYS_VECTOR] if on_windows else False,
+            params=SearchParams(idf=IdfParams(corpus=self._idf_corpus(shard, flt)))))
+        if not on_windows:
+            return [PointHit(p) for p in points]
+        reader = self.windows.read_payloads
         if using == TURN_BM25_VECTOR:
-            return [TurnHit(p, flt.tenant_id) for p in points]
-        return [PointHit(p) for p in points]
+            return [TurnHit(p, reader, flt.tenant_id) for p in points]
+        return [WindowHit(p, reader) for p in points]
