@@ -94,8 +94,8 @@ def test_a_synthetic_corpus_ends_with_every_point_optimized(tmp_path, embedder):
             if info.points_count:
                 assert store._pending[kind] == 0 and info.segments_count >= 2, kind
                 if hasattr(store, "dim"):
-                    # A window also carries its BM25 terms and its turn's (``window_bm25``): three vectors a point.
-                    per_point = 3 if kind == "window" and store.bm25 is not None else 1
+                    # A window also carries its keys and, with ``window_bm25``, its BM25 terms and its turn's.
+                    per_point = (4 if store.bm25 is not None else 2) if kind == "window" else 1
                     assert info.indexed_vectors_count == per_point * info.points_count, kind
     windows = getattr(engine.vectors, "inner", engine.vectors).shards["window"].info().points_count
     assert counts["fragments"] == 60 and engine.keywords.count() + windows == counts["units"]

@@ -153,8 +153,8 @@ def test_an_ingested_file_leaves_no_point_appendable(tmp_path, embedder):
     assert ingest_file(engine, str(events), progress=False) == (len(dialogue()), 0)
     vectors, keywords = (getattr(s, "inner", s) for s in (engine.vectors, engine.keywords))
     window = vectors.shards["window"].info()
-    # Three vectors a window (its text vector, its BM25 terms and its turn's), every one in an optimized segment.
-    assert window.points_count and window.indexed_vectors_count == 3 * window.points_count
+    # Four vectors a window (its text vector, its keys, its BM25 terms and its turn's), each in an optimized segment.
+    assert window.points_count and window.indexed_vectors_count == 4 * window.points_count
     assert not any(store._pending[kind] for store in (keywords, vectors) for kind in store.shards)
     engine.close()
 

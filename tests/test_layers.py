@@ -15,7 +15,8 @@ PACKAGES = ("schemas", "indexer", "consumer", "workers", "ops")
 #: Parts on the same layer are independent of each other (ingest and query, demo and stack).
 LAYERS = [
     ["schemas"],
-    ["indexer.model", "indexer.errors", "indexer.ids"],
+    ["indexer.errors", "indexer.ids"],
+    ["indexer.model"],
     ["indexer.text", "indexer.images"],
     ["indexer.stores", "indexer.encoders"],
     ["indexer.state"],
