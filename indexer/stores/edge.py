@@ -296,8 +296,11 @@ def _keys_of(packed: str) -> list[float]:
 
 def _keys_params() -> EdgeVectorParams:
     """12 bytes a point, mapped and cached: read back with every hit. Never searched (``Euclid``: stored as
-    given, where ``Cosine`` would normalise)."""
-    return EdgeVectorParams(size=3, distance=Distance.Euclid, memory=INDEX_MEMORY)
+    given, where ``Cosine`` would normalise), so the quantized copy the shard's quantization makes of every dense
+    vector stays on disk (no setting leaves it out): cached, it held 7 MiB of 13 at 100k fragments."""
+    return EdgeVectorParams(size=3, distance=Distance.Euclid, memory=INDEX_MEMORY,
+                            quantization_config=TurboQuantQuantizationConfig(bits=TurboQuantBitSize.Bits4,
+                                                                             memory=Memory.Cold))
 
 
 class WindowHit(Hit):
