@@ -46,9 +46,11 @@ filter, top 30) and what the data looks like:
   a point: the fragment's and the sender's, ``hit_keys``), which is all fusion reads of the 400 hits of a query,
   and the payloads of the 30 to 60 candidates it keeps are read after, in one read (``WindowHit``,
   ``read_payloads``). So window payloads stay on disk (``_payload_memory``): cached, they were read in when a
-  shard loaded, 1.4 GB of the 4.5 GB resident querying 1M fragments. At 100k fragments (500 queries and 150
-  narrowed ones, each way twice in alternation from a cold page cache) RSS querying 541 / 540 against 721 / 726
-  MiB, p50 21.5 / 17.4 against 18.5 / 18.9 ms (recall stage 6.8 / 5.7 against 7.3 / 7.5). Earlier, with every
+  shard loaded, 1.4 GB of the 4.5 GB resident querying 1M fragments. 500 queries and 150 narrowed ones, each
+  way twice in alternation from a cold page cache: at 1M fragments RSS querying 3,035 / 3,038 against 4,486 MiB,
+  p50 34.2 / 29.3 against 31.4 / 30.1 ms (recall stage 19.8 / 17.3 against 20.4 / 19.2, fusion 8.7 / 7.2
+  against 5.4 / 5.3: the kept payloads are read from disk at first touch); at 100k 541 / 540 against 721 / 726
+  MiB, p50 21.5 / 17.4 against 18.5 / 18.9 ms. Earlier, with every
   hit's payload read in the search, cold payloads had cost p50 74 against 46 ms on a one-tenant corpus. A
   payload read names one field (``HIT``, ``pack_hit``): the engine's cost of reading a payload is per field and
   hit (a dense list of 200 hits at 100k fragments took 3.7 to 7.3 ms naming the five ``HIT_FIELDS``, 2.4 to 2.6
