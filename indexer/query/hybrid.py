@@ -13,7 +13,9 @@ and as messy chat (``make eval-messy``), so turns are not indexed by their text 
 LoCoMo dev split this score fusion beat reciprocal-rank fusion of the same lists by a wide margin,
 because RRF throws away how much better the first hit is than the tenth. A turn by a person the query names gets a bonus:
 people search by who said it. Then feedback: the best turns' words lift the candidates that share them
-(``feedback``), since people ask in other words than they chatted in.
+(``feedback``), since people ask in other words than they chatted in. Fusion reads three keys of each hit (its
+turn's, its fragment's, its sender's: ``Hit.turn_key``, ``fragment_key``, ``sender_keys``), which a store may give
+without the payload; the payloads of the few candidates kept are read after (``describe``).
 
 Span selection then walks turns best-first and grows each into a short run of adjacent turns of the
 same fragment that score nearly as well, the fine-grained answer; the fragment is its context.
@@ -128,10 +130,6 @@ class Candidate:
     @property
     def fragment_id(self) -> str:
         return self.hit.payload["fragment_id"]
-
-    @property
-    def sender_ids(self) -> list[str]:
-        return list(self.hit.payload["sender_ids"])
 
     @property
     def gone(self) -> bool:
