@@ -1,5 +1,7 @@
 """The embedded engine against the real encoder, Qdrant local mode and the FTS5 store."""
 
+import pytest
+
 from indexer.model import SearchFilter
 from tests.conftest import dialogue, message, query
 
@@ -275,3 +277,27 @@ def test_fragment_units_of_a_data_dir_written_before_go_with_their_fragments_tex
     assert engine.keywords.search("Elm Street", "fragment", flt, 10) == []
     engine.delete_conversation("t1", "c1")
     assert engine.vectors.count("t1") == 0 and engine.keywords.count("t1") == 0
+
+
+@pytest.mark.parametrize("keyword_store", ["fts5", "edge"])
+def test_hits_of_one_turn_meet_in_one_candidate_whichever_stores_found_them(tmp_path, embedder, keyword_store):
+    """Fusion keys a turn by its window id, from the point id on the edge stores and from the payload on the others:
+    with edge vectors beside FTS5 keywords, a turn both stores found is still one candidate."""
+    from ops.runtime.assemble import open_engine
+    from ops.runtime.config import Config
+    from indexer.stores.base import describe
+
+    engine = open_engine(Config(data_dir=tmp_path / "d", vector_store="edge", keyword_store=keyword_store),
+                         embedder=embedder)
+    engine.ingest(dialogue("c1"))
+    text = "glacier hike and the laptop battery"
+    lists = engine.searcher.hybrid.recall(text, engine.searcher.embedder.encode([text])[0], SearchFilter("t1", "u1"))
+    hits = [h for found in lists.values() for h in found]
+    describe(hits)
+    turns = {(h.payload["conversation_id"], h.payload["message_ids"][0]) for h in hits}
+    found_by = {kind for kind, found in lists.items() if found}
+    assert {("bm25", "turn"), ("dense", "window")} <= found_by
+    candidates = engine.searcher.hybrid.fuse(lists, set(), "t1")
+    assert len(candidates) == len(turns)
+    assert {(c.conversation_id, c.message_id) for c in candidates.values()} == turns
+    engine.close()
