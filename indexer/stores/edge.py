@@ -788,7 +788,9 @@ class EdgeVectorStore(_Shards):
                           INGESTED_KINDS if image_dim is not None else ("window",))
         if self._keys_pending:
             self._fill_keys()
-        (self.path / KEYS_MARKER).touch()
+        marker = self.path / KEYS_MARKER
+        if not marker.exists():
+            marker.touch()
 
     def _config(self, kind: str, optimizers: EdgeOptimizersConfig = _OPTIMIZERS,
                 sparse: Sequence[str] | None = None, keys: bool = True) -> EdgeConfig:
