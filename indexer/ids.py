@@ -21,9 +21,11 @@ def turn_unit_id(tenant_id: str, conversation_id: str, message_id: str, kind: st
     return _id(kind, tenant_id, conversation_id, message_id)
 
 
-def window_key(tenant_id: str, conversation_id: str, message_id: str) -> uuid.UUID:
-    """The turn's window id as a UUID: what fusion meets a turn's hits of every list at (``Hit.turn_key``)."""
-    return uuid.uuid5(_NAMESPACE, "\x1f".join(("window", tenant_id, conversation_id, message_id)))
+def turn_key(tenant_id: str, conversation_id: str, message_id: str) -> int:
+    """The turn's window id (``turn_unit_id``, the edge store's point id) as an integer: what fusion meets a turn's
+    hits of every list at (``Hit.turn_key``). An int, not the UUID: fusion hashes it about 1,400 times a query, in
+    C rather than through ``UUID.__hash__`` (0.05 against 0.16 ms)."""
+    return uuid.uuid5(_NAMESPACE, "\x1f".join(("window", tenant_id, conversation_id, message_id))).int
 
 
 def _bits(text: str, nbytes: int) -> int:

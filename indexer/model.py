@@ -7,7 +7,6 @@ that the stores return as ``Hit``s under a ``SearchFilter``; the query path answ
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -154,9 +153,9 @@ class Hit:
     #: Whether the payload is at hand; ``stores.base.describe`` reads it for hits that are not.
     described = True
 
-    def turn_key(self, tenant_id: str) -> uuid.UUID:
-        """The same for every hit of one turn, whatever its list or store (``ids.window_key``)."""
-        return ids.window_key(tenant_id, self.payload["conversation_id"], self.payload["message_ids"][0])
+    def turn_key(self, tenant_id: str) -> int:
+        """The same for every hit of one turn, whatever its list or store (``ids.turn_key``)."""
+        return ids.turn_key(tenant_id, self.payload["conversation_id"], self.payload["message_ids"][0])
 
     @property
     def fragment_key(self) -> int:

@@ -93,12 +93,13 @@ def test_feedback_lifts_the_candidates_that_share_the_best_turns_words():
 
     by_key = {("c1", m): text for m, text in texts.items()}
     lifted = candidates()
-    HybridSearcher(None, None).feedback(lifted, by_key)
+    searcher = HybridSearcher(None, None)
+    searcher.feedback(searcher.leading(lifted), by_key)
     order = sorted(lifted, key=lambda m: -lifted[m].score)
     assert order[0] == "m0" and order.index("m4") < order.index("m3") and order.index("m4") < order.index("m5")
     assert lifted["m5"].score == scores["m5"], "a turn sharing no word of the best turns gains nothing"
     unchanged = candidates()
-    HybridSearcher(None, None, SearchConfig(feedback_turns=0)).feedback(unchanged, by_key)
+    HybridSearcher(None, None, SearchConfig(feedback_turns=0)).feedback(searcher.leading(unchanged), by_key)
     assert {m: c.score for m, c in unchanged.items()} == scores
 
 
@@ -132,7 +133,7 @@ def test_a_fragment_weighs_as_much_as_its_best_two_turns_in_each_list():
     assert score["c1"] == pytest.approx(score["b1"]), "a third, weaker turn does not"
     assert score["d1"] < score["a1"]
     one = HybridSearcher(None, None, SearchConfig(fragment_turns=1)).fuse(lists, set(), "t1")
-    assert one[ids.window_key("t1", "c1", "b1")].score == pytest.approx(one[ids.window_key("t1", "c1", "a1")].score), \
+    assert one[ids.turn_key("t1", "c1", "b1")].score == pytest.approx(one[ids.turn_key("t1", "c1", "a1")].score), \
         "with one turn, only the best counts"
 
 
@@ -217,3 +218,62 @@ def test_a_query_for_several_things_is_answered_from_several_fragments():
     assert [s.score for s in several] == [1.0, 0.95, 0.8], "spans keep their turns' own scores"
     unchanged = HybridSearcher(None, None, SearchConfig(spread_penalty=0.0, several_span_turns=3))
     assert unchanged.spans(candidates, fragments.get, 3, several=True) == one
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("When did Melanie paint a sunrise?", "time"),
+    ("what year did they move to Boston", "time"),
+    ("How long ago was the trip?", "time"),
+    ("How many kids does Jon have?", "count"),
+    ("how long has she been practicing yoga", "count"),
+    ("How old is her dog?", "count"),
+    ("What did Gina design for her store?", None),
+    ("Where was the party last week?", None),
+    ("the chat about whenever we meet", None),
+])
+def test_a_question_whose_answer_is_a_time_or_a_count_is_told_from_others(text, kind):
+    from indexer.query.intent import answer_kind
+
+    assert answer_kind(text) == kind
+
+
+@pytest.mark.parametrize("kind, text, holds", [
+    ("time", "we got him last weekend!", True),
+    ("time", "It was back in May, so fun", True),
+    ("time", "two weeks ago lol", True),
+    ("time", "I painted it in 2022", True),
+    ("time", "I painted a sunrise, the colours were amazing", False),
+    ("time", "may I ask what it was like?", False),
+    ("time", "it was back in may", True),
+    ("count", "I have 3 kids", True),
+    ("count", "we have two of them", True),
+    ("count", "they are the best kids", False),
+    (None, "last week, 3 kids", False),
+])
+def test_a_turn_holds_an_answer_of_the_kind_asked(kind, text, holds):
+    from indexer.query.intent import holds_answer
+
+    assert holds_answer(kind, text) is holds
+
+
+def test_a_turn_holding_the_time_asked_for_rises_above_the_turn_that_tells_about_it_best():
+    """Asked "when did she get the puppy?", the turn that tells about the puppy scores first and the one that dates
+    it close behind; the answer is the dated one. Asked what the puppy is like, nothing moves; a speaker whose
+    name holds a number or a month gains nothing from it."""
+    from indexer.query.hybrid import SearchConfig
+    from indexer.query.intent import answer_kind
+
+    texts = {("c1", "m0"): "Mel: we finally got a puppy, he is so fluffy and tiny",
+             ("c1", "m1"): "Mel: we picked him up last weekend from a farm",
+             ("c1", "m2"): "May: so cute! what breed is he?",
+             ("c1", "m3"): "Sam: my pizza was cold lol"}
+    scores = {"m0": 1.0, "m1": 0.95, "m2": 0.9, "m3": 0.5}
+
+    def ranked(question: str, config: SearchConfig = SearchConfig()) -> list[str]:
+        candidates = [_candidate("f1", m, score) for m, score in scores.items()]
+        HybridSearcher(None, None, config).answers(candidates, texts, answer_kind(question))
+        return [c.message_id for c in sorted(candidates, key=lambda c: -c.score)]
+
+    assert ranked("When did Mel get the puppy?") == ["m1", "m0", "m2", "m3"]
+    assert ranked("What is Mel's puppy like?") == ["m0", "m1", "m2", "m3"]
+    assert ranked("When did Mel get the puppy?", SearchConfig(answer_weight=0.0)) == ["m0", "m1", "m2", "m3"]

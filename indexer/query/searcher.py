@@ -17,7 +17,7 @@ from indexer.model import FragmentRecord, SearchFilter, Span, Turn
 from indexer.query import timeparse
 from indexer.query.clarify import ASK_RATIO, CONSIDER, SpanView, answered_clarification, clarify
 from indexer.query.hybrid import Candidate, HybridSearcher, SearchConfig, describe_candidates
-from indexer.query.intent import asks_for_several
+from indexer.query.intent import answer_kind, asks_for_several
 from indexer.query.rewrite import Rewriter, RuleRewriter
 from indexer.state import ConversationState
 from indexer.stores.base import KeywordStore, VectorStore
@@ -135,7 +135,8 @@ class Searcher:
         # Feedback and replies read the text of the same leading candidates: one read of the state for both.
         leading = self.hybrid.leading(candidates)
         texts = self._texts(job.tenant_id, leading)
-        self.hybrid.feedback(candidates, texts)
+        self.hybrid.feedback(leading, texts)
+        self.hybrid.answers(leading, texts, answer_kind(search_text))
         reason = vlm_available and job.reasoning != "fast"
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
         records = FragmentsOnDemand(self.state, sorted(candidates.values(), key=lambda c: -c.score), chunk=2 * depth)
@@ -146,29 +147,35 @@ class Searcher:
         t4 = time.perf_counter()
         spans = self.hybrid.spans(candidates, records.message_ids, depth, several=asks_for_several(search_text))
         # Whole fragments are read only for what needs their context (the clarifying check, the VLM);
-        # a result fragment needs the turns of its span, or reuses the whole fragment already read.
+        # a result fragment needs the turns of its span, or reuses the whole fragment already read. Each is
+        # one read of the state for every span it needs.
         whole: dict[str, dict[str, Turn]] = {}
 
-        def context(span: Span) -> dict[str, Turn]:
-            if span.fragment_id not in whole:
-                whole[span.fragment_id] = self.state.turns_by_id(job.tenant_id, span.conversation_id,
-                                                                 records[span.fragment_id].message_ids)
-            return whole[span.fragment_id]
+        def read_whole(chosen: Sequence[Span]) -> None:
+            missing = {span.fragment_id: span.conversation_id for span in chosen if span.fragment_id not in whole}
+            if missing:
+                whole.update(self._turns_of(job.tenant_id, {fragment_id: (conversation_id, records[fragment_id].message_ids)
+                                                            for fragment_id, conversation_id in missing.items()}))
 
         question = None
         if self.clarify and not job.filters.conversation_id and not answered_clarification([t.role for t in job.history]):
-            views = [self._view(span, records[span.fragment_id], context(span), job.user_id)
-                     for span in spans[:min(job.top_k, CONSIDER)]]
+            considered = spans[:min(job.top_k, CONSIDER)]
+            read_whole(considered)
+            views = [self._view(span, records[span.fragment_id], whole[span.fragment_id], job.user_id)
+                     for span in considered]
             found = clarify(search_text, views, self.ask_ratio)
             if found is not None:
                 question = ClarifyingQuestion(text=found.text, options=list(found.options))
         if reason and question is None:
+            read_whole(spans)
             timings["fusion"] += (time.perf_counter() - t4) * 1000
             return ReasonRequest(job=job, rewritten_query=text, timings_ms=timings, candidates=[
-                self._candidate(span, records[span.fragment_id], context(span)) for span in spans])
-        fragments = [self._result_fragment(span, records[span.fragment_id], whole.get(span.fragment_id) or
-                                           self.state.turns_by_id(job.tenant_id, span.conversation_id, span.message_ids))
-                     for span in spans[:job.top_k]]
+                self._candidate(span, records[span.fragment_id], whole[span.fragment_id]) for span in spans])
+        shown = spans[:job.top_k]
+        own = self._turns_of(job.tenant_id, {i: (span.conversation_id, span.message_ids) for i, span in enumerate(shown)
+                                             if span.fragment_id not in whole})
+        fragments = [self._result_fragment(span, records[span.fragment_id], whole.get(span.fragment_id) or own[i])
+                     for i, span in enumerate(shown)]
         # The CPU span selector is the reasoning stage when no VLM worker takes it.
         timings["reasoning"] = (time.perf_counter() - t4) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000
@@ -184,6 +191,15 @@ class Searcher:
         """The rendered text of candidate turns (``HybridSearcher.feedback``)."""
         keys = [(cand.conversation_id, cand.message_id) for cand in candidates]
         return {key: render_turn(turn) for key, turn in self.state.turns_by_key(tenant_id, keys).items()}
+
+    def _turns_of(self, tenant_id: str, wanted: dict) -> dict:
+        """The turns of several runs of message ids, in one read of the state: ``wanted`` maps a name to a
+        (conversation id, message ids); each name gets its turns by message id."""
+        turns = self.state.turns_by_key(tenant_id, [(conversation_id, message_id)
+                                                    for conversation_id, message_ids in wanted.values()
+                                                    for message_id in message_ids]) if wanted else {}
+        return {name: {m: turns[(conversation_id, m)] for m in message_ids if (conversation_id, m) in turns}
+                for name, (conversation_id, message_ids) in wanted.items()}
 
     @staticmethod
     def _view(span: Span, record: FragmentRecord, turns: dict[str, Turn], user_id: str) -> SpanView:

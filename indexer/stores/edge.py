@@ -335,9 +335,9 @@ class WindowHit(Hit):
             self.reader([self])
         return self._payload
 
-    def turn_key(self, tenant_id: str):
-        """The point is the turn's window: its id is the key."""
-        return self._point.id
+    def turn_key(self, tenant_id: str) -> int:
+        """The point is the turn's window: its id is the key (``ids.turn_key``)."""
+        return self._point.id.int
 
     @property
     def fragment_key(self) -> int:
