@@ -103,18 +103,18 @@ def test_feedback_lifts_the_candidates_that_share_the_best_turns_words():
     assert {m: c.score for m, c in unchanged.items()} == scores
 
 
-def _hit(fragment_id: str, message_id: str, score: float, sender: str = "ann"):
+def _hit(fragment_id: str, message_id: str, score: float, sender: str = "ann", start_ts: float = 0.0):
     from indexer.model import Hit
 
     return Hit(message_id, score, {"conversation_id": "c1", "fragment_id": fragment_id, "message_ids": [message_id],
-                                   "sender_ids": [sender], "start_ts": 0.0})
+                                   "sender_ids": [sender], "start_ts": start_ts})
 
 
-def _candidate(fragment_id: str, message_id: str, score: float, sender: str = "ann"):
+def _candidate(fragment_id: str, message_id: str, score: float, sender: str = "ann", start_ts: float = 0.0):
     """A candidate of tenant t1's conversation c1, as fusion makes it from a store's hit."""
     from indexer.query.hybrid import Candidate
 
-    return Candidate.of(_hit(fragment_id, message_id, score, sender), "t1", score)
+    return Candidate.of(_hit(fragment_id, message_id, score, sender, start_ts), "t1", score)
 
 
 def test_a_fragment_weighs_as_much_as_its_best_two_turns_in_each_list():
@@ -210,7 +210,7 @@ def test_a_query_for_several_things_is_answered_from_several_fragments():
     fragments = {"f1": ["a1", "a2", "a3", "a4"], "f2": ["b1", "b2"]}
     scores = {("f1", "a1"): 1.0, ("f1", "a2"): 0.95, ("f1", "a3"): 0.93, ("f2", "b1"): 0.8, ("f2", "b2"): 0.1}
     candidates = {m: _candidate(f, m, score) for (f, m), score in scores.items()}
-    hybrid = HybridSearcher(None, None, SearchConfig(spread_penalty=0.1, several_span_turns=1))
+    hybrid = HybridSearcher(None, None, SearchConfig(spread_penalty=0.1, several_span_turns=1, spread_unit="fragment"))
     one = hybrid.spans(candidates, fragments.get, 3)
     assert [s.message_ids for s in one][:2] == [["a1", "a2", "a3"], ["b1"]]
     several = hybrid.spans(candidates, fragments.get, 3, several=True)
@@ -218,6 +218,25 @@ def test_a_query_for_several_things_is_answered_from_several_fragments():
     assert [s.score for s in several] == [1.0, 0.95, 0.8], "spans keep their turns' own scores"
     unchanged = HybridSearcher(None, None, SearchConfig(spread_penalty=0.0, several_span_turns=3))
     assert unchanged.spans(candidates, fragments.get, 3, several=True) == one
+
+
+def test_a_query_for_several_things_is_answered_from_several_days():
+    """Several things are said on different days: two fragments of one day and a weaker turn of another day, asked
+    for several things, the other day's turn comes second, before the same day's other fragment; spread by
+    fragment, the same day's other fragment comes second."""
+    from indexer.query.hybrid import SearchConfig
+
+    day = 86400.0
+    fragments = {"f1": ["a1", "a2"], "f2": ["b1", "b2"], "f3": ["c1"]}
+    turns = {("f1", "a1", 0.0): 1.0, ("f1", "a2", 60.0): 0.5, ("f2", "b1", 7200.0): 0.95, ("f2", "b2", 7260.0): 0.1,
+             ("f3", "c1", 3 * day): 0.9}
+    candidates = {m: _candidate(f, m, score, start_ts=ts) for (f, m, ts), score in turns.items()}
+    by_day = HybridSearcher(None, None, SearchConfig(spread_penalty=0.1, several_span_turns=1))
+    assert [s.message_ids for s in by_day.spans(candidates, fragments.get, 3, several=True)] == [["a1"], ["c1"], ["b1"]]
+    by_fragment = HybridSearcher(None, None, SearchConfig(spread_penalty=0.1, several_span_turns=1,
+                                                          spread_unit="fragment"))
+    assert [s.message_ids for s in by_fragment.spans(candidates, fragments.get, 3, several=True)] == \
+        [["a1"], ["b1"], ["c1"]]
 
 
 @pytest.mark.parametrize("text, kind", [

@@ -35,6 +35,7 @@ GRID: dict[str, tuple] = {
     "span_max_turns": (1, 2),
     "spread_penalty": (0.0, 0.2),
     "several_span_turns": (2, 3),
+    "spread_unit": ("fragment",),
     "dense_depth": (100, 300),
     "keyword_depth": (50, 200),
     "feedback_turns": (0, 4),
