@@ -154,8 +154,9 @@ class Searcher:
         def read_whole(chosen: Sequence[Span]) -> None:
             missing = {span.fragment_id: span.conversation_id for span in chosen if span.fragment_id not in whole}
             if missing:
-                whole.update(self._turns_of(job.tenant_id, {fragment_id: (conversation_id, records[fragment_id].message_ids)
-                                                            for fragment_id, conversation_id in missing.items()}))
+                whole.update(self._turns_of(job.tenant_id, {
+                    fragment_id: (conversation_id, records[fragment_id].message_ids)
+                    for fragment_id, conversation_id in missing.items()}))
 
         question = None
         if self.clarify and not job.filters.conversation_id and not answered_clarification([t.role for t in job.history]):
@@ -172,9 +173,10 @@ class Searcher:
             return ReasonRequest(job=job, rewritten_query=text, timings_ms=timings, candidates=[
                 self._candidate(span, records[span.fragment_id], whole[span.fragment_id]) for span in spans])
         shown = spans[:job.top_k]
-        own = self._turns_of(job.tenant_id, {i: (span.conversation_id, span.message_ids) for i, span in enumerate(shown)
-                                             if span.fragment_id not in whole})
-        fragments = [self._result_fragment(span, records[span.fragment_id], whole.get(span.fragment_id) or own[i])
+        own = self._turns_of(job.tenant_id, {i: (span.conversation_id, span.message_ids)
+                                             for i, span in enumerate(shown) if span.fragment_id not in whole})
+        fragments = [self._result_fragment(span, records[span.fragment_id],
+                                           whole[span.fragment_id] if span.fragment_id in whole else own[i])
                      for i, span in enumerate(shown)]
         # The CPU span selector is the reasoning stage when no VLM worker takes it.
         timings["reasoning"] = (time.perf_counter() - t4) * 1000
