@@ -220,16 +220,17 @@ def test_a_query_for_several_things_is_answered_from_several_fragments():
     assert unchanged.spans(candidates, fragments.get, 3, several=True) == one
 
 
-def test_a_query_for_several_things_is_answered_from_several_days():
-    """Several things are said on different days: two fragments of one day and a weaker turn of another day, asked
-    for several things, the other day's turn comes second, before the same day's other fragment; spread by
-    fragment, the same day's other fragment comes second."""
+def test_a_query_for_several_things_is_answered_from_several_sessions():
+    """Several things are said in different sessions: two fragments two hours apart (across midnight UTC: a session
+    is not a calendar day) and a weaker turn three days later, asked for several things, the later session's turn
+    comes second, before the first session's other fragment; spread by fragment, that fragment comes second."""
     from indexer.query.hybrid import SearchConfig
 
     day = 86400.0
     fragments = {"f1": ["a1", "a2"], "f2": ["b1", "b2"], "f3": ["c1"]}
-    turns = {("f1", "a1", 0.0): 1.0, ("f1", "a2", 60.0): 0.5, ("f2", "b1", 7200.0): 0.95, ("f2", "b2", 7260.0): 0.1,
-             ("f3", "c1", 3 * day): 0.9}
+    late = day - 3600.0
+    turns = {("f1", "a1", late): 1.0, ("f1", "a2", late + 60): 0.5, ("f2", "b1", late + 7200): 0.95,
+             ("f2", "b2", late + 7260): 0.1, ("f3", "c1", 3 * day): 0.9}
     candidates = {m: _candidate(f, m, score, start_ts=ts) for (f, m, ts), score in turns.items()}
     by_day = HybridSearcher(None, None, SearchConfig(spread_penalty=0.1, several_span_turns=1))
     assert [s.message_ids for s in by_day.spans(candidates, fragments.get, 3, several=True)] == [["a1"], ["c1"], ["b1"]]

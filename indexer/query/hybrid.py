@@ -75,12 +75,12 @@ class SearchConfig:
     #: MRR 0.660 -> 0.658; every query at 0.2: 0.778 (single-hop evidence sits in one fragment), so only these.
     spread_penalty: float = 0.1
     several_span_turns: int = 1
-    #: What counts as one place for ``spread_penalty``: ``day`` (the conversation's day, UTC, of the turn: a
-    #: session of the chat) or ``fragment``. Several things are said on different days more than in different
-    #: fragments of one day: by day, dev split recall@10 / MRR / span F1 / multi-hop recall@10 0.820 / 0.669 /
+    #: What counts as one place for ``spread_penalty``: ``session`` (the conversation within ``SESSION_SPAN`` of the
+    #: turn: a sitting of the chat, whatever the time zone) or ``fragment``. Several things are said in different
+    #: sessions more than in different fragments of one session: by session (a UTC day measured alike), dev split recall@10 / MRR / span F1 / multi-hop recall@10 0.820 / 0.669 /
     #: 0.524 / 0.529 -> 0.824 / 0.669 / 0.524 / 0.550, long chat multi-hop 0.515 -> 0.525, messy chat 0.792 / 0.636
-    #: / 0.489 / 0.536 -> 0.787 / 0.633 / 0.489 / 0.547.
-    spread_unit: str = "day"
+    #: / 0.489 / 0.536 -> 0.788 / 0.634 / 0.489 / 0.547.
+    spread_unit: str = "session"
     #: Weight of each image list (query image or query words against turn image vectors).
     image_weight: float = 0.5
     #: Feedback (``feedback``): the best turns whose words lift the others, among the best ``feedback_depth``
@@ -105,6 +105,10 @@ class SearchConfig:
     #: recall@10 / MRR / span F1 0.821 / 0.658 / 0.507 -> 0.820 / 0.669 / 0.524 (0.05: MRR 0.664, 0.2: 0.673); long
     #: chat MRR 0.660 -> 0.671, messy chat 0.629 -> 0.636; ``make eval-cv`` keeps 0.1.
     answer_weight: float = 0.1
+
+
+#: Turns of a conversation sent within this many seconds of each other are one session for ``spread_unit``.
+SESSION_SPAN = 12 * 3600.0
 
 
 @dataclass(eq=False)
@@ -143,9 +147,8 @@ class Candidate:
         return self.hit.payload["fragment_id"]
 
     @property
-    def day(self) -> tuple[str, int]:
-        """The conversation and the day (UTC) the turn was sent: a session of the chat."""
-        return self.conversation_id, int(self.hit.payload["start_ts"] // 86400)
+    def sent_ts(self) -> float:
+        return self.hit.payload["start_ts"]
 
     @property
     def gone(self) -> bool:
@@ -366,8 +369,14 @@ class HybridSearcher:
         penalty = c.spread_penalty if several else 0.0
         longest = c.several_span_turns if several else c.span_max_turns
 
-        def place(cand: Candidate):
-            return cand.day if c.spread_unit == "day" else cand.fragment_key
+        spread: list[Candidate] = []
+
+        def earlier(cand: Candidate) -> int:
+            """Spans already taken from the candidate's place."""
+            if c.spread_unit == "fragment":
+                return sum(other.fragment_key == cand.fragment_key for other in spread)
+            return sum(other.conversation_id == cand.conversation_id
+                       and abs(other.sent_ts - cand.sent_ts) < SESSION_SPAN for other in spread)
 
         by_key = {cand.key: cand for cand in candidates.values()}
         # Keys are unique per turn, so the heap never compares candidates.
@@ -375,15 +384,14 @@ class HybridSearcher:
         heapq.heapify(queue)
         # The walk reads the payloads of about the best 2 x top_k candidates: read them in one go.
         describe_candidates(entry[-1] for entry in heapq.nsmallest(2 * top_k, queue))
-        taken: Counter = Counter()
         covered: set[int] = set()
         spans: list[Span] = []
         while queue and len(spans) < top_k:
             _, key, seen, cand = heapq.heappop(queue)
             if key in covered or cand.gone:
                 continue
-            if penalty and taken[place(cand)] != seen:
-                seen = taken[place(cand)]
+            if penalty and earlier(cand) != seen:
+                seen = earlier(cand)
                 heapq.heappush(queue, (-(cand.score - penalty * seen), key, seen, cand))
                 continue
             order = turns_of(cand.fragment_id)
@@ -405,6 +413,6 @@ class HybridSearcher:
                 lo, hi = min(lo, j), max(hi, j)
             message_ids = list(order[lo:hi + 1])
             covered.update(cand.key_of(m) for m in message_ids)
-            taken[place(cand)] += 1
+            spread.append(cand)
             spans.append(Span(cand.fragment_id, cand.conversation_id, message_ids, cand.score))
         return spans
