@@ -8,8 +8,12 @@ import uuid
 _NAMESPACE = uuid.UUID("5b0c3f5e-6a8f-4d55-9a53-7e1f4c9b2a10")
 
 
+def _uuid(*parts: str) -> uuid.UUID:
+    return uuid.uuid5(_NAMESPACE, "\x1f".join(parts))
+
+
 def _id(*parts: str) -> str:
-    return str(uuid.uuid5(_NAMESPACE, "\x1f".join(parts)))
+    return str(_uuid(*parts))
 
 
 def fragment_id(tenant_id: str, conversation_id: str, first_message_id: str) -> str:
@@ -25,7 +29,7 @@ def turn_key(tenant_id: str, conversation_id: str, message_id: str) -> int:
     """The turn's window id (``turn_unit_id``, the edge store's point id) as an integer: what fusion meets a turn's
     hits of every list at (``Hit.turn_key``). An int, not the UUID: fusion hashes it about 1,400 times a query, in
     C rather than through ``UUID.__hash__`` (0.05 against 0.16 ms)."""
-    return uuid.uuid5(_NAMESPACE, "\x1f".join(("window", tenant_id, conversation_id, message_id))).int
+    return _uuid("window", tenant_id, conversation_id, message_id).int
 
 
 def _bits(text: str, nbytes: int) -> int:

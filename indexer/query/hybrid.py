@@ -150,6 +150,11 @@ class Candidate:
     def sent_ts(self) -> float:
         return self.hit.payload["start_ts"]
 
+    def text_in(self, texts: dict[tuple[str, str], str]) -> str:
+        """Its rendered text in ``texts``, keyed by (conversation, message) as the searcher reads the leading
+        candidates' turns; "" when the turn is not there (deleted since)."""
+        return texts.get((self.conversation_id, self.message_id), "")
+
     @property
     def gone(self) -> bool:
         """Its unit was deleted between the search and the read of its payload."""
@@ -296,7 +301,7 @@ class HybridSearcher:
         c = self.config
         if not c.feedback_turns:
             return
-        held = [set(keywords(texts.get((x.conversation_id, x.message_id), ""))) for x in leading]
+        held = [set(keywords(x.text_in(texts))) for x in leading]
         holding = Counter(w for words in held for w in words)
         weight: Counter = Counter()
         for words in held[:c.feedback_turns]:
@@ -316,8 +321,7 @@ class HybridSearcher:
         if kind is None or not self.config.answer_weight:
             return
         for cand in leading:
-            text = texts.get((cand.conversation_id, cand.message_id), "")
-            if holds_answer(kind, text.partition(": ")[2]):
+            if holds_answer(kind, cand.text_in(texts).partition(": ")[2]):
                 cand.score += self.config.answer_weight
 
     def questions(self, leading: Sequence[Candidate], texts: dict[tuple[str, str], str]) -> list[Candidate]:
@@ -325,7 +329,7 @@ class HybridSearcher:
         lifts the answers of; none when replies are off."""
         if not self.config.reply_weight:
             return []
-        return [cand for cand in leading if "?" in texts.get((cand.conversation_id, cand.message_id), "")]
+        return [cand for cand in leading if "?" in cand.text_in(texts)]
 
     def replies(self, candidates: dict[str, Candidate], questions: Sequence[Candidate],
                 turns_of: Callable[[str], Sequence[str] | None]) -> None:
@@ -390,8 +394,8 @@ class HybridSearcher:
             _, key, seen, cand = heapq.heappop(queue)
             if key in covered or cand.gone:
                 continue
-            if penalty and earlier(cand) != seen:
-                seen = earlier(cand)
+            if penalty and (taken := earlier(cand)) != seen:
+                seen = taken
                 heapq.heappush(queue, (-(cand.score - penalty * seen), key, seen, cand))
                 continue
             order = turns_of(cand.fragment_id)

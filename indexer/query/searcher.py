@@ -190,7 +190,7 @@ class Searcher:
         return Result.failure(job.job_id, code, message)
 
     def _texts(self, tenant_id: str, candidates) -> dict[tuple[str, str], str]:
-        """The rendered text of candidate turns (``HybridSearcher.feedback``)."""
+        """The rendered text of candidate turns (``HybridSearcher.feedback``, ``answers``, ``questions``)."""
         keys = [(cand.conversation_id, cand.message_id) for cand in candidates]
         return {key: render_turn(turn) for key, turn in self.state.turns_by_key(tenant_id, keys).items()}
 
