@@ -50,12 +50,14 @@ def _qdrant_server(tmp_path):
 class EdgeWindowsPair:
     """The edge keyword store whose lists live on the vector store's window points (``windows``), written as the
     ingestor writes both (``Ingestor.write_units``), a window with each turn and the two deleted together: the
-    keyword suite runs on what it searches. A turn written without its window gets one of the same payload."""
+    keyword suite runs on what it searches. A turn written without its window gets one of the same payload.
+    ``batch``: searched as the query path searches it, in a batch with the dense list (``search_batch``)."""
 
-    def __init__(self, path, optimize_every=OPTIMIZE_EVERY):
+    def __init__(self, path, optimize_every=OPTIMIZE_EVERY, batch=False):
         self.vectors = EdgeVectorStore(path / "e", dim=DIM, window_bm25=True, optimize_every=optimize_every)
         self.keywords = EdgeBM25Store(path / "k", windows=self.vectors, optimize_every=optimize_every)
         self.window_of: dict[str, str] = {}
+        self.batch = batch
 
     def upsert(self, units):
         given = {u.unit_id for u in units}
@@ -74,6 +76,8 @@ class EdgeWindowsPair:
         self.keywords.delete(unit_ids)
 
     def search(self, text, kind, flt, limit):
+        if self.batch and kind != "fragment":
+            return self.keywords.search_batch(text, [(kind, limit)], one_hot(0), limit, flt)[0][0]
         return self.keywords.search(text, kind, flt, limit)
 
     def count(self, tenant_id=None):
@@ -102,6 +106,7 @@ BACKENDS = {
     "bm25-edge-optimized": lambda tmp_path: EdgeBM25Store(tmp_path / "k", optimize_every=1),
     "bm25-edge-windows": lambda tmp_path: EdgeWindowsPair(tmp_path),
     "bm25-edge-windows-optimized": lambda tmp_path: EdgeWindowsPair(tmp_path, optimize_every=1),
+    "bm25-edge-windows-batch": lambda tmp_path: EdgeWindowsPair(tmp_path, batch=True),
     "vectors-sqlite": lambda tmp_path: SqliteVectorStore(tmp_path / "v.sqlite", dim=DIM),
     "elasticsearch": _elasticsearch,
     "qdrant-server": _qdrant_server,
@@ -241,6 +246,44 @@ def test_edge_bm25_scores_read_nothing_of_what_the_user_cannot_see(tmp_path, mon
     store.upsert([unit(f"o{i}", "glacier", 3, tenant="t2") for i in range(20)])
     assert found() == before
     store.close()
+
+
+@pytest.mark.parametrize("optimize_every", [OPTIMIZE_EVERY, 1], ids=["appendable", "optimized"])
+def test_a_batch_of_the_lists_finds_what_a_search_of_each_finds(tmp_path, optimize_every):
+    """The query path searches the BM25 turn and window lists and the dense window list in one batch: the same
+    hits, the same scores, under every filter, as three searches (``search`` of each store)."""
+    pair = EdgeWindowsPair(tmp_path, optimize_every=optimize_every)
+    words = ["glacier", "hike", "photo", "trip", "night", "lake", "camp", "storm"]
+    units = [unit(f"m{i}", f"{words[i % 8]} {words[(i * 3 + 1) % 8]} glacier", i % DIM, tenant=f"t{i % 2}",
+                  conv=f"c{i % 3}", visible=("ann",) if i % 4 == 0 else (EVERYONE,), sender=f"s{i % 2}",
+                  ts=100.0 + i) for i in range(40)]
+    pair.upsert(units)
+    pair.refresh()
+    filters = [SearchFilter(tenant_id="t0", user_id="bob"), SearchFilter(tenant_id="t0", user_id="ann"),
+               SearchFilter(tenant_id="t1", user_id="bob", conversation_id="c1"),
+               SearchFilter(tenant_id="t0", user_id="ann", sender_ids=("s0",), sent_after=110.0, sent_before=130.0),
+               SearchFilter(tenant_id="t9", user_id="bob")]
+    depths = [("turn", 7), ("window", 100)]
+
+    def listed(hits):
+        return [(h.unit_id, round(h.score, 6), h.fragment_key, h.sender_keys) for h in hits]
+
+    for flt in filters:
+        for text, vector in (("glacier lake storm", one_hot(3)), ("the and of", one_hot(5)), ("camp night", None)):
+            found, dense = pair.keywords.search_batch(text, depths, vector, 9, flt)
+            assert [listed(hits) for hits in found] == [listed(pair.keywords.search(text, kind, flt, depth))
+                                                        for kind, depth in depths]
+            assert listed(dense) == (listed(pair.vectors.search(vector, "window", flt, 9)) if vector is not None
+                                     else [])
+            theirs = {ids.turn_unit_id(u.tenant_id, u.conversation_id, u.message_ids[0], kind)
+                      for u in units if u.tenant_id == flt.tenant_id for kind in ("turn", "window")}
+            assert {h.unit_id for hits in found + [dense] for h in hits} <= theirs
+        assert any(pair.keywords.search_batch("glacier", depths, one_hot(1), 9, flt)[0]) == (flt.tenant_id != "t9")
+    with pytest.raises(ValueError, match="turn, window only"):
+        pair.keywords.search_batch("glacier", [("fragment", 5)], None, 5, filters[0])
+    with pytest.raises(ValueError, match="windows="):
+        EdgeBM25Store(tmp_path / "alone").search_batch("glacier", depths, None, 5, filters[0])
+    pair.close()
 
 
 @pytest.mark.parametrize("windows", [False, True], ids=["own-shards", "on-windows"])

@@ -55,10 +55,10 @@ filter, top 30) and what the data looks like:
   payload read names one field (``HIT``, ``pack_hit``): the engine's cost of reading a payload is per field and
   hit (a dense list of 200 hits at 100k fragments took 3.7 to 7.3 ms naming the five ``HIT_FIELDS``, 2.4 to 2.6
   ms naming one, 1.3 ms naming none).
-* The lists of a query are searched one after the other (a search holds the GIL, so Python threads only
-  queue), each on one engine thread per immutable segment (``SEARCH_THREADS``; the optimizer keeps that many,
-  ``SEGMENTS``): the BM25 turn list of a 100k-fragment, one-tenant corpus took 3.8 ms on two segments and two
-  threads against 7.3 ms on one segment, with the same scores.
+* The lists of a query are one batch of the window shard (``EdgeBM25Store.search_batch``: a search holds the
+  GIL, so Python threads would only queue), on one engine thread per immutable segment (``SEARCH_THREADS``; the
+  optimizer keeps that many, ``SEGMENTS``): the BM25 turn list of a 100k-fragment, one-tenant corpus took 3.8 ms
+  on two segments and two threads against 7.3 ms on one segment, with the same scores.
 
 The payload holds ids, participants and times, never text; the BM25 shards hold hashed term ids and weights
 and the vector shards embeddings, both of which can be turned back into words, so an erasure rebuilds every
@@ -84,7 +84,7 @@ from qdrant_edge import (
     Bm25, Bm25Config, CountRequest, Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard, EdgeSparseVectorParams,
     EdgeVectorParams, FieldCondition, Filter, FloatIndexParams, HasVectorCondition, HnswIndexConfig, IdfParams,
     KeywordIndexParams, MatchAny, MatchValue, Memory, Modifier, Point, PointVectors, QuantizationSearchParams, Query,
-    QueryRequest, RangeFloat, ScrollRequest, SearchParams, SparseVector, TurboQuantBitSize,
+    QueryBatchRequest, QueryRequest, RangeFloat, ScrollRequest, SearchParams, SparseVector, TurboQuantBitSize,
     TurboQuantQuantizationConfig, UpdateOperation, VectorStorageDatatype,
 )
 
@@ -976,12 +976,18 @@ class EdgeVectorStore(_Shards):
             raise ValueError(f"unknown kind {kind!r}")
         if kind not in self.shards or (using == IMAGE_VECTOR and (kind != "turn" or self.image_dim is None)):
             return []
+        return self.hits(kind, self.shards[kind].query(self.request(vector, kind, build_filter(flt), limit, using)))
+
+    @staticmethod
+    def request(vector: np.ndarray, kind: str, flt: Filter, limit: int, using: str = TEXT_VECTOR) -> QueryRequest:
+        """The search of ``kind`` points by the named vector: a window hit comes with its keys, no payload."""
         windows = kind == "window"
-        points = self.shards[kind].query(QueryRequest(
-            limit=limit, query=Query.Nearest(vector.astype(np.float32).tolist(), using=using),
-            filter=build_filter(flt), with_payload=False if windows else [HIT],
-            with_vector=[KEYS_VECTOR] if windows else False, params=SEARCH))
-        if windows:
+        return QueryRequest(limit=limit, query=Query.Nearest(vector.astype(np.float32).tolist(), using=using),
+                            filter=flt, with_payload=False if windows else [HIT],
+                            with_vector=[KEYS_VECTOR] if windows else False, params=SEARCH)
+
+    def hits(self, kind: str, points) -> list[Hit]:
+        if kind == "window":
             return [WindowHit(p, self.read_payloads) for p in points]
         return [PointHit(p) for p in points]
 
@@ -1086,7 +1092,46 @@ class EdgeBM25Store(_Shards):
             params=SearchParams(idf=IdfParams(corpus=self._idf_corpus(shard, flt)))))
         if not on_windows:
             return [PointHit(p) for p in points]
+        return self._window_hits(kind, points, flt.tenant_id)
+
+    def _window_hits(self, kind: str, points, tenant_id: str) -> list[Hit]:
         reader = self.windows.read_payloads
-        if using == TURN_BM25_VECTOR:
-            return [TurnHit(p, reader, flt.tenant_id) for p in points]
+        if kind == "turn":
+            return [TurnHit(p, reader, tenant_id) for p in points]
         return [WindowHit(p, reader) for p in points]
+
+    @property
+    def dense_here(self) -> bool:
+        """Its turn and window lists are searched on the window points of ``windows``, which hold the dense vectors
+        too, so ``search_batch`` searches them with the dense window list in one pass."""
+        return self.windows is not None
+
+    def search_batch(self, text: str, keyword_depths: Sequence[tuple[str, int]], vector: np.ndarray | None,
+                     dense_depth: int, flt: SearchFilter) -> tuple[list[list[Hit]], list[Hit]]:
+        """The BM25 lists of ``keyword_depths`` (kind, depth: turns, windows) and the dense window list of ``vector``
+        of ``windows`` (none without a vector), as one batch of the window shard: the engine walks the points the
+        filter selects once for all of them, where a search each walked them three times. The bench queries, each
+        run both ways in one process (500, in alternation): the recall stage p50 4.34 against 4.76 ms at 100k
+        fragments, 21.8 against 22.5 ms at 1M, the same results."""
+        if not self.dense_here:
+            raise ValueError("search_batch needs the window points of a vector store (windows=...)")
+        if any(kind not in INGESTED_KINDS for kind, _ in keyword_depths):
+            raise ValueError(f"search_batch searches {', '.join(INGESTED_KINDS)} only")
+        shard = self.windows.shards.get("window")
+        if shard is None:
+            return [[] for _ in keyword_depths], []
+        where = build_filter(flt)
+        query = self.model.embed_query(text)
+        requests = []
+        if query.indices:
+            idf = SearchParams(idf=IdfParams(corpus=self._idf_corpus(shard, flt)))
+            requests = [QueryRequest(limit=depth, query=Query.Nearest(
+                query, using=TURN_BM25_VECTOR if kind == "turn" else BM25_VECTOR), filter=where, with_payload=False,
+                with_vector=[KEYS_VECTOR], params=idf) for kind, depth in keyword_depths]
+        if vector is not None:
+            requests.append(self.windows.request(vector, "window", where, dense_depth))
+        found = shard.query_batch(QueryBatchRequest(requests)) if requests else []
+        lists = [self._window_hits(kind, points, flt.tenant_id)
+                 for (kind, _), points in zip(keyword_depths, found)] if query.indices else [[] for _ in keyword_depths]
+        dense = self.windows.hits("window", found[-1]) if vector is not None else []
+        return lists, dense

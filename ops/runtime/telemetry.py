@@ -167,6 +167,10 @@ class InstrumentedStore:
     def search(self, query, kind: str, flt: SearchFilter, limit: int, *args):
         return self._timed("search", self.inner.search, query, kind, flt, limit, *args)
 
+    def search_batch(self, *args):
+        """A keyword store's lists searched with the dense one in one call (``EdgeBM25Store.search_batch``)."""
+        return self._timed("search_batch", self.inner.search_batch, *args)
+
 
 def registry() -> CollectorRegistry:
     """The registry to expose: the multiprocess sum when children count into files."""
