@@ -166,6 +166,36 @@ def test_the_answer_to_a_question_in_the_chat_gains_a_share_of_the_questions_sco
     assert candidates(reply_weight=0.0) == scores
 
 
+def test_the_answer_to_a_question_about_what_was_just_said_gains_from_what_was_said():
+    """"We saw the Perseids!" - "wow!!" "how did it feel?" - "I felt tiny": the query matches what Ann said best, and
+    what it is after is her answer to Bob's question about it, which gains a share of the said turn's score too
+    (the best of Ann's run before Bob's, skipping Bob's own lead-up). A question opening the fragment, or after a
+    turn that is no candidate, gains from itself alone."""
+    from indexer.query.hybrid import SearchConfig
+
+    order = ("m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7")
+    senders = {"m0": "ann", "m1": "ann", "m2": "bob", "m3": "bob", "m4": "ann", "m5": "ann", "m6": "bob", "m7": "ann"}
+    texts = {"m0": "Ann: we drove out to the lake", "m1": "Ann: and saw the Perseids!", "m2": "Bob: wow!!",
+             "m3": "Bob: how did it feel?", "m4": "Ann: I felt tiny, in awe of it all", "m6": "Bob: and then?",
+             "m7": "Ann: we drove home"}
+    scores = {"m0": 0.25, "m1": 1.0, "m2": 0.1, "m3": 0.3, "m4": 0.2, "m6": 0.05, "m7": 0.1}
+
+    def lifted(given=scores, **config):
+        cands = {m: _candidate("f1", m, score, senders[m]) for m, score in given.items()}
+        hybrid = HybridSearcher(None, None, SearchConfig(**config))
+        hybrid.replies(cands, hybrid.questions(list(cands.values()), {("c1", m): t for m, t in texts.items()}),
+                       lambda fragment_id: order)
+        return {m: c.score for m, c in cands.items()}
+
+    after = lifted(reply_weight=0.15, setup_weight=0.5)
+    assert after["m4"] == pytest.approx(0.2 + 0.15 * (0.3 + 0.5 * 1.0)), "the best of Ann's run, past Bob's 'wow!!'"
+    assert after["m4"] > scores["m0"], "the answer now ranks above the lead-up"
+    assert after["m7"] == pytest.approx(0.1 + 0.15 * 0.05), "m5 is no candidate: Bob's 'and then?' lifts by itself"
+    assert lifted(reply_weight=0.15, setup_weight=0.0)["m4"] == pytest.approx(0.2 + 0.15 * 0.3)
+    assert lifted(scores | {"m2": 2.0}, reply_weight=0.15, setup_weight=0.5)["m4"] == pytest.approx(
+        0.2 + 0.15 * (0.3 + 0.5 * 1.0)), "the asker's own lead-up is not what was said"
+
+
 def test_a_reply_rises_over_the_question_it_answers_in_real_stores(searcher, embedder):
     """Recalled from the edge stores: asked as Ann asked, Bob's "yes!! 4 hours" gains from Ann's question,
     and only the questions of the fragment lift anything."""

@@ -43,6 +43,7 @@ GRID: dict[str, tuple] = {
     "feedback_depth": (20, 50),
     "reply_weight": (0.0, 0.1, 0.2),
     "reply_turns": (1, 2),
+    "setup_weight": (0.0, 0.3, 0.7),
     "answer_weight": (0.0, 0.05, 0.2),
 }
 
