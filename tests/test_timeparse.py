@@ -32,6 +32,17 @@ def d(*args):
     ("the concert before May 2023", None, told(d(2023, 5, 1), d(2023, 6, 1)), "the concert"),
     ("messages since March 2023 about rent", d(2023, 3, 1), None, "messages about rent"),
     ("in December", d(2022, 12, 1), told(d(2022, 12, 1), d(2023, 1, 1)), "in December"),
+    # A period before or after a date is that period, not all time before it; counted back, loosely meant.
+    ("what did John do the week before August 3, 2023 with his kids", d(2023, 7, 20),
+     told(d(2023, 7, 20), d(2023, 8, 3)), "what did John do with his kids"),
+    ("the puppy she got two weeks before August 11, 2023", d(2023, 7, 14), told(d(2023, 7, 14), d(2023, 8, 11)),
+     "the puppy she got"),
+    ("what Maria did last weekend before April 10, 2023", d(2023, 4, 1), told(d(2023, 4, 1), d(2023, 4, 10)),
+     "what Maria did"),
+    ("the weekend before 9 April 2023 hike", d(2023, 3, 25), told(d(2023, 3, 25), d(2023, 4, 3)), "hike"),
+    ("the hike the day after 8 May 2023", d(2023, 5, 9), told(d(2023, 5, 9), d(2023, 5, 10)), "the hike"),
+    ("a week after July 4 at the lake", d(2023, 7, 5), told(d(2023, 7, 5), d(2023, 7, 12)), "at the lake"),
+    ("plans the weekend after May 2023", d(2023, 6, 3), told(d(2023, 6, 3), d(2023, 6, 5)), "plans"),
 ])
 def test_expressions(text, after, before, rest):
     found = parse(text, NOW)

@@ -56,7 +56,13 @@ _DATE_PATTERNS = [
     ("relative_period", r"\b(?P<which>this|last|past|previous)\s+(?P<unit>week|weekend|month|year)\b"),
     ("ago", rf"\b{_NUM}\s+(?P<unit>day|week|month|year)s?\s+ago\b"),
 ]
-_DATE_RES = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _DATE_PATTERNS]
+#: A period before or after a date ("the week before August 3", "two weeks before 11 Aug 2023", "the weekend after
+#: May 2023") is that period, where "before August 3" alone is all time until then: tried before the dates alone.
+#: Three dev questions are so; as all time before the date, their evidence ranked 1, 4 and 1.
+_OFFSET = rf"\b(?:(?:the|last)\s+)?(?:{_NUM}\s+)?(?P<unit>day|week|weekend|month|year)s?\s+(?P<side>before|after)\s+"
+_OFFSET_PATTERNS = [(f"offset:{name}", _OFFSET + pattern.removeprefix(r"\b")) for name, pattern in _DATE_PATTERNS
+                    if name in ("iso", "day_month_year", "month_day_year", "month_year")]
+_DATE_RES = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _OFFSET_PATTERNS + _DATE_PATTERNS]
 _PREPOSITION = re.compile(r"\b(?P<prep>before|after|since|until|till|between|during|in|on|from)\s*$", re.IGNORECASE)
 _ANCHOR = re.compile(r"\b(?P<prep>before|after)\s+(?P<phrase>(?:the|my|his|her|their|our|your|a|an)\s+[\w'-]+(?:\s+[\w'-]+){0,3})",
                      re.IGNORECASE)
@@ -108,8 +114,31 @@ def _number(value: str) -> int:
     return int(value) if value.isdigit() else _NUMBERS.get(value, 1)
 
 
+def _offset(date: TimeRange, unit: str, n: int, side: str) -> TimeRange:
+    """The ``n`` ``unit``s (or the weekend) just before the start of ``date`` or just after its end."""
+    if unit == "weekend":
+        if side == "before":
+            saturday = date.start - timedelta(days=(date.start.weekday() - 5) % 7)
+            if saturday + timedelta(days=2) > date.start:
+                saturday -= timedelta(weeks=1)
+        else:
+            saturday = date.end + timedelta(days=(5 - date.end.weekday()) % 7)
+        return TimeRange(saturday, saturday + timedelta(days=2))
+    span = n * _UNITS[unit]
+    return TimeRange(date.start - span, date.start) if side == "before" else TimeRange(date.end, date.end + span)
+
+
 def _range(kind: str, m: re.Match, now: datetime) -> TimeRange | None:
     g = {k: v for k, v in m.groupdict().items() if v is not None}
+    if kind.startswith("offset:"):
+        date = _range(kind.removeprefix("offset:"), m, now)
+        if date is None:
+            return None
+        side = g["side"].lower()
+        period = _offset(date, g["unit"].lower(), _number(g.get("n", "1")), side)
+        # Counted back from a date, a period is loosely meant ("last weekend before April 10" for the one before
+        # that): it reaches back by as much again as it is long (7 to 31 days).
+        return TimeRange(period.start - grace(period), period.end) if side == "before" else period
     if kind in ("iso", "day_month_year", "month_day_year"):
         month = int(g["month"]) if g["month"].isdigit() else MONTHS[g["month"].lower()]
         day = int(g["day"])
