@@ -352,9 +352,8 @@ class HybridSearcher:
         ``setup_weight`` of the turn the question asks about (``_setup``). People ask the way someone asked in the
         chat ("what's a favourite book from your childhood?"), and what they are after is the answer: the turns the
         next other sender sends in a row, up to ``reply_turns``, within the question's fragment (``turns_of`` gives
-        its message ids in order) and among the candidates. ``questions`` are what
-        ``questions`` found (the caller reads their fragments meanwhile); gains come from the scores before any is
-        added."""
+        its message ids in order) and among the candidates. ``questions`` are what ``questions`` found (the caller
+        reads their fragments meanwhile); gains come from the scores before any is added."""
         c = self.config
         if not c.reply_weight or not questions:
             return

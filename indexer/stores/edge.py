@@ -1085,14 +1085,22 @@ class EdgeBM25Store(_Shards):
         shard = shards.get("window" if on_windows else kind)
         if not query.indices or shard is None:
             return []
-        using = TURN_BM25_VECTOR if on_windows and kind == "turn" else BM25_VECTOR
-        points = shard.query(QueryRequest(
-            limit=limit, query=Query.Nearest(query, using=using), filter=build_filter(flt),
-            with_payload=False if on_windows else [HIT], with_vector=[KEYS_VECTOR] if on_windows else False,
-            params=SearchParams(idf=IdfParams(corpus=self._idf_corpus(shard, flt)))))
+        points = shard.query(self._request(query, kind, on_windows, build_filter(flt), limit, self._idf(shard, flt)))
         if not on_windows:
             return [PointHit(p) for p in points]
         return self._window_hits(kind, points, flt.tenant_id)
+
+    def _idf(self, shard: EdgeShard, flt: SearchFilter) -> SearchParams:
+        return SearchParams(idf=IdfParams(corpus=self._idf_corpus(shard, flt)))
+
+    @staticmethod
+    def _request(query: SparseVector, kind: str, on_windows: bool, where: Filter, limit: int,
+                 idf: SearchParams) -> QueryRequest:
+        """The BM25 search of ``kind``; on window points (``on_windows``) a hit comes with its keys, no payload."""
+        using = TURN_BM25_VECTOR if on_windows and kind == "turn" else BM25_VECTOR
+        return QueryRequest(limit=limit, query=Query.Nearest(query, using=using), filter=where,
+                            with_payload=False if on_windows else [HIT],
+                            with_vector=[KEYS_VECTOR] if on_windows else False, params=idf)
 
     def _window_hits(self, kind: str, points, tenant_id: str) -> list[Hit]:
         reader = self.windows.read_payloads
@@ -1124,10 +1132,8 @@ class EdgeBM25Store(_Shards):
         query = self.model.embed_query(text)
         requests = []
         if query.indices:
-            idf = SearchParams(idf=IdfParams(corpus=self._idf_corpus(shard, flt)))
-            requests = [QueryRequest(limit=depth, query=Query.Nearest(
-                query, using=TURN_BM25_VECTOR if kind == "turn" else BM25_VECTOR), filter=where, with_payload=False,
-                with_vector=[KEYS_VECTOR], params=idf) for kind, depth in keyword_depths]
+            idf = self._idf(shard, flt)
+            requests = [self._request(query, kind, True, where, depth, idf) for kind, depth in keyword_depths]
         if vector is not None:
             requests.append(self.windows.request(vector, "window", where, dense_depth))
         found = shard.query_batch(QueryBatchRequest(requests)) if requests else []
