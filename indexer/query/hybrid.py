@@ -247,8 +247,14 @@ class HybridSearcher:
         c = self.config
         scores: dict[tuple[str, str], float] = defaultdict(float)
         times: dict[tuple[str, str], float] = {}
-        for hits in (self.keywords.search(chat_text(text), "turn", flt, c.keyword_depth),
-                     self.vectors.search(vector, "window", flt, c.dense_depth)):
+        if getattr(self.keywords, "dense_here", False):
+            found, dense = self.keywords.search_batch(chat_text(text), [("turn", c.keyword_depth)], vector,
+                                                      c.dense_depth, flt)
+            lists = (found[0], dense)
+        else:
+            lists = (self.keywords.search(chat_text(text), "turn", flt, c.keyword_depth),
+                     self.vectors.search(vector, "window", flt, c.dense_depth))
+        for hits in lists:
             describe(hits)
             for hit, value in zip(hits, normalise(hits)):
                 if not hit.payload:
