@@ -180,11 +180,11 @@ def test_the_answer_to_a_question_about_what_was_just_said_gains_from_what_was_s
              "m7": "Ann: we drove home"}
     scores = {"m0": 0.25, "m1": 1.0, "m2": 0.1, "m3": 0.3, "m4": 0.2, "m6": 0.05, "m7": 0.1}
 
-    def lifted(given=scores, **config):
+    def lifted(given=scores, kind=None, **config):
         cands = {m: _candidate("f1", m, score, senders[m]) for m, score in given.items()}
         hybrid = HybridSearcher(None, None, SearchConfig(**config))
         hybrid.replies(cands, hybrid.questions(list(cands.values()), {("c1", m): t for m, t in texts.items()}),
-                       lambda fragment_id: order)
+                       lambda fragment_id: order, kind)
         return {m: c.score for m, c in cands.items()}
 
     after = lifted(reply_weight=0.15, setup_weight=0.5)
@@ -192,6 +192,9 @@ def test_the_answer_to_a_question_about_what_was_just_said_gains_from_what_was_s
     assert after["m4"] > scores["m0"], "the answer now ranks above the lead-up"
     assert after["m7"] == pytest.approx(0.1 + 0.15 * 0.05), "m5 is no candidate: Bob's 'and then?' lifts by itself"
     assert lifted(reply_weight=0.15, setup_weight=0.0)["m4"] == pytest.approx(0.2 + 0.15 * 0.3)
+    assert lifted(kind="time", reply_weight=0.15, setup_weight=0.5)["m4"] == pytest.approx(0.2 + 0.15 * 0.3), \
+        "asked when, the turn that dates it answers: the reply takes nothing from what was said"
+    assert lifted(kind="count", reply_weight=0.15, setup_weight=0.5)["m4"] == pytest.approx(after["m4"])
     assert lifted(scores | {"m2": 2.0}, reply_weight=0.15, setup_weight=0.5)["m4"] == pytest.approx(
         0.2 + 0.15 * (0.3 + 0.5 * 1.0)), "the asker's own lead-up is not what was said"
 

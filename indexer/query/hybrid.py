@@ -106,7 +106,9 @@ class SearchConfig:
     #: ``setup_weight`` of that said turn's (the best of the run the other sender sent just before the question).
     #: The said turn matches the query best, the answer is what the query is after. Dev split recall@10 / MRR /
     #: span F1 0.824 / 0.671 / 0.525 -> 0.822 / 0.675 / 0.538 (``make eval``), messy chat 0.788 / 0.634 / 0.489 ->
-    #: 0.790 / 0.637 / 0.495; ``make eval-cv`` never chooses 0.
+    #: 0.790 / 0.637 / 0.495; ``make eval-cv`` never chooses 0. Not for a query asking for a time (``replies``):
+    #: dev 0.822 / 0.676 / 0.540 -> 0.822 / 0.677 / 0.544 (temporal span F1 0.778 -> 0.800), long chat 0.817 /
+    #: 0.671 / 0.527 -> 0.817 / 0.676 / 0.538.
     setup_weight: float = 0.5
     #: Answers (``answers``): a question whose answer is a time or a count (``intent.answer_kind``) lifts the
     #: candidates among the best ``feedback_depth`` whose words hold one by ``answer_weight``. Dev split
@@ -353,13 +355,15 @@ class HybridSearcher:
         return [cand for cand in leading if "?" in cand.text_in(texts)]
 
     def replies(self, candidates: dict[str, Candidate], questions: Sequence[Candidate],
-                turns_of: Callable[[str], Sequence[str] | None]) -> None:
+                turns_of: Callable[[str], Sequence[str] | None], kind: str | None = None) -> None:
         """The answer to a question asked in the chat gains ``reply_weight`` of the question's score, and of
         ``setup_weight`` of the turn the question asks about (``_setup``). People ask the way someone asked in the
         chat ("what's a favourite book from your childhood?"), and what they are after is the answer: the turns the
         next other sender sends in a row, up to ``reply_turns``, within the question's fragment (``turns_of`` gives
         its message ids in order) and among the candidates. ``questions`` are what ``questions`` found (the caller
-        reads their fragments meanwhile); gains come from the scores before any is added."""
+        reads their fragments meanwhile); gains come from the scores before any is added. A query asking for a time
+        (``kind``, ``intent.answer_kind``) takes nothing from what a question asks about: its answer is the turn
+        that dates the thing (``answers``), which the reply to "how was it?" would pass."""
         c = self.config
         if not c.reply_weight or not questions:
             return
@@ -370,7 +374,7 @@ class HybridSearcher:
             if not order or cand.message_id not in order:
                 continue
             at = order.index(cand.message_id)
-            asked = cand.score + c.setup_weight * self._setup(cand, order, at, by_key)
+            asked = cand.score + (c.setup_weight * self._setup(cand, order, at, by_key) if kind != "time" else 0.0)
             replier, run = None, 0
             for message_id in order[at + 1:]:
                 other = by_key.get(cand.key_of(message_id))

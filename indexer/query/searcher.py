@@ -136,13 +136,14 @@ class Searcher:
         leading = self.hybrid.leading(candidates)
         texts = self._texts(job.tenant_id, leading)
         self.hybrid.feedback(leading, texts)
-        self.hybrid.answers(leading, texts, answer_kind(search_text))
+        kind = answer_kind(search_text)
+        self.hybrid.answers(leading, texts, kind)
         reason = vlm_available and job.reasoning != "fast"
         depth = max(job.top_k, REASON_CANDIDATES) if reason else job.top_k
         records = FragmentsOnDemand(self.state, sorted(candidates.values(), key=lambda c: -c.score), chunk=2 * depth)
         questions = self.hybrid.questions(leading, texts)
         records.prefetch([c.fragment_id for c in questions])
-        self.hybrid.replies(candidates, questions, records.message_ids)
+        self.hybrid.replies(candidates, questions, records.message_ids, kind)
         timings["fusion"] = (time.perf_counter() - t3) * 1000
         t4 = time.perf_counter()
         spans = self.hybrid.spans(candidates, records.message_ids, depth, several=asks_for_several(search_text))
