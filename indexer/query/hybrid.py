@@ -221,42 +221,38 @@ class HybridSearcher:
         """
         c = self.config
         keyword_depths = (("turn", c.keyword_depth), ("window", c.keyword_depth))
-        dense_depths = (("window", c.dense_depth),) if vector is not None else ()
-        lists: dict[tuple[str, str], list[Hit]] = {}
-        keyword_text = chat_text(text)
-        if getattr(self.keywords, "dense_here", False):
-            # The keyword lists live on the window points with their dense vectors: one pass of the engine for all.
-            found, dense = self.keywords.search_batch(keyword_text, keyword_depths, vector, c.dense_depth, flt)
-            lists.update({("bm25", kind): hits for (kind, _), hits in zip(keyword_depths, found)})
-            if vector is not None:
-                lists[("dense", "window")] = dense
-        else:
-            pending = {kind: self._pool.submit(self.keywords.search, keyword_text, kind, flt, depth)
-                       for kind, depth in keyword_depths} if self._pool is not None else {}
-            if not pending:
-                for kind, depth in keyword_depths:
-                    lists[("bm25", kind)] = self.keywords.search(keyword_text, kind, flt, depth)
-            for kind, depth in dense_depths:
-                lists[("dense", kind)] = self.vectors.search(vector, kind, flt, depth)
-            for kind, future in pending.items():
-                lists[("bm25", kind)] = future.result()
+        found, dense = self._search(chat_text(text), keyword_depths, vector, flt)
+        lists: dict[tuple[str, str], list[Hit]] = {("bm25", kind): hits
+                                                   for (kind, _), hits in zip(keyword_depths, found)}
+        if dense is not None:
+            lists[("dense", "window")] = dense
         for i, query in enumerate(image_queries):
             lists[("image", f"q{i}")] = self.vectors.search(query, "turn", flt, c.dense_depth, "image")
         return lists
+
+    def _search(self, keyword_text: str, keyword_depths: Sequence[tuple[str, int]], vector: np.ndarray | None,
+                flt: SearchFilter) -> tuple[list[list[Hit]], list[Hit] | None]:
+        """The BM25 lists of ``keyword_depths`` (kind, depth) and the dense window list (None without a vector): one
+        batch of the engine where the keyword lists live on the window points with their dense vectors
+        (``dense_here``), else a search each, the keyword ones on threads where both stores allow it."""
+        c = self.config
+        if getattr(self.keywords, "dense_here", False):
+            found, dense = self.keywords.search_batch(keyword_text, keyword_depths, vector, c.dense_depth, flt)
+            return found, dense if vector is not None else None
+        pending = [self._pool.submit(self.keywords.search, keyword_text, kind, flt, depth)
+                   for kind, depth in keyword_depths] if self._pool is not None else None
+        dense = self.vectors.search(vector, "window", flt, c.dense_depth) if vector is not None else None
+        if pending is not None:
+            return [future.result() for future in pending], dense
+        return [self.keywords.search(keyword_text, kind, flt, depth) for kind, depth in keyword_depths], dense
 
     def locate(self, text: str, vector: np.ndarray, flt: SearchFilter) -> float | None:
         """When the turn that best matches ``text`` was sent (dates "before the trip")."""
         c = self.config
         scores: dict[tuple[str, str], float] = defaultdict(float)
         times: dict[tuple[str, str], float] = {}
-        if getattr(self.keywords, "dense_here", False):
-            found, dense = self.keywords.search_batch(chat_text(text), [("turn", c.keyword_depth)], vector,
-                                                      c.dense_depth, flt)
-            lists = (found[0], dense)
-        else:
-            lists = (self.keywords.search(chat_text(text), "turn", flt, c.keyword_depth),
-                     self.vectors.search(vector, "window", flt, c.dense_depth))
-        for hits in lists:
+        found, dense = self._search(chat_text(text), [("turn", c.keyword_depth)], vector, flt)
+        for hits in (found[0], dense):
             describe(hits)
             for hit, value in zip(hits, normalise(hits)):
                 if not hit.payload:

@@ -1136,8 +1136,7 @@ class EdgeBM25Store(_Shards):
             requests = [self._request(query, kind, True, where, depth, idf) for kind, depth in keyword_depths]
         if vector is not None:
             requests.append(self.windows.request(vector, "window", where, dense_depth))
-        found = shard.query_batch(QueryBatchRequest(requests)) if requests else []
-        lists = [self._window_hits(kind, points, flt.tenant_id)
-                 for (kind, _), points in zip(keyword_depths, found)] if query.indices else [[] for _ in keyword_depths]
-        dense = self.windows.hits("window", found[-1]) if vector is not None else []
-        return lists, dense
+        found = list(shard.query_batch(QueryBatchRequest(requests))) if requests else []
+        dense = self.windows.hits("window", found.pop()) if vector is not None else []
+        return [self._window_hits(kind, points, flt.tenant_id)
+                for (kind, _), points in zip(keyword_depths, found or [[]] * len(keyword_depths))], dense
