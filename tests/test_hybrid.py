@@ -14,6 +14,7 @@ from indexer.model import EVERYONE, FragmentRecord, SearchFilter, Turn
 from indexer.query.hybrid import HybridSearcher
 from indexer.stores.edge import EdgeBM25Store, EdgeVectorStore
 from indexer.text import render_turn
+from tests.conftest import message, query
 
 TEXTS = [("ann", "Did you run the Boston marathon in the end?"), ("bob", "yes!! 4 hours"),
          ("ann", "wow congrats"), ("bob", "my knees still hurt lol")]
@@ -330,3 +331,71 @@ def test_a_turn_holding_the_time_asked_for_rises_above_the_turn_that_tells_about
     assert ranked("When did Mel get the puppy?") == ["m1", "m0", "m2", "m3"]
     assert ranked("What is Mel's puppy like?") == ["m0", "m1", "m2", "m3"]
     assert ranked("When did Mel get the puppy?", SearchConfig(answer_weight=0.0)) == ["m0", "m1", "m2", "m3"]
+
+
+@pytest.mark.parametrize("text, asks", [
+    ("What kind of books you got in your library?", True),
+    ("Wow, Caroline! What kinda jobs are you thinkin' of? Anything that stands out?", True),
+    ("did u see that??", True),
+    ("These figurines I bought yesterday remind me of family love. Tell me, what do you treasure?", False),
+    ("I painted it because it was calming.", False),
+    ("where was this? [image: a photo of a sunset]", False),
+    ("lol", False),
+    ("", False),
+])
+def test_a_turn_that_only_asks_is_told_from_one_that_tells(text, asks):
+    from indexer.query.intent import only_asks
+
+    assert only_asks(text) is asks
+
+
+@pytest.mark.parametrize("text, about", [
+    ("what did Anna ask about the flat?", True),
+    ("the question Bob had about the tickets", True),
+    ("when was she wondering about the move", True),
+    ("what books has Melanie read?", False),
+    ("the task list for Monday", False),
+])
+def test_a_query_about_something_asked_is_told_from_others(text, about):
+    from indexer.query.intent import asks_about_asking
+
+    assert asks_about_asking(text) is about
+
+
+def test_a_turn_that_only_asks_ranks_lower_than_what_was_said():
+    """Among the leading candidates, the one whose words only ask loses ``asking_penalty``; a question with a
+    statement in it, a statement and a picture with a question keep their scores."""
+    from indexer.query.hybrid import SearchConfig
+
+    texts = {"m0": "Mel: Wow, Caroline! What kind of books you got in your library?",
+             "m1": "Mel: I read Charlotte's Web to the kids. What do you read?",
+             "m2": "Mel: my library is tiny", "m3": "Mel: where is this? [image: a photo of a library]"}
+    scores = {"m0": 1.0, "m1": 0.9, "m2": 0.8, "m3": 0.7}
+
+    def scored(config: SearchConfig = SearchConfig()) -> dict[str, float]:
+        candidates = [_candidate("f1", m, score) for m, score in scores.items()]
+        HybridSearcher(None, None, config).asking(candidates, {("c1", m): t for m, t in texts.items()})
+        return {c.message_id: c.score for c in candidates}
+
+    assert scored(SearchConfig(asking_penalty=0.3)) == pytest.approx({**scores, "m0": 0.7})
+    assert scored(SearchConfig(asking_penalty=0.0)) == scores
+
+
+def test_the_engine_finds_what_was_said_before_what_was_asked_unless_the_query_is_about_the_asking(make_engine):
+    """"lasagna recipe from the cooking class" matches Ann's question best and Bob's answer gains from it; what was
+    said comes first. Asked for the question itself, the question does; with no penalty it comes first either way."""
+    engine = make_engine()
+    engine.ingest([
+        message("c1", 1, "ann", "Did you ever try the lasagna recipe from the cooking class?"),
+        message("c1", 2, "bob", "Yes, I made the lasagna from the class, the kids loved it."),
+        message("c1", 3, "ann", "Great, see you at the park on Sunday."),
+        message("c1", 4, "bob", "Sure, I will bring the football."),
+    ])
+
+    def first(text: str) -> str:
+        return engine.query(query(text)).fragments[0].message_ids[0]
+
+    assert first("lasagna recipe from the cooking class") == "m002"
+    assert first("the question about the lasagna recipe from the cooking class") == "m001"
+    engine.searcher.hybrid.config = dataclasses.replace(engine.searcher.hybrid.config, asking_penalty=0.0)
+    assert first("lasagna recipe from the cooking class") == "m001"

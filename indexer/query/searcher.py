@@ -17,7 +17,7 @@ from indexer.model import FragmentRecord, SearchFilter, Span, Turn
 from indexer.query import timeparse
 from indexer.query.clarify import ASK_RATIO, CONSIDER, SpanView, answered_clarification, clarify
 from indexer.query.hybrid import Candidate, HybridSearcher, SearchConfig, describe_candidates
-from indexer.query.intent import answer_kind, asks_for_several
+from indexer.query.intent import answer_kind, asks_about_asking, asks_for_several
 from indexer.query.rewrite import Rewriter, RuleRewriter
 from indexer.state import ConversationState
 from indexer.stores.base import KeywordStore, VectorStore
@@ -144,6 +144,8 @@ class Searcher:
         questions = self.hybrid.questions(leading, texts)
         records.prefetch([c.fragment_id for c in questions])
         self.hybrid.replies(candidates, questions, records.message_ids, kind)
+        if not asks_about_asking(search_text):
+            self.hybrid.asking(leading, texts)
         timings["fusion"] = (time.perf_counter() - t3) * 1000
         t4 = time.perf_counter()
         spans = self.hybrid.spans(candidates, records.message_ids, depth, several=asks_for_several(search_text))

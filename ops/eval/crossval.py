@@ -45,6 +45,7 @@ GRID: dict[str, tuple] = {
     "reply_turns": (1, 2),
     "setup_weight": (0.0, 0.3, 0.7),
     "answer_weight": (0.0, 0.05, 0.2),
+    "asking_penalty": (0.0, 0.1, 1.0),
 }
 
 
