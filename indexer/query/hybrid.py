@@ -120,7 +120,7 @@ class SearchConfig:
     #: someone wanted to know, not what they did or said. Unless the query is about something asked
     #: (``intent.asks_about_asking``). Dev split recall@10 / MRR / span F1 / multi-hop recall@10 0.822 / 0.678 /
     #: 0.545 / 0.550 -> 0.824 / 0.679 / 0.545 / 0.564 (0.1: 0.823 / 0.678 / 0.545 / 0.557; 1.0: 0.824 / 0.680 /
-    #: 0.547 / 0.564), messy chat 0.788 / 0.637 / 0.495 / 0.553 -> 0.797 / 0.643 / 0.499 / 0.550 (1.0 the same),
+    #: 0.547 / 0.564), messy chat 0.788 / 0.637 / 0.495 / 0.553 -> 0.796 / 0.643 / 0.499 / 0.550 (1.0 the same),
     #: long chat 0.817 / 0.676 / 0.538 / 0.525 -> 0.818 / 0.677 / 0.540 / 0.542.
     asking_penalty: float = 0.3
 

@@ -84,8 +84,9 @@ ASIDE_WORDS = 3
 
 def only_asks(text: str) -> bool:
     """Whether a turn's words (its text without the speaker, as ``render_turn`` writes it) only ask: every sentence
-    a question or a short aside (an image's caption ends the rendered text, so a turn with one tells). Such a turn is what someone wanted to know, not what was said about
-    it: 2 of the dev split's 335 evidence turns are one, of 68 such turns among its 1,451."""
+    a question or a short aside (an image's caption ends the rendered text, so a turn with one tells). Such a turn
+    is what someone wanted to know, not what was said about it: 2 of the dev split's 335 evidence turns are one, of
+    68 such turns among its 1,451."""
     t = text.strip()
     if not t.endswith("?"):
         return False
