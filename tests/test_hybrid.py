@@ -399,3 +399,19 @@ def test_the_engine_finds_what_was_said_before_what_was_asked_unless_the_query_i
     assert first("the question about the lasagna recipe from the cooking class") == "m001"
     engine.searcher.hybrid.config = dataclasses.replace(engine.searcher.hybrid.config, asking_penalty=0.0)
     assert first("lasagna recipe from the cooking class") == "m001"
+
+
+def test_a_turn_that_only_asks_grows_its_span_by_the_score_it_had():
+    """Lowered below its answer, a question still joins only neighbours that scored close to what it scored before:
+    the turn before it, on another topic, stays out of its span."""
+    from indexer.query.hybrid import SearchConfig
+
+    texts = {"m4": "Chloe: yes, from seeds on the kitchen window", "m5": "Dev: Can you send me the curry recipe?",
+             "m6": "Chloe: Sure: onions, garlic, chickpeas and cumin."}
+    scores = {"m4": 0.75, "m5": 1.1, "m6": 1.08}
+    order = ("m4", "m5", "m6")
+    candidates = {m: _candidate("f1", m, score) for m, score in scores.items()}
+    hybrid = HybridSearcher(None, None, SearchConfig(asking_penalty=0.3, span_ratio=0.9, span_max_turns=3))
+    hybrid.asking(list(candidates.values()), {("c1", m): t for m, t in texts.items()})
+    spans = hybrid.spans(candidates, lambda fragment_id: order, 3)
+    assert [s.message_ids for s in spans] == [["m6"], ["m5"], ["m4"]]

@@ -139,6 +139,8 @@ class Candidate:
     hit: Hit
     tenant_id: str
     score: float = 0.0
+    #: What ``HybridSearcher.asking`` took off its score: its span still grows by the score it had.
+    lowered: float = 0.0
 
     @classmethod
     def of(cls, hit: Hit, tenant_id: str, score: float = 0.0) -> "Candidate":
@@ -360,12 +362,14 @@ class HybridSearcher:
 
     def asking(self, leading: Sequence[Candidate], texts: dict[tuple[str, str], str]) -> None:
         """Each of the ``leading`` candidates that only asks (``intent.only_asks``) ranks ``asking_penalty`` lower.
-        Called after ``replies``, which lifts a question's answer by the question's own score."""
+        Called after ``replies``, which lifts a question's answer by the question's own score; its span grows by
+        the score it had (``Candidate.lowered``), not into a weaker neighbour on another topic."""
         if not self.config.asking_penalty:
             return
         for cand in leading:
             if only_asks(cand.text_in(texts).partition(": ")[2]):
                 cand.score -= self.config.asking_penalty
+                cand.lowered += self.config.asking_penalty
 
     def replies(self, candidates: dict[str, Candidate], questions: Sequence[Candidate],
                 turns_of: Callable[[str], Sequence[str] | None], kind: str | None = None) -> None:
@@ -472,7 +476,7 @@ class HybridSearcher:
                     if 0 <= j < len(order):
                         other = by_key.get(cand.key_of(order[j]))
                         if (other is not None and other.key not in covered
-                                and other.score >= c.span_ratio * cand.score):
+                                and other.score >= c.span_ratio * (cand.score + cand.lowered)):
                             options.append((other.score, j))
                 if not options:
                     break
