@@ -175,6 +175,10 @@ class Candidate:
         candidates' turns; "" when the turn is not there (deleted since)."""
         return texts.get((self.conversation_id, self.message_id), "")
 
+    def said_in(self, texts: dict[tuple[str, str], str]) -> str:
+        """Its words in ``texts``, without the speaker ``render_turn`` puts first (``answers``, ``asking``)."""
+        return self.text_in(texts).partition(": ")[2]
+
     @property
     def gone(self) -> bool:
         """Its unit was deleted between the search and the read of its payload."""
@@ -350,7 +354,7 @@ class HybridSearcher:
         if kind is None or not self.config.answer_weight:
             return
         for cand in leading:
-            if holds_answer(kind, cand.text_in(texts).partition(": ")[2]):
+            if holds_answer(kind, cand.said_in(texts)):
                 cand.score += self.config.answer_weight
 
     def questions(self, leading: Sequence[Candidate], texts: dict[tuple[str, str], str]) -> list[Candidate]:
@@ -367,7 +371,7 @@ class HybridSearcher:
         if not self.config.asking_penalty:
             return
         for cand in leading:
-            if only_asks(cand.text_in(texts).partition(": ")[2]):
+            if only_asks(cand.said_in(texts)):
                 cand.score -= self.config.asking_penalty
                 cand.lowered += self.config.asking_penalty
 
